@@ -1,0 +1,45 @@
+# llmopt: `make install` once, then `make recipe=NAME` (default: the embedded tiny-int4).
+recipe ?= tiny-int4
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU wheel of torch here; on a GPU machine: make install TORCH="torch==2.11.0" (or any >=2.10,<2.14).
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+export HF_HUB_DISABLE_TELEMETRY := 1
+export GPTQMODEL_CPU_WORKERS ?= 2
+
+.DEFAULT_GOAL := run
+.PHONY: run install test check lint validate ui clean-cache
+
+run: $(VENV)/.installed
+	$(BIN)/llmopt run $(recipe)
+
+# One command: virtual environment, torch first (so nothing pulls a CUDA build), then the pinned
+# dependencies and the package itself (editable).
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[all]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q
+
+check: lint validate
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check pipelines eval export tests
+
+validate: $(VENV)/.installed
+	$(BIN)/llmopt validate
+
+# MLflow UI on the local store (runs, stage child runs, metrics, artifacts).
+ui: $(VENV)/.installed
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts \
+		--host 127.0.0.1 --port 5000
+
+clean-cache:
+	rm -rf .cache/llmopt

@@ -1,0 +1,154 @@
+"""Content-addressed stage outputs with atomic commit, so the same command resumes after a crash.
+
+An entry is `<root>/stages/<key>/` holding the stage's files and `artifact.json`, written last.
+A stage builds into `<key>.tmp/`, which is renamed to `<key>/` only once complete, and only a
+directory with `artifact.json` counts as a hit: a process killed mid-stage (even `kill -9`)
+leaves at most a `.tmp` directory, which the next run discards and rebuilds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+CACHE_DIR_ENV = "LLMOPT_CACHE_DIR"
+RECORD = "artifact.json"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """What a stage produces: a directory, what kind of thing it holds, and its metrics."""
+
+    path: Path
+    kind: str  # "hf-checkpoint" | "report"
+    metrics: dict[str, float] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # stage-specific facts, e.g. how to reload
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    artifact: Artifact
+    record: dict[str, Any]
+    hit: bool
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV, ".cache/llmopt"))
+
+
+def stage_key(parent: str, stage: str, config: dict, libraries: dict[str, str], hardware: str) -> str:
+    """Hash of everything that decides a stage's output."""
+    blob = json.dumps(
+        {"parent": parent, "stage": stage, "config": config, "libraries": libraries, "hardware": hardware},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+class Cache:
+    def __init__(self, root: Path):
+        self.root = root
+        self.stages = root / "stages"
+
+    def lookup(self, key: str) -> Entry | None:
+        entry = self.stages / key
+        record_path = entry / RECORD
+        if not record_path.is_file():
+            return None
+        record = json.loads(record_path.read_text())
+        a = record["artifact"]
+        return Entry(key, Artifact(entry, a["kind"], a["metrics"], a["info"]), record, hit=True)
+
+    def build(self, key: str, record: dict[str, Any], produce: Callable[[Path], Artifact]) -> Entry:
+        """Run `produce(tmp_dir)` and commit its output under `key`, unless another process did."""
+        with self._lock(key):
+            found = self.lookup(key)
+            if found is not None:
+                return found
+            tmp = self.stages / f"{key}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left behind
+            tmp.mkdir(parents=True)
+            artifact = produce(tmp)
+            if artifact.path != tmp:
+                raise RuntimeError(f"stage wrote its artifact to {artifact.path}, not to {tmp}")
+            as_json = {k: v for k, v in asdict(artifact).items() if k != "path"}
+            full = {**record, "key": key, "artifact": as_json}
+            _write_durably(tmp / RECORD, json.dumps(full, indent=2, sort_keys=True))
+            final = self.stages / key
+            shutil.rmtree(final, ignore_errors=True)  # an incomplete entry without a record
+            os.rename(tmp, final)
+            _fsync_dir(self.stages)
+            return Entry(key, Artifact(final, artifact.kind, artifact.metrics, artifact.info), full, hit=False)
+
+    def invalidate(self, key: str) -> None:
+        with self._lock(key):
+            shutil.rmtree(self.stages / key, ignore_errors=True)
+
+    @contextmanager
+    def _lock(self, key: str) -> Iterator[None]:
+        """One builder per key across processes; a second waits, then finds the entry."""
+        self.stages.mkdir(parents=True, exist_ok=True)
+        with open(self.stages / f"{key}.lock", "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_durably(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def directory_digest(path: Path, memo_file: Path | None = None) -> str:
+    """Content hash of a model directory (file names and bytes), memoised by (size, mtime).
+
+    Hashing 26 GB of weights takes a while, so each file's digest is remembered in `memo_file`
+    and reused while its size and modification time are unchanged.
+    """
+    memo: dict[str, Any] = {}
+    if memo_file is not None and memo_file.is_file():
+        memo = json.loads(memo_file.read_text())
+    total = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        stat = file.stat()
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+        cached = memo.get(str(file.resolve()))
+        if cached is None or cached["stamp"] != stamp:
+            cached = {"stamp": stamp, "sha256": file_sha256(file)}
+            memo[str(file.resolve())] = cached
+        total.update(f"{file.relative_to(path)}\0{cached['sha256']}\n".encode())
+    if memo_file is not None:
+        memo_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_file)
+    return total.hexdigest()[:24]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

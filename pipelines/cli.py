@@ -1,0 +1,90 @@
+"""`llmopt run | validate`: exit 0 on success, 2 on bad input (nothing written), 1 when a stage fails."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from llmopt.errors import RecipeError, StageError
+
+EXIT_BAD_INPUT = 2
+EXIT_STAGE_FAILED = 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.command(args)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except StageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_STAGE_FAILED
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llmopt", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a recipe (name in recipes/ or a path to a YAML file)")
+    run.add_argument("recipe")
+    force = run.add_mutually_exclusive_group()
+    force.add_argument("--force", action="store_true", help="recompute every stage, ignoring cached outputs")
+    force.add_argument("--force-stage", metavar="NAME", help="recompute this stage and every stage after it")
+    run.add_argument("--cache-dir", type=Path, help="stage cache (default: $LLMOPT_CACHE_DIR or .cache/llmopt)")
+    run.add_argument("--mlruns", type=Path, help="local MLflow store (default: $LLMOPT_MLRUNS_DIR or mlruns)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(command=_run)
+
+    validate = commands.add_parser("validate", help="check recipes without running them (default: all in recipes/)")
+    validate.add_argument("recipes", nargs="*")
+    validate.set_defaults(command=_validate)
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from llmopt.recipe import default_recipes_dir, find_recipe, load_recipe
+
+    paths = [find_recipe(r) for r in args.recipes] or sorted(default_recipes_dir().glob("*.yaml"))
+    if not paths:
+        raise RecipeError(f"no recipes found in {default_recipes_dir()}")
+    from llmopt.runner import preflight
+
+    for path in paths:
+        recipe = load_recipe(path)
+        preflight(recipe, path)
+        print(f"ok  {path}  ({recipe.name}: {' -> '.join(s.name for s in recipe.stages)})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from llmopt.cache import default_cache_dir
+    from llmopt.recipe import find_recipe, load_recipe
+
+    path = find_recipe(args.recipe)
+    recipe = load_recipe(path)
+    if args.force_stage and args.force_stage not in {s.name for s in recipe.stages}:
+        names = ", ".join(s.name for s in recipe.stages)
+        raise RecipeError(f"{path}: --force-stage {args.force_stage!r} is not a stage of this recipe (stages: {names})")
+
+    from llmopt.report import print_stage, print_summary
+    from llmopt.runner import preflight, run_recipe
+    from rich.console import Console
+
+    preflight(recipe, path)
+
+    console = Console(stderr=False)
+    console.print(f"[bold]llmopt[/] run [cyan]{recipe.name}[/] ({path})")
+    summary = run_recipe(
+        recipe, path, args.cache_dir or default_cache_dir(), args.mlruns, force=args.force,
+        force_stage=args.force_stage, progress=not args.no_progress,
+        on_stage=lambda outcome: print_stage(console, outcome),
+    )
+    print_summary(console, summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

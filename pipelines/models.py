@@ -1,0 +1,103 @@
+"""Base-model resolution (hub, local, embedded) and loading of checkpoints for evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from llmopt.cache import Artifact, directory_digest
+from llmopt.recipe import ModelSpec
+
+# What is fetched from the hub: safetensors weights and the JSON/tokenizer files, never pickles.
+HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt"]
+
+
+def resolve_base(spec: ModelSpec, cache_root: Path, progress: bool = True) -> tuple[str, Artifact]:
+    """The base model as a local directory, and its root cache key.
+
+    Root key: hub id + resolved commit, a content hash of a local directory, or the spec hash of
+    an embedded model (which is trained here on first use and cached).
+    """
+    if spec.embedded is not None:
+        from llmopt.embedded import EMBEDDED_MODELS, build_tiny_llama
+
+        embedded = EMBEDDED_MODELS[spec.embedded]
+        path = cache_root / "embedded" / embedded.key()
+        if not (path / "config.json").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            build_tiny_llama(embedded, path, progress=progress)
+        return f"embedded:{embedded.key()}", Artifact(path, "hf-checkpoint", info={"source": f"embedded:{spec.embedded}"})
+    if spec.path is not None:
+        digest = directory_digest(spec.path, cache_root / "digests.json")
+        return f"local:{digest}", Artifact(spec.path, "hf-checkpoint", info={"source": str(spec.path)})
+    from huggingface_hub import snapshot_download
+
+    patterns = HUB_PATTERNS + (["*.py"] if spec.trust_remote_code else [])
+    path = Path(snapshot_download(spec.id, revision=spec.revision, allow_patterns=patterns))
+    if not any(path.glob("*.safetensors")):
+        raise ValueError(f"{spec.id}@{spec.revision} has no safetensors weights; llmopt does not load pickled weights")
+    commit = path.name  # snapshot folders are named by the resolved commit
+    return f"hub:{spec.id}@{commit}", Artifact(path, "hf-checkpoint", info={"source": f"{spec.id}@{commit}"})
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ValueError("the recipe asks for device: cuda, but no CUDA device is available")
+    return requested
+
+
+def hardware_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
+def torch_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def load_model(artifact: Artifact, device: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """Load a checkpoint as the stage that wrote it says it must be loaded (safetensors only)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "device_map": device}
+    if artifact.info.get("format") == "gptq":
+        from transformers import GPTQConfig
+
+        # Name the kernel: GPTQModel's automatic choice on Hopper downloads sources at load time.
+        kwargs["quantization_config"] = GPTQConfig(bits=artifact.info["bits"], backend=artifact.info["reload_backend"])
+    elif artifact.info.get("format") != "bnb":
+        kwargs["dtype"] = torch_dtype(dtype, device)
+    model = AutoModelForCausalLM.from_pretrained(artifact.path, **kwargs)
+    model.eval()
+    return model
+
+
+def weights_bytes(path: Path) -> int:
+    """Bytes of weights as stored on disk (packed quantized tensors count at their real size)."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def model_config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (GPTQModel banners, transformers load bars) out of the run's output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

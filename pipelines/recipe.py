@@ -1,0 +1,399 @@
+"""The recipe schema: a strict pydantic model of one YAML file, with errors that name file, line and field.
+
+A recipe names a base model, an ordered list of stages and each stage's config. Unknown keys are
+errors (`extra="forbid"`), `stage` and `method` are discriminators, booleans and integers are
+strict (`desc_act: "yes"` is refused rather than coerced), and relative paths are resolved
+against the recipe file's folder and checked to exist before anything runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from llmopt.errors import RecipeError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+RECIPES_DIR_ENV = "LLMOPT_RECIPES_DIR"
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """Relative paths in a recipe are relative to the recipe file's folder."""
+    base = (info.context or {}).get("base_dir")
+    if isinstance(value, str):
+        value = Path(value).expanduser()
+        if base is not None and not value.is_absolute():
+            value = Path(base) / value
+        return value.resolve()
+    return value
+
+
+class DatasetSpec(Strict):
+    """Text records from a local file (`path`) or a hub dataset (`hub`, `config`, `split`)."""
+
+    path: Path | None = None
+    hub: str | None = None
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+    _resolve = field_validator("path", mode="before")(_resolve_path)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatasetSpec:
+        if (self.path is None) == (self.hub is None):
+            raise ValueError("give exactly one of `path` (a local .txt/.jsonl/.json file) or `hub` (a dataset name)")
+        if self.path is not None:
+            check_text_file(self.path, self.text_field)
+        return self
+
+
+def check_text_file(path: Path, text_field: str) -> None:
+    """Refuse a missing, unreadable, empty or malformed local text file before any work starts."""
+    if path.suffix not in TEXT_SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use one of {', '.join(TEXT_SUFFIXES)}")
+    if not path.is_file():
+        raise ValueError(f"file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    if not text.strip():
+        raise ValueError(f"file {path} is empty")
+    if path.suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                _check_record(_parse_json(line, path, lineno), text_field, f"{path}:{lineno}")
+    elif path.suffix == ".json":
+        records = _parse_json(text, path, 1)
+        if not isinstance(records, list) or not records:
+            raise ValueError(f"{path}: expected a non-empty JSON list of records")
+        for i, record in enumerate(records):
+            _check_record(record, text_field, f"{path}[{i}]")
+
+
+def _parse_json(text: str, path: Path, lineno: int) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from e
+
+
+def _check_record(record: Any, text_field: str, where: str) -> None:
+    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+        raise ValueError(f"{where}: record has no string field {text_field!r} (set `text_field`)")
+
+
+class CalibrationSpec(Strict):
+    dataset: DatasetSpec
+    num_samples: PositiveInt = 128
+    seq_len: PositiveInt = 512
+    seed: int = 0
+
+
+class BnbQuantize(Strict):
+    """bitsandbytes: int8 (LLM.int8) or 4-bit nf4/fp4, quantized at load time; no calibration."""
+
+    stage: Literal["quantize"]
+    method: Literal["bnb"]
+    name: str = "quantize"
+    bits: Literal[4, 8]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: StrictBool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+    @model_validator(mode="after")
+    def _four_bit_options(self) -> BnbQuantize:
+        four_bit_only = {"quant_type", "double_quant", "compute_dtype"} & self.model_fields_set
+        if self.bits == 8 and four_bit_only:
+            raise ValueError(f"{', '.join(sorted(four_bit_only))} only apply to bits: 4; remove them for bits: 8")
+        return self
+
+
+GPTQ_RELOAD_BACKENDS = ("torch", "triton", "marlin", "exllama_v2")
+
+
+class GptqQuantize(Strict):
+    """GPTQ through GPTQModel (the maintained successor of AutoGPTQ, same checkpoint format)."""
+
+    stage: Literal["quantize"]
+    method: Literal["gptq"]
+    name: str = "quantize"
+    bits: Literal[4, 8]
+    group_size: int = 128
+    desc_act: StrictBool = False
+    sym: StrictBool = True
+    damp_percent: float = Field(0.05, gt=0, lt=1)
+    calibration: CalibrationSpec
+    batch_size: PositiveInt = 1
+    # Kernel used when the checkpoint is loaded back for evaluation. Named explicitly because
+    # GPTQModel's automatic choice on Hopper downloads kernel sources at load time.
+    # None: `torch` on CPU, `triton` on CUDA.
+    reload_backend: Literal["torch", "triton", "marlin", "exllama_v2"] | None = None
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        if v != -1 and v <= 0:
+            raise ValueError("group_size must be a positive number of columns, or -1 for one group per row")
+        return v
+
+
+class RtnQuantize(Strict):
+    """Round-to-nearest weight quantization, saved dequantized: a baseline that GPTQ must beat."""
+
+    stage: Literal["quantize"]
+    method: Literal["rtn"]
+    name: str = "quantize"
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = 128
+    sym: StrictBool = True
+
+    _group_size = field_validator("group_size")(GptqQuantize._group_size.__func__)
+
+
+class PerplexitySpec(Strict):
+    dataset: DatasetSpec
+    seq_len: PositiveInt = 2048
+    stride: PositiveInt | None = None  # None: seq_len (non-overlapping windows)
+    max_samples: PositiveInt | None = None
+    batch_size: PositiveInt = 1
+
+    @model_validator(mode="after")
+    def _stride(self) -> PerplexitySpec:
+        if self.stride is not None and self.stride > self.seq_len:
+            raise ValueError(f"stride ({self.stride}) must not exceed seq_len ({self.seq_len}): tokens would be skipped")
+        return self
+
+
+class Evaluate(Strict):
+    """Quality of the current model and of the base model, under identical settings."""
+
+    stage: Literal["evaluate"]
+    name: str = "evaluate"
+    perplexity: PerplexitySpec
+
+
+Quantize = Annotated[BnbQuantize | GptqQuantize | RtnQuantize, Field(discriminator="method")]
+Stage = Annotated[Quantize | Evaluate, Field(discriminator="stage")]
+STAGE_TYPES = ("quantize", "evaluate")
+QUANTIZE_METHODS = ("bnb", "gptq", "rtn")
+EMBEDDED_MODEL_NAMES = ("tiny-llama",)
+
+
+class ModelSpec(Strict):
+    """The base model: a hub id (with revision), a local directory, or an embedded model."""
+
+    id: str | None = None
+    revision: str = "main"
+    path: Path | None = None
+    embedded: Literal["tiny-llama"] | None = None
+    trust_remote_code: StrictBool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    _resolve = field_validator("path", mode="before")(_resolve_path)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("id", "path", "embedded") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `id` (hub model id), `path` (local directory) or `embedded`")
+        if self.path is not None and not (self.path / "config.json").is_file():
+            raise ValueError(f"local model directory {self.path} does not exist or has no config.json")
+        return self
+
+
+class Recipe(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    description: str = ""
+    model: ModelSpec
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    stages: list[Stage] = Field(min_length=1)
+
+    @field_validator("stages")
+    @classmethod
+    def _cross_stage_rules(cls, stages: list) -> list:
+        names = [s.name for s in stages]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"stage names must be unique; give each a `name:` (duplicated: {', '.join(duplicates)})")
+        if sum(s.stage == "quantize" for s in stages) > 1:
+            raise ValueError("a recipe quantizes once: keep one `quantize` stage (stacking compounds the error)")
+        return stages
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: name or path -> validated Recipe, or one RecipeError line naming file, line and field.
+
+
+def find_recipe(name_or_path: str, recipes_dir: Path | None = None) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml") or candidate.exists():
+        if not candidate.is_file():
+            raise RecipeError(f"recipe file {candidate} does not exist")
+        return candidate
+    recipes_dir = recipes_dir or default_recipes_dir()
+    path = recipes_dir / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in recipes_dir.glob("*.yaml"))) or "none"
+        raise RecipeError(f"no recipe named {name_or_path!r}: {path} does not exist (available: {known})")
+    return path
+
+
+def default_recipes_dir() -> Path:
+    return Path(os.environ.get(RECIPES_DIR_ENV, "recipes"))
+
+
+def load_recipe(path: Path) -> Recipe:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read recipe: {e.strerror}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: YAML syntax error: {getattr(e, 'problem', None) or e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping with `name`, `model` and `stages`")
+    try:
+        return Recipe.model_validate(data, context={"base_dir": path.parent})
+    except ValidationError as e:
+        raise RecipeError(_describe(e, path, text, data)) from e
+
+
+def _describe(error: ValidationError, path: Path, text: str, data: dict) -> str:
+    """The first validation error as `file:line: field.path: message`."""
+    first = error.errors()[0]
+    loc = _field_path(first["loc"], data)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        tag = first["ctx"]["discriminator"].strip("'")
+        allowed = ", ".join(STAGE_TYPES if tag == "stage" else QUANTIZE_METHODS)
+        loc = (*loc, tag)
+        if first["type"] == "union_tag_invalid":
+            message = f"unknown {tag} {first['ctx']['tag']!r}; expected one of: {allowed}"
+        else:
+            message = f"missing; expected one of: {allowed}"
+    elif first["type"] == "extra_forbidden":
+        message = "unknown key (misspelled?)"
+        parent = _get(data, loc[:-1])
+        if isinstance(parent, dict):
+            known = _known_keys(loc, data)
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            if close:
+                message += f"; did you mean `{close[0]}`?"
+    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict | list):
+        message += f" (got {first['input']!r})"
+    line = _line_of(text, loc)
+    where = f"{path}:{line}" if line else str(path)
+    return f"{where}: {_format_loc(loc) or 'recipe'}: {message}"
+
+
+def _field_path(loc: tuple, data: dict) -> tuple:
+    """Drop the discriminator tags pydantic puts in error locations (`stages.0.quantize.gptq.bits`)."""
+    out: list = []
+    for part in loc:
+        node = _get(data, tuple(out))
+        if isinstance(node, dict) and part not in node and part in (*STAGE_TYPES, *QUANTIZE_METHODS):
+            continue
+        out.append(part)
+    return tuple(out)
+
+
+def _get(data: Any, loc: tuple) -> Any:
+    for part in loc:
+        if isinstance(data, dict):
+            data = data.get(part)
+        elif isinstance(data, list) and isinstance(part, int) and part < len(data):
+            data = data[part]
+        else:
+            return None
+    return data
+
+
+def _known_keys(loc: tuple, data: dict) -> list[str]:
+    """Field names of the model the misspelled key sits in."""
+    model: Any = Recipe
+    node: Any = data
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            node = node[part]
+            if model is list:
+                model = _stage_model(node)
+            continue
+        node = node.get(part) if isinstance(node, dict) else None
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        model = list if part == "stages" else _model_of(annotation)
+    return list(getattr(model, "model_fields", {}))
+
+
+def _stage_model(node: Any) -> Any:
+    if not isinstance(node, dict):
+        return None
+    if node.get("stage") == "evaluate":
+        return Evaluate
+    return {"bnb": BnbQuantize, "gptq": GptqQuantize, "rtn": RtnQuantize}.get(node.get("method"))
+
+
+def _model_of(annotation: Any) -> Any:
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
+
+
+def _format_loc(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _line_of(text: str, loc: tuple) -> int | None:
+    """1-based line of the deepest YAML node on `loc` that exists in the file."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def recipe_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]

@@ -1,0 +1,38 @@
+"""What a run prints: one line per stage as it finishes, then a table of the metrics people compare."""
+
+from __future__ import annotations
+
+from llmopt.runner import RunSummary, StageOutcome
+from rich.console import Console
+from rich.table import Table
+
+# Metrics shown in the closing table, in this order, with their display format.
+SHOWN = {
+    "quality/ppl_base": "{:.4f}",
+    "quality/ppl": "{:.4f}",
+    "quality/ppl_delta_pct": "{:+.3f}%",
+    "memory/weights_gb_base": "{:.4f} GB",
+    "memory/weights_gb": "{:.4f} GB",
+    "memory/compression_ratio": "{:.2f}x",
+    "memory/peak_gpu_gb": "{:.2f} GB",
+}
+
+
+def print_stage(console: Console, outcome: StageOutcome) -> None:
+    state = "[green]cache hit[/]" if outcome.hit else f"[yellow]computed[/] in {outcome.seconds:.1f}s"
+    console.print(f"  stage [bold]{outcome.name}[/]: {state}  key {outcome.key}")
+
+
+def print_summary(console: Console, summary: RunSummary) -> None:
+    table = Table(title=f"{summary.recipe}: results")
+    table.add_column("stage")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for outcome in summary.stages:
+        for name, fmt in SHOWN.items():
+            if name in outcome.metrics:
+                table.add_row(outcome.name, name, fmt.format(outcome.metrics[name]))
+    console.print(table)
+    hits = sum(s.hit for s in summary.stages)
+    console.print(f"{hits}/{len(summary.stages)} stages from cache. MLflow run {summary.run_id} "
+                  f"(experiment {summary.recipe!r}): {summary.tracking_hint}. Log: {summary.log_file}")

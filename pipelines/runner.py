@@ -1,0 +1,244 @@
+"""The loop over a recipe's stages: the only caller of the cache and of MLflow tracking.
+
+For each stage: compute its key from the parent's key and everything that decides its output,
+reuse the cache entry if there is one, otherwise build it atomically; log the stage as a nested
+MLflow run. `evaluate` is paired: the base model is evaluated with the identical settings (also
+cached, so computed once) and the run reports both and the delta.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from llmopt.cache import Artifact, Cache, Entry, file_sha256, stage_key
+from llmopt.errors import RecipeError, StageError
+from llmopt.models import hardware_name, quiet_libraries, resolve_base, resolve_device
+from llmopt.recipe import Recipe, recipe_hash
+from llmopt.stages import evaluate, quantize
+from llmopt.stages.quantize import StageContext
+from llmopt.tracking import Tracker, environment_lock, flatten, library_versions
+
+log = logging.getLogger("llmopt")
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    run: Callable[[Any, Artifact, Path, StageContext], Artifact]
+    libraries: Callable[[Any], tuple[str, ...]]  # whose versions go into the cache key
+    produces_model: bool  # later stages consume its output (quantize) or not (evaluate)
+    paired_with_base: bool  # also run on the base model; metrics reported side by side
+
+
+QUANTIZE_LIBRARIES = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum"), "rtn": ()}
+
+STAGES: dict[str, StageSpec] = {
+    "quantize": StageSpec(quantize.run, lambda cfg: QUANTIZE_LIBRARIES[cfg.method], True, False),
+    "evaluate": StageSpec(evaluate.run, lambda cfg: (), False, True),
+}
+
+
+EXTRAS = {"bitsandbytes": "bnb", "gptqmodel": "gptq", "optimum": "gptq"}
+
+
+def preflight(recipe: Recipe, path: Path) -> None:
+    """What can be known about this machine before any work: libraries installed, CUDA present."""
+    from importlib.util import find_spec
+
+    for index, cfg in enumerate(recipe.stages):
+        for library in STAGES[cfg.stage].libraries(cfg):
+            if find_spec(library) is None:
+                raise RecipeError(f"{path}: stages[{index}].method: {cfg.method} needs {library}, which is not "
+                                  f"installed; install the extra: pip install 'llmopt[{EXTRAS[library]}]'")
+    if recipe.device == "cuda" and not _cuda_available():
+        raise RecipeError(f"{path}: device: cuda is asked for, but this machine has no CUDA device (use auto or cpu)")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@dataclass
+class StageOutcome:
+    name: str
+    key: str
+    hit: bool
+    seconds: float  # this run's wall time (near zero on a hit)
+    metrics: dict[str, float]
+    run_id: str
+
+
+@dataclass
+class RunSummary:
+    recipe: str
+    run_id: str
+    experiment_id: str
+    tracking_hint: str
+    log_file: Path
+    stages: list[StageOutcome] = field(default_factory=list)
+
+
+def run_recipe(
+    recipe: Recipe,
+    recipe_path: Path,
+    cache_root: Path,
+    mlruns_dir: Path | None = None,
+    force: bool = False,
+    force_stage: str | None = None,
+    progress: bool = True,
+    on_stage: Callable[[StageOutcome], None] = lambda outcome: None,
+) -> RunSummary:
+    """Run every stage of `recipe`; raises StageError (after marking the runs FAILED) if one fails."""
+    quiet_libraries()
+    device = resolve_device(recipe.device)
+    ctx = StageContext(device, recipe.model.dtype, recipe.model.trust_remote_code, progress)
+    hardware = hardware_name(device)
+    cache = Cache(cache_root)
+    log_file = _start_log(cache_root, recipe.name)
+    tracker = Tracker(mlruns_dir)
+    experiment_id = tracker.experiment(recipe.name)
+    tracker.close_orphans(experiment_id)
+    versions = library_versions()
+    tags = {
+        "llmopt.recipe": recipe.name,
+        "llmopt.recipe_hash": recipe_hash(recipe_path),
+        "llmopt.hardware": hardware,
+        "mlflow.source.git.commit": _git_sha(),
+        **{f"lib.{name}": version for name, version in versions.items()},
+    }
+    forced_from = 0 if force else next((i for i, s in enumerate(recipe.stages) if s.name == force_stage), None)
+    with tracker.run(experiment_id, recipe.name, tags) as parent:
+        summary = RunSummary(recipe.name, parent, experiment_id, tracker.run_url_hint(parent, experiment_id), log_file)
+        try:
+            tracker.log(parent, params={f"model.{k}": v for k, v in flatten(recipe.model.model_dump(mode="json")).items()})
+            tracker.log_file(parent, recipe_path)
+            tracker.log_text(parent, environment_lock(), "environment/requirements.lock.txt")
+            log.info("recipe %s on %s (%s)", recipe.name, device, hardware)
+            root_key, base = resolve_base(recipe.model, cache_root, progress)
+            tracker.log(parent, tags={"llmopt.root_key": root_key})
+            current, current_key = base, root_key
+            all_metrics: dict[str, float] = {}
+            for index, cfg in enumerate(recipe.stages):
+                spec = STAGES[cfg.stage]
+                forced = forced_from is not None and index >= forced_from
+                stage_tags = {**tags, "llmopt.stage": cfg.stage, "llmopt.parent_key": current_key}
+                with tracker.run(experiment_id, cfg.name, stage_tags, parent=parent) as child:
+                    started = time.perf_counter()
+                    try:
+                        # Paired with the base model unless the current model is the base itself.
+                        paired = spec.paired_with_base and current_key != root_key
+                        reference = base if paired else None
+                        entry = _cached(cache, spec, cfg, current, current_key, ctx, hardware, forced, reference)
+                        metrics = dict(entry.artifact.metrics)
+                        reports = [entry]
+                        if paired:
+                            base_entry = _cached(cache, spec, cfg, base, root_key, ctx, hardware, forced)
+                            reports.append(base_entry)
+                        if spec.paired_with_base:
+                            metrics = evaluate.paired_metrics(metrics, reports[-1].artifact.metrics)
+                    except Exception as e:
+                        log.error("stage %s failed:\n%s", cfg.name, traceback.format_exc())
+                        raise StageError(f"stage {cfg.name!r} ({_label(cfg)}) failed: {type(e).__name__}: {e}") from e
+                    seconds = time.perf_counter() - started
+                    metrics["time/stage_s"] = entry.record["seconds"]
+                    tracker.log(
+                        child,
+                        params=flatten(cfg.model_dump(mode="json")),
+                        metrics=metrics,
+                        tags={"llmopt.cache_key": entry.key, "llmopt.cache_hit": str(entry.hit).lower(),
+                              "llmopt.base_key": root_key},
+                    )
+                    for report in reports:
+                        role = "candidate" if report is entry else "base"
+                        for name in ("artifact.json", "report.json"):
+                            if (report.artifact.path / name).is_file():
+                                tracker.log_file(child, report.artifact.path / name, f"{role}")
+                outcome = StageOutcome(cfg.name, entry.key, entry.hit, seconds, metrics, child)
+                summary.stages.append(outcome)
+                all_metrics.update({k: v for k, v in metrics.items() if not k.startswith("time/")})
+                log.info("stage %s: key %s, %s, %.1fs", cfg.name, entry.key, "hit" if entry.hit else "built", seconds)
+                on_stage(outcome)
+                if spec.produces_model:
+                    current, current_key = entry.artifact, entry.key
+            tracker.log(parent, metrics=all_metrics, tags={"llmopt.final_key": current_key})
+        finally:
+            logging.getLogger("llmopt").handlers.clear()
+            tracker.log_file(parent, log_file, "logs")
+    return summary
+
+
+def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, ctx: StageContext,
+            hardware: str, forced: bool, reference: Artifact | None = None) -> Entry:
+    """The stage's entry for this input, built if absent. `reference`: the base model, for stages
+    that compare against it (its key is already in `parent_key`'s lineage)."""
+    libraries = library_versions(("torch", "transformers", *spec.libraries(cfg)))
+    config = {"stage": _key_config(cfg.model_dump(mode="json", exclude={"name"})), "dtype": ctx.dtype,
+              "trust_remote_code": ctx.trust_remote_code}
+    key = stage_key(parent_key, cfg.stage, config, libraries, hardware)
+    if forced:
+        cache.invalidate(key)
+    elif (found := cache.lookup(key)) is not None:
+        return found
+
+    def produce(out: Path) -> Artifact:
+        import torch
+
+        if ctx.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        artifact = spec.run(cfg, src, out, ctx, base=reference) if reference is not None else spec.run(cfg, src, out, ctx)
+        seconds = time.perf_counter() - started
+        record.update(seconds=seconds)
+        if ctx.device == "cuda":
+            artifact.metrics["memory/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        return artifact
+
+    record: dict[str, Any] = {
+        "stage": cfg.stage, "parent_key": parent_key, "config": config, "libraries": libraries,
+        "hardware": hardware, "source": str(src.path), "created": datetime.now(timezone.utc).isoformat(),
+    }
+    return cache.build(key, record, produce)
+
+
+def _key_config(config: Any) -> Any:
+    """A stage config for hashing: local data files enter by content, not by path."""
+    if isinstance(config, dict):
+        out = {k: _key_config(v) for k, v in config.items()}
+        if config.get("path") and "text_field" in config:
+            out["path"] = "sha256:" + file_sha256(Path(config["path"]))
+        return out
+    return config
+
+
+def _label(cfg) -> str:
+    return f"{cfg.stage} {cfg.method}" if cfg.stage == "quantize" else cfg.stage
+
+
+def _start_log(cache_root: Path, recipe_name: str) -> Path:
+    logs = cache_root / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    path = logs / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{recipe_name}.log"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger = logging.getLogger("llmopt")
+    logger.handlers.clear()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return path
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"

@@ -1,0 +1,143 @@
+"""MLflow tracking: one parent run per recipe execution, one nested run per stage.
+
+The only module that imports mlflow. Default store: `sqlite:///mlruns/mlflow.db` with artifacts
+under `mlruns/artifacts` (MLflow 3.13+ refuses the old `./mlruns` file store);
+`MLFLOW_TRACKING_URI` points it at a real server instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+MLRUNS_DIR_ENV = "LLMOPT_MLRUNS_DIR"
+TRACKED_LIBRARIES = ("llmopt", "torch", "transformers", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "mlflow")
+
+
+def default_mlruns_dir() -> Path:
+    return Path(os.environ.get(MLRUNS_DIR_ENV, "mlruns"))
+
+
+def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def environment_lock() -> str:
+    """`pip freeze`-style list of every installed distribution (names and versions only)."""
+    dists = {(d.metadata["Name"] or "?").lower(): d.version for d in metadata.distributions()}
+    return "".join(f"{name}=={version}\n" for name, version in sorted(dists.items()))
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"calibration.num_samples": "128", ...} for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, list) else str(value)
+    return flat
+
+
+class Tracker:
+    def __init__(self, mlruns_dir: Path | None = None):
+        import mlflow
+
+        self._mlflow = mlflow
+        self.mlruns_dir = (mlruns_dir or default_mlruns_dir()).resolve()
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            self.uri = os.environ["MLFLOW_TRACKING_URI"]
+            self.artifact_root = None  # the server decides
+        else:
+            self.mlruns_dir.mkdir(parents=True, exist_ok=True)
+            self.uri = f"sqlite:///{self.mlruns_dir / 'mlflow.db'}"
+            self.artifact_root = (self.mlruns_dir / "artifacts").as_uri()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = mlflow.MlflowClient(self.uri)
+
+    def experiment(self, name: str) -> str:
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        return self.client.create_experiment(name, artifact_location=self.artifact_root)
+
+    def close_orphans(self, experiment_id: str) -> list[str]:
+        """Mark runs of this host left RUNNING by a killed process as KILLED."""
+        host = socket.gethostname()
+        runs = self.client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'")
+        orphans = [
+            r.info.run_id for r in runs
+            if r.data.tags.get("llmopt.host") == host and not _alive(int(r.data.tags.get("llmopt.pid", "0")))
+        ]
+        for run_id in orphans:
+            self.client.set_terminated(run_id, status="KILLED")
+        return orphans
+
+    @contextmanager
+    def run(self, experiment_id: str, name: str, tags: dict[str, str], parent: str | None = None) -> Iterator[str]:
+        """A run that ends FINISHED, or FAILED if the block raises (the exception propagates)."""
+        tags = {**tags, "llmopt.host": socket.gethostname(), "llmopt.pid": str(os.getpid())}
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent
+        run = self.client.create_run(experiment_id, run_name=name, tags=tags)
+        run_id = run.info.run_id
+        try:
+            yield run_id
+        except BaseException:
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        self.client.set_terminated(run_id, status="FINISHED")
+
+    def log(self, run_id: str, params: dict[str, str] | None = None, metrics: dict[str, float] | None = None,
+            tags: dict[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = _now_ms()
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()],
+            params=[Param(k, v[:6000]) for k, v in (params or {}).items()],
+            tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+        )
+
+    def log_file(self, run_id: str, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), folder)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def run_url_hint(self, run_id: str, experiment_id: str) -> str:
+        if self.uri.startswith("sqlite:"):
+            return f"make ui, then experiment {experiment_id}, run {run_id}"
+        return f"{self.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)

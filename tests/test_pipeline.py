@@ -1,0 +1,141 @@
+"""The spine end to end on the embedded model: run, cache hits on the second run, forced recompute,
+resume after kill -9, a stage failing at run time, and what lands in MLflow."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import DATA, RECIPES, ROOT, run_cli
+
+SECRET = "hf_secret_value_that_must_never_be_logged"
+
+
+def fast_recipe(tmp: Path, method: str = "gptq", eval_seq_len: int = 128) -> Path:
+    """tiny-int4 with a smaller evaluation set, so the end-to-end tests stay quick."""
+    quantize = {
+        "gptq": f"method: gptq\n    bits: 4\n    group_size: 64\n    calibration:\n"
+                f"      dataset: {{path: {DATA / 'calibration.jsonl'}}}\n      num_samples: 32\n      seq_len: 128\n",
+        "bnb": "method: bnb\n    bits: 8\n",
+    }[method]
+    path = tmp / "fast.yaml"
+    path.write_text(
+        "name: fast\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n    " + quantize +
+        f"  - stage: evaluate\n    perplexity:\n      dataset: {{path: {DATA / 'validation.jsonl'}}}\n"
+        f"      seq_len: {eval_seq_len}\n      stride: {eval_seq_len}\n      max_samples: 60\n      batch_size: 8\n"
+    )
+    return path
+
+
+def runs(mlruns: Path, experiment: str):
+    mlflow.set_tracking_uri(f"sqlite:///{mlruns / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    found = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    return client, parents, [r for r in found if "mlflow.parentRunId" in r.data.tags]
+
+
+def test_run_then_rerun_from_cache(tiny_workdir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    recipe = fast_recipe(tmp_path)
+    assert run_cli(tiny_workdir, "run", str(recipe)) == 0
+    first = capsys.readouterr().out
+    assert "stage quantize: computed" in first and "stage evaluate: computed" in first
+
+    client, parents, children = runs(tiny_workdir["mlruns"], "fast")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert [c.info.run_name for c in children] == ["quantize", "evaluate"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    quant, evaluate = children
+    m = evaluate.data.metrics
+    assert m["quality/ppl_delta_pct"] == pytest.approx(100 * (m["quality/ppl"] / m["quality/ppl_base"] - 1))
+    assert 1.0 < m["quality/ppl_base"] < 4.0
+    assert m["quality/ppl"] != m["quality/ppl_base"], "the quantized model is a different model"
+    assert quant.data.params["calibration.num_samples"] == "32"
+    assert quant.data.metrics["memory/compression_ratio"] > 2.5
+    for tag in ("llmopt.cache_key", "llmopt.parent_key", "llmopt.cache_hit", "mlflow.source.git.commit",
+                "lib.torch", "lib.gptqmodel", "llmopt.hardware"):
+        assert tag in quant.data.tags, tag
+    assert quant.data.tags["llmopt.cache_hit"] == "false"
+    assert evaluate.data.tags["llmopt.parent_key"] == quant.data.tags["llmopt.cache_key"]
+    parent_files = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"fast.yaml", "environment", "logs"} <= parent_files
+    assert {a.path for a in client.list_artifacts(evaluate.info.run_id, "base")} == {"base/artifact.json",
+                                                                                    "base/report.json"}
+
+    started = time.perf_counter()
+    assert run_cli(tiny_workdir, "run", str(recipe)) == 0
+    assert time.perf_counter() - started < 20
+    second = capsys.readouterr().out
+    assert "stage quantize: cache hit" in second and "stage evaluate: cache hit" in second
+    assert "2/2 stages from cache" in second
+    _, parents, children = runs(tiny_workdir["mlruns"], "fast")
+    assert len(parents) == 2 and all(c.data.tags["llmopt.cache_hit"] == "true" for c in children[2:])
+    assert children[3].data.metrics["quality/ppl"] == m["quality/ppl"]
+
+    # --force-stage recomputes that stage (and later ones) only
+    assert run_cli(tiny_workdir, "run", str(recipe), "--force-stage", "evaluate") == 0
+    third = capsys.readouterr().out
+    assert "stage quantize: cache hit" in third and "stage evaluate: computed" in third
+
+    # secrets from the environment never reach params, tags or artifacts
+    stored = [tiny_workdir["mlruns"] / "mlflow.db", *sorted((tiny_workdir["mlruns"] / "artifacts").rglob("*"))]
+    assert not any(SECRET.encode() in p.read_bytes() for p in stored if p.is_file())
+
+
+def test_bnb_recipe_end_to_end(tiny_workdir, tmp_path):
+    assert run_cli(tiny_workdir, "run", str(fast_recipe(tmp_path, "bnb"))) == 0
+    _, _, (quant, evaluate) = runs(tiny_workdir["mlruns"], "fast")
+    assert quant.data.metrics["quantize/roundtrip_max_logit_diff"] < 1e-4
+    assert abs(evaluate.data.metrics["quality/ppl_delta_pct"]) < 5
+
+
+def test_stage_failure_exits_1_names_the_stage_and_marks_runs_failed(tiny_workdir, tmp_path, capsys):
+    recipe = fast_recipe(tmp_path, "bnb", eval_seq_len=4096)  # valid recipe; the model's context is 512
+    assert run_cli(tiny_workdir, "run", str(recipe)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: stage 'evaluate' (evaluate) failed: ValueError: perplexity.seq_len 4096 exceeds")
+    _, (parent,), (quant, evaluate) = runs(tiny_workdir["mlruns"], "fast")
+    assert (parent.info.status, quant.info.status, evaluate.info.status) == ("FAILED", "FINISHED", "FAILED")
+    (log_file,) = (tiny_workdir["cache"] / "logs").glob("*-fast.log")
+    assert "Traceback" in log_file.read_text(), "the log keeps the full traceback"
+    stages = tiny_workdir["cache"] / "stages"
+    assert len([p for p in stages.iterdir() if p.is_dir() and not p.name.endswith(".tmp")]) == 1, "quantize kept"
+
+
+def test_kill_minus_9_mid_stage_then_the_same_command_resumes(tiny_workdir, tmp_path):
+    recipe = fast_recipe(tmp_path)
+    stages = tiny_workdir["cache"] / "stages"
+    command = [sys.executable, "-m", "llmopt.cli", "run", str(recipe), "--cache-dir", str(tiny_workdir["cache"]),
+               "--mlruns", str(tiny_workdir["mlruns"]), "--no-progress"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(stages.glob("*.tmp")):
+        time.sleep(0.05)
+    assert list(stages.glob("*.tmp")), "the quantize stage never started"
+    time.sleep(1.0)  # well inside GPTQ calibration
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = [p for p in stages.iterdir() if (p / "artifact.json").is_file()]
+    assert committed == [], "a killed stage must leave nothing a later run trusts"
+
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "stage quantize: computed" in done.stdout
+    assert not list(stages.glob("*.tmp"))
+    _, parents, _ = runs(tiny_workdir["mlruns"], "fast")
+    assert [p.info.status for p in parents] == ["KILLED", "FINISHED"], "the killed run is closed, not left RUNNING"
+
+
+def test_make_validate_all_shipped_recipes_in_a_real_process():
+    proc = subprocess.run([sys.executable, "-m", "llmopt.cli", "validate"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("ok  ") == len(list(RECIPES.glob("*.yaml")))

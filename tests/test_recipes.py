@@ -1,0 +1,136 @@
+"""Recipe validation: every shipped recipe is valid; every kind of bad input gets one clear line, exit 2,
+and nothing written (no cache entry, no MLflow store)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import DATA, RECIPES, run_cli
+from llmopt.cli import main
+from llmopt.errors import RecipeError
+from llmopt.recipe import GptqQuantize, find_recipe, load_recipe
+
+CALIB = DATA / "calibration.jsonl"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem, "a recipe's name is its file name, so `make recipe=NAME` finds it"
+    assert f"ok  {path}" in capsys.readouterr().out
+
+
+def test_relative_paths_resolve_against_the_recipe_folder():
+    recipe = load_recipe(RECIPES / "tiny-int4.yaml")
+    assert recipe.stages[0].calibration.dataset.path == CALIB.resolve()
+
+
+GPTQ_HEAD = """name: bad
+model: {embedded: tiny-llama}
+stages:
+  - stage: quantize
+    method: gptq
+    bits: 4
+"""
+
+BAD = {
+    # name: (recipe text, expected line, field path, words the message must contain)
+    "unknown stage": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: prune\n",
+                      4, "stages[0].stage", "unknown stage 'prune'; expected one of: quantize, evaluate"),
+    "unknown method": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n    method: awq\n",
+                       5, "stages[0].method", "unknown method 'awq'; expected one of: bnb, gptq, rtn"),
+    "bits 3": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n    method: bnb\n    bits: 3\n",
+               6, "stages[0].bits", "Input should be 4 or 8 (got 3)"),
+    "misspelled key": (GPTQ_HEAD + f"    gruop_size: 64\n    calibration: {{dataset: {{path: {CALIB}}}}}\n",
+                       7, "stages[0].gruop_size", "did you mean `group_size`?"),
+    "negative num_samples": (GPTQ_HEAD + f"    calibration:\n      dataset: {{path: {CALIB}}}\n      num_samples: -5\n",
+                             9, "stages[0].calibration.num_samples", "greater than 0 (got -5)"),
+    "desc_act wrongly typed": (GPTQ_HEAD + f"    desc_act: 'yes'\n    calibration: {{dataset: {{path: {CALIB}}}}}\n",
+                               7, "stages[0].desc_act", "valid boolean (got 'yes')"),
+    "missing local model": ("name: bad\nmodel: {path: /nonexistent/model}\nstages:\n  - stage: quantize\n"
+                            "    method: bnb\n    bits: 8\n",
+                            2, "model", "/nonexistent/model does not exist"),
+    "empty calibration file": (GPTQ_HEAD + "    calibration: {dataset: {path: empty.txt}}\n",
+                               7, "stages[0].calibration.dataset", "empty.txt is empty"),
+    "unreadable calibration file": (GPTQ_HEAD + "    calibration: {dataset: {path: latin1.txt}}\n",
+                                    7, "stages[0].calibration.dataset", "cannot read"),
+    "calibration file missing": (GPTQ_HEAD + "    calibration: {dataset: {path: nope.jsonl}}\n",
+                                 7, "stages[0].calibration.dataset", "nope.jsonl does not exist"),
+    "text field missing": (GPTQ_HEAD + f"    calibration: {{dataset: {{path: {CALIB}, text_field: body}}}}\n",
+                           7, "stages[0].calibration.dataset", "no string field 'body'"),
+    "bnb 8-bit with a 4-bit option": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n"
+                                      "    method: bnb\n    bits: 8\n    quant_type: nf4\n",
+                                      4, "stages[0]", "quant_type only apply to bits: 4"),
+    "stride above seq_len": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: evaluate\n"
+                             f"    perplexity: {{dataset: {{path: {CALIB}}}, seq_len: 64, stride: 128}}\n",
+                             5, "stages[0].perplexity", "stride (128) must not exceed seq_len (64)"),
+    "two quantize stages": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n"
+                            "  - {stage: quantize, method: bnb, bits: 8}\n"
+                            "  - {stage: quantize, method: rtn, name: again}\n",
+                            3, "stages", "keep one `quantize` stage"),
+}
+
+
+@pytest.fixture
+def bad_recipe(tmp_path):
+    def write(text: str) -> Path:
+        (tmp_path / "empty.txt").write_text("  \n")
+        (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+        path = tmp_path / "bad.yaml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+@pytest.mark.parametrize("case", sorted(BAD), ids=str)
+def test_bad_recipe_one_line_exit_2_nothing_written(case, bad_recipe, workdir, capsys):
+    text, line, field, words = BAD[case]
+    path = bad_recipe(text)
+    assert run_cli(workdir, "run", str(path)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, f"expected one line, got: {err}"
+    assert err.startswith(f"error: {path}:{line}: {field}: "), err
+    assert words in err
+    assert not workdir["mlruns"].exists(), "an invalid recipe must not create an MLflow store"
+    assert not (workdir["cache"] / "stages").exists(), "an invalid recipe must not write cache entries"
+
+
+def test_yaml_syntax_error_names_line_and_column(bad_recipe, capsys):
+    path = bad_recipe("name: bad\nmodel: {embedded: tiny-llama\nstages:\n  - stage: quantize\n")
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {path}:3:7: YAML syntax error: expected ',' or '}}', but got ':'"
+
+
+def test_nonexistent_recipe_name_lists_the_available_ones():
+    with pytest.raises(RecipeError, match=r"no recipe named 'tiny-int5'.*available: .*tiny-int4"):
+        find_recipe("tiny-int5", RECIPES)
+
+
+def test_unknown_force_stage_is_bad_input(workdir, capsys):
+    assert run_cli(workdir, "run", str(RECIPES / "tiny-int4.yaml"), "--force-stage", "quantise") == 2
+    assert "--force-stage 'quantise' is not a stage of this recipe (stages: quantize, evaluate)" in capsys.readouterr().err
+    assert not workdir["mlruns"].exists()
+
+
+def test_cli_exit_code_and_no_traceback_in_a_real_process(tmp_path):
+    """The console script itself: exit status 2 and one line, no Python traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmopt.cli", "run", "no-such-recipe", "--cache-dir", str(tmp_path / "c")],
+        capture_output=True, text=True, cwd=RECIPES.parent,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: no recipe named 'no-such-recipe'")
+    assert not (tmp_path / "c").exists()
+
+
+def test_group_size_must_be_positive_or_minus_one():
+    base = {"stage": "quantize", "method": "gptq", "bits": 4, "calibration": {"dataset": {"path": str(CALIB)}}}
+    assert GptqQuantize.model_validate({**base, "group_size": -1}).group_size == -1
+    with pytest.raises(ValueError, match="group_size must be a positive"):
+        GptqQuantize.model_validate({**base, "group_size": 0})
