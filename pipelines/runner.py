@@ -102,6 +102,7 @@ def run_recipe(
     device = resolve_device(recipe.device)
     ctx = StageContext(device, recipe.model.dtype, recipe.model.trust_remote_code, progress)
     hardware = hardware_name(device)
+    cache_root = cache_root.resolve()
     cache = Cache(cache_root)
     log_file = _start_log(cache_root, recipe.name)
     tracker = Tracker(mlruns_dir)

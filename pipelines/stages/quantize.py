@@ -6,7 +6,9 @@ Each method writes an HF checkpoint directory (safetensors + config + tokenizer)
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,10 +128,11 @@ def _gptq(cfg: GptqQuantize, src: Artifact, out: Path, ctx: StageContext) -> Art
         str(src.path), qconfig, trust_remote_code=ctx.trust_remote_code, device=ctx.device,
         dtype=torch_dtype(ctx.dtype, ctx.device),
     )
-    model.quantize(examples, batch_size=cfg.batch_size)
-    model.save(str(out))
+    # GPTQModel writes timing logs to a relative ./logs: keep them out of the user's checkout.
+    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        model.quantize(examples, batch_size=cfg.batch_size)
+    model.save(str(out))  # also writes quant_log.csv: GPTQ's per-layer error, kept for inspection
     tokenizer.save_pretrained(out)
-    (out / "quant_log.csv").unlink(missing_ok=True)  # GPTQModel's per-layer log; not part of the checkpoint
     backend = cfg.reload_backend or ("triton" if ctx.device == "cuda" else "torch")
     return Artifact(out, "hf-checkpoint", info={"format": "gptq", "bits": cfg.bits, "reload_backend": f"gptq_{backend}"})
 
