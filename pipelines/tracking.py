@@ -8,6 +8,7 @@ under `mlruns/artifacts` (MLflow 3.13+ refuses the old `./mlruns` file store);
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -54,18 +55,22 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 class Tracker:
     def __init__(self, mlruns_dir: Path | None = None):
+        """A local store in `mlruns_dir` if given, else `MLFLOW_TRACKING_URI` if set, else ./mlruns.
+
+        Uses its own client and never mlflow's global tracking URI (setting that also exports
+        MLFLOW_TRACKING_URI, which would redirect every later run in the process)."""
         import mlflow
 
-        self._mlflow = mlflow
-        self.mlruns_dir = (mlruns_dir or default_mlruns_dir()).resolve()
-        if os.environ.get("MLFLOW_TRACKING_URI"):
+        for noisy in ("mlflow", "alembic"):  # schema-migration chatter on every new store
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        if mlruns_dir is None and os.environ.get("MLFLOW_TRACKING_URI"):
             self.uri = os.environ["MLFLOW_TRACKING_URI"]
             self.artifact_root = None  # the server decides
         else:
-            self.mlruns_dir.mkdir(parents=True, exist_ok=True)
-            self.uri = f"sqlite:///{self.mlruns_dir / 'mlflow.db'}"
-            self.artifact_root = (self.mlruns_dir / "artifacts").as_uri()
-        mlflow.set_tracking_uri(self.uri)
+            local = (mlruns_dir or default_mlruns_dir()).resolve()
+            local.mkdir(parents=True, exist_ok=True)
+            self.uri = f"sqlite:///{local / 'mlflow.db'}"
+            self.artifact_root = (local / "artifacts").as_uri()
         self.client = mlflow.MlflowClient(self.uri)
 
     def experiment(self, name: str) -> str:
