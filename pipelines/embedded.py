@@ -60,11 +60,12 @@ def stories(split: str) -> list[str]:
     return [_story(random.Random(1000003 * i + 17)) for i in range(start, stop)]
 
 
-def write_corpus(dest: Path) -> list[Path]:
-    """Write every split as a JSON-lines file with a `text` field; returns the paths."""
+def write_corpus(dest: Path, splits: tuple[str, ...] = ("calibration", "validation")) -> list[Path]:
+    """Write splits as JSON-lines files with a `text` field; returns the paths. The repository ships
+    calibration and validation (the model trains on `train`, generated in memory)."""
     dest.mkdir(parents=True, exist_ok=True)
     paths = []
-    for split in SPLITS:
+    for split in splits:
         path = dest / f"{split}.jsonl"
         path.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories(split)))
         paths.append(path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 from llmopt.cache import Artifact, directory_digest
@@ -83,7 +84,10 @@ def load_model(artifact: Artifact, device: str, dtype: str = "auto", trust_remot
         kwargs["quantization_config"] = GPTQConfig(bits=artifact.info["bits"], backend=artifact.info["reload_backend"])
     elif artifact.info.get("format") != "bnb":
         kwargs["dtype"] = torch_dtype(dtype, device)
-    model = AutoModelForCausalLM.from_pretrained(artifact.path, **kwargs)
+    with warnings.catch_warnings():
+        # transformers warns that the checkpoint's own quantization_config wins: intended, we only name the kernel
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        model = AutoModelForCausalLM.from_pretrained(artifact.path, **kwargs)
     model.eval()
     return model
 

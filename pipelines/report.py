@@ -11,6 +11,7 @@ SHOWN = {
     "quality/ppl_base": "{:.4f}",
     "quality/ppl": "{:.4f}",
     "quality/ppl_delta_pct": "{:+.3f}%",
+    "quality/kl_base": "{:.5f} nats/token",
     "memory/weights_gb_base": "{:.4f} GB",
     "memory/weights_gb": "{:.4f} GB",
     "memory/compression_ratio": "{:.2f}x",

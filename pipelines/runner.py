@@ -234,6 +234,7 @@ def _start_log(cache_root: Path, recipe_name: str) -> Path:
     logger.handlers.clear()
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # the console gets rich's lines; the file gets the details
     return path
 
 

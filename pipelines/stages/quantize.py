@@ -7,6 +7,7 @@ Each method writes an HF checkpoint directory (safetensors + config + tokenizer)
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -115,6 +116,9 @@ def _gptq(cfg: GptqQuantize, src: Artifact, out: Path, ctx: StageContext) -> Art
     gptq_worker_env()
     import torch
     from gptqmodel import GPTQModel, QuantizeConfig
+
+    # GPTQModel logs through the "logbar" logger: keep its warnings and progress, drop per-layer INFO tables.
+    logging.getLogger("logbar").setLevel(logging.WARNING)
 
     tokenizer = load_tokenizer(src.path, ctx.trust_remote_code)
     cal = cfg.calibration
