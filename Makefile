@@ -6,7 +6,6 @@ PYTHON ?= python3
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
-export GPTQMODEL_CPU_WORKERS ?= 2
 
 .DEFAULT_GOAL := run
 .PHONY: run install test check lint validate ui clean-cache

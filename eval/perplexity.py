@@ -17,7 +17,6 @@ def perplexity(model, token_ids: list[int], seq_len: int, stride: int, batch_siz
     distribution moved from the reference's, a direct and more sensitive measure of the damage
     done by quantization than a perplexity difference."""
     import torch
-
     from llmopt.progress import progress_bar
 
     if len(token_ids) < 2:

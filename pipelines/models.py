@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -95,10 +94,6 @@ def load_model(artifact: Artifact, device: str, dtype: str = "auto", trust_remot
 def weights_bytes(path: Path) -> int:
     """Bytes of weights as stored on disk (packed quantized tensors count at their real size)."""
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
-def model_config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())
 
 
 def quiet_libraries() -> None:

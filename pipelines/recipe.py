@@ -130,7 +130,10 @@ class BnbQuantize(Strict):
         return self
 
 
-GPTQ_RELOAD_BACKENDS = ("torch", "triton", "marlin", "exllama_v2")
+def _check_group_size(value: int) -> int:
+    if value != -1 and value <= 0:
+        raise ValueError("group_size must be a positive number of columns, or -1 for one group per row")
+    return value
 
 
 class GptqQuantize(Strict):
@@ -151,12 +154,7 @@ class GptqQuantize(Strict):
     # None: `torch` on CPU, `triton` on CUDA.
     reload_backend: Literal["torch", "triton", "marlin", "exllama_v2"] | None = None
 
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, v: int) -> int:
-        if v != -1 and v <= 0:
-            raise ValueError("group_size must be a positive number of columns, or -1 for one group per row")
-        return v
+    _group_size = field_validator("group_size")(_check_group_size)
 
 
 class RtnQuantize(Strict):
@@ -169,7 +167,7 @@ class RtnQuantize(Strict):
     group_size: int = 128
     sym: StrictBool = True
 
-    _group_size = field_validator("group_size")(GptqQuantize._group_size.__func__)
+    _group_size = field_validator("group_size")(_check_group_size)
 
 
 class PerplexitySpec(Strict):

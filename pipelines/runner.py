@@ -14,7 +14,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,7 @@ from llmopt.cache import Artifact, Cache, Entry, file_sha256, stage_key
 from llmopt.errors import RecipeError, StageError
 from llmopt.models import hardware_name, quiet_libraries, resolve_base, resolve_device
 from llmopt.recipe import Recipe, recipe_hash
-from llmopt.stages import evaluate, quantize
-from llmopt.stages.quantize import StageContext
+from llmopt.stages import StageContext, evaluate, quantize
 from llmopt.tracking import Tracker, environment_lock, flatten, library_versions
 
 log = logging.getLogger("llmopt")
@@ -124,7 +123,12 @@ def run_recipe(
             tracker.log_file(parent, recipe_path)
             tracker.log_text(parent, environment_lock(), "environment/requirements.lock.txt")
             log.info("recipe %s on %s (%s)", recipe.name, device, hardware)
-            root_key, base = resolve_base(recipe.model, cache_root, progress)
+            try:
+                root_key, base = resolve_base(recipe.model, cache_root, progress)
+            except Exception as e:
+                log.error("base model failed:\n%s", traceback.format_exc())
+                source = recipe.model.id or recipe.model.path or recipe.model.embedded
+                raise StageError(f"base model {source} could not be loaded: {type(e).__name__}: {e}") from e
             tracker.log(parent, tags={"llmopt.root_key": root_key})
             current, current_key = base, root_key
             all_metrics: dict[str, float] = {}
@@ -135,21 +139,15 @@ def run_recipe(
                 with tracker.run(experiment_id, cfg.name, stage_tags, parent=parent) as child:
                     started = time.perf_counter()
                     try:
-                        # Paired with the base model unless the current model is the base itself.
-                        paired = spec.paired_with_base and current_key != root_key
-                        reference = base if paired else None
-                        entry = _cached(cache, spec, cfg, current, current_key, ctx, hardware, forced, reference)
-                        metrics = dict(entry.artifact.metrics)
-                        reports = [entry]
-                        if paired:
-                            base_entry = _cached(cache, spec, cfg, base, root_key, ctx, hardware, forced)
-                            reports.append(base_entry)
-                        if spec.paired_with_base:
-                            metrics = evaluate.paired_metrics(metrics, reports[-1].artifact.metrics)
+                        entries = _execute(cache, spec, cfg, (current_key, current), (root_key, base), ctx, hardware, forced)
                     except Exception as e:
                         log.error("stage %s failed:\n%s", cfg.name, traceback.format_exc())
                         raise StageError(f"stage {cfg.name!r} ({_label(cfg)}) failed: {type(e).__name__}: {e}") from e
                     seconds = time.perf_counter() - started
+                    entry = entries[0]
+                    metrics = dict(entry.artifact.metrics)
+                    if spec.paired_with_base:
+                        metrics = evaluate.paired_metrics(metrics, entries[-1].artifact.metrics)
                     metrics["time/stage_s"] = entry.record["seconds"]
                     tracker.log(
                         child,
@@ -158,11 +156,10 @@ def run_recipe(
                         tags={"llmopt.cache_key": entry.key, "llmopt.cache_hit": str(entry.hit).lower(),
                               "llmopt.base_key": root_key},
                     )
-                    for report in reports:
-                        role = "candidate" if report is entry else "base"
+                    for role, report in zip(("candidate", "base"), entries, strict=False):
                         for name in ("artifact.json", "report.json"):
                             if (report.artifact.path / name).is_file():
-                                tracker.log_file(child, report.artifact.path / name, f"{role}")
+                                tracker.log_file(child, report.artifact.path / name, role)
                 outcome = StageOutcome(cfg.name, entry.key, entry.hit, seconds, metrics, child)
                 summary.stages.append(outcome)
                 all_metrics.update({k: v for k, v in metrics.items() if not k.startswith("time/")})
@@ -172,9 +169,24 @@ def run_recipe(
                     current, current_key = entry.artifact, entry.key
             tracker.log(parent, metrics=all_metrics, tags={"llmopt.final_key": current_key})
         finally:
-            logging.getLogger("llmopt").handlers.clear()
+            for handler in log.handlers[:]:
+                handler.close()
+                log.removeHandler(handler)
             tracker.log_file(parent, log_file, "logs")
     return summary
+
+
+def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], base: tuple[str, Artifact],
+             ctx: StageContext, hardware: str, forced: bool) -> list[Entry]:
+    """The stage on the current model; for a paired stage also on the base model, unless the
+    current model is the base. Returns [current] or [current, base]."""
+    (current_key, current_artifact), (base_key, base_artifact) = current, base
+    paired = spec.paired_with_base and current_key != base_key
+    reference = base_artifact if paired else None
+    entries = [_cached(cache, spec, cfg, current_artifact, current_key, ctx, hardware, forced, reference)]
+    if paired:
+        entries.append(_cached(cache, spec, cfg, base_artifact, base_key, ctx, hardware, forced))
+    return entries
 
 
 def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, ctx: StageContext,
@@ -205,7 +217,7 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
 
     record: dict[str, Any] = {
         "stage": cfg.stage, "parent_key": parent_key, "config": config, "libraries": libraries,
-        "hardware": hardware, "source": str(src.path), "created": datetime.now(timezone.utc).isoformat(),
+        "hardware": hardware, "source": str(src.path), "created": datetime.now(UTC).isoformat(),
     }
     return cache.build(key, record, produce)
 
@@ -230,11 +242,9 @@ def _start_log(cache_root: Path, recipe_name: str) -> Path:
     path = logs / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{recipe_name}.log"
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logger = logging.getLogger("llmopt")
-    logger.handlers.clear()
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False  # the console gets rich's lines; the file gets the details
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # the console gets rich's lines; the file gets the details
     return path
 
 

@@ -4,7 +4,6 @@ through AutoTokenizer unchanged, and building it is cached."""
 from __future__ import annotations
 
 from conftest import DATA
-
 from llmopt.embedded import EMBEDDED_MODELS, stories, write_corpus
 from llmopt.models import resolve_base
 from llmopt.recipe import ModelSpec

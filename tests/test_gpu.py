@@ -29,9 +29,8 @@ QUANTIZE = {
 @pytest.fixture(scope="module")
 def llama_1b(tmp_path_factory) -> Path:
     """TinyLlama-1.1B's shape with random bf16 weights and the embedded tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from llmopt.embedded import stories, train_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     path = tmp_path_factory.mktemp("llama-1b")
     config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,

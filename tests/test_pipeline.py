@@ -84,6 +84,12 @@ def test_run_then_rerun_from_cache(tiny_workdir, tmp_path, monkeypatch, capsys):
     third = capsys.readouterr().out
     assert "stage quantize: cache hit" in third and "stage evaluate: computed" in third
 
+    # --force recomputes everything, to the same result (seeded calibration, deterministic evaluation)
+    assert run_cli(tiny_workdir, "run", str(recipe), "--force") == 0
+    assert "0/2 stages from cache" in capsys.readouterr().out
+    _, _, children = runs(tiny_workdir["mlruns"], "fast")
+    assert children[-1].data.metrics["quality/ppl"] == pytest.approx(m["quality/ppl"], rel=1e-6)
+
     # secrets from the environment never reach params, tags or artifacts
     stored = [tiny_workdir["mlruns"] / "mlflow.db", *sorted((tiny_workdir["mlruns"] / "artifacts").rglob("*"))]
     assert not any(SECRET.encode() in p.read_bytes() for p in stored if p.is_file())
@@ -138,3 +144,15 @@ def test_make_validate_all_shipped_recipes_in_a_real_process():
     proc = subprocess.run([sys.executable, "-m", "llmopt.cli", "validate"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("ok  ") == len(list(RECIPES.glob("*.yaml")))
+
+
+def test_a_hub_model_that_cannot_be_fetched_exits_1_naming_it(workdir, tmp_path, capsys):
+    """The real hub path, offline: a clear line, and the run recorded as FAILED rather than a traceback."""
+    recipe = tmp_path / "hub.yaml"
+    recipe.write_text("name: hub\nmodel: {id: example-org/not-cached-anywhere}\nstages:\n"
+                      "  - {stage: quantize, method: bnb, bits: 8}\n")
+    assert run_cli(workdir, "run", str(recipe)) == 1
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last_line.startswith("error: base model example-org/not-cached-anywhere could not be loaded: ")
+    _, (parent,), children = runs(workdir["mlruns"], "hub")
+    assert parent.info.status == "FAILED" and children == []

@@ -16,8 +16,8 @@ from llmopt.data import load_texts, token_stream
 from llmopt.eval.perplexity import perplexity
 from llmopt.models import load_model, load_tokenizer
 from llmopt.recipe import BnbQuantize, DatasetSpec, GptqQuantize, RtnQuantize
-from llmopt.stages import quantize
-from llmopt.stages.quantize import StageContext, fake_quantize, save_bnb
+from llmopt.stages import StageContext, quantize
+from llmopt.stages.quantize import fake_quantize, save_bnb
 
 CPU = StageContext(device="cpu", dtype="float32", trust_remote_code=False, progress=False)
 CALIBRATION = {"dataset": {"path": str(DATA / "calibration.jsonl")}, "num_samples": 128, "seq_len": 128}

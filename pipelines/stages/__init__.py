@@ -1,0 +1,13 @@
+"""Stages: plain functions `run(cfg, src, out, ctx) -> Artifact`; the registry is in llmopt.runner."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What every stage needs to know about this run besides its own config."""
+
+    device: str  # "cpu" | "cuda"
+    dtype: str  # the recipe's model dtype
+    trust_remote_code: bool
+    progress: bool = True

@@ -10,7 +10,7 @@ from llmopt.data import load_texts, token_stream
 from llmopt.eval.perplexity import perplexity
 from llmopt.models import load_model, load_tokenizer
 from llmopt.recipe import Evaluate
-from llmopt.stages.quantize import StageContext
+from llmopt.stages import StageContext
 
 
 def run(cfg: Evaluate, src: Artifact, out: Path, ctx: StageContext, base: Artifact | None = None) -> Artifact:

@@ -10,23 +10,15 @@ import contextlib
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from llmopt.cache import Artifact
 from llmopt.data import calibration_windows, load_texts
 from llmopt.models import load_model, load_tokenizer, torch_dtype, weights_bytes
 from llmopt.recipe import BnbQuantize, GptqQuantize, RtnQuantize
+from llmopt.stages import StageContext
 
 GPTQ_WORKERS_ENV = "GPTQMODEL_CPU_WORKERS"
-
-
-@dataclass(frozen=True)
-class StageContext:
-    device: str  # "cpu" | "cuda"
-    dtype: str  # the recipe's model dtype
-    trust_remote_code: bool
-    progress: bool = True
 
 
 def run(cfg: BnbQuantize | GptqQuantize | RtnQuantize, src: Artifact, out: Path, ctx: StageContext) -> Artifact:
