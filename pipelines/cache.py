@@ -68,15 +68,20 @@ class Cache:
         a = record["artifact"]
         return Entry(key, Artifact(entry, a["kind"], a["metrics"], a["info"]), record, hit=True)
 
-    def build(self, key: str, record: dict[str, Any], produce: Callable[[Path], Artifact]) -> Entry:
-        """Run `produce(tmp_dir)` and commit its output under `key`, unless another process did."""
+    def build(self, key: str, record: dict[str, Any], produce: Callable[[Path], Artifact],
+              resumable: bool = False) -> Entry:
+        """Run `produce(tmp_dir)` and commit its output under `key`, unless another process did.
+
+        What a killed run left in `<key>.tmp` is discarded, unless the stage is `resumable`: then it
+        is handed to `produce` again (same key, so same config), which continues from its checkpoints."""
         with self._lock(key):
             found = self.lookup(key)
             if found is not None:
                 return found
             tmp = self.stages / f"{key}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left behind
-            tmp.mkdir(parents=True)
+            if not resumable:
+                shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
             artifact = produce(tmp)
             if artifact.path != tmp:
                 raise RuntimeError(f"stage wrote its artifact to {artifact.path}, not to {tmp}")

@@ -12,6 +12,10 @@ def load_texts(spec: DatasetSpec, limit: int | None = None) -> list[str]:
     """Non-empty text records in file order; `limit` keeps the first N."""
     if spec.path is not None:
         texts = _local_texts(spec)
+    elif spec.embedded is not None:
+        from llmopt.embedded import stories
+
+        texts = stories(spec.split)
     else:
         import datasets
 

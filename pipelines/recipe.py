@@ -49,10 +49,12 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Any:
 
 
 class DatasetSpec(Strict):
-    """Text records from a local file (`path`) or a hub dataset (`hub`, `config`, `split`)."""
+    """Text records from a local file (`path`), a hub dataset (`hub`, `config`, `split`), or the
+    generated corpus the embedded model was trained on (`embedded: tiny-stories`, `split`)."""
 
     path: Path | None = None
     hub: str | None = None
+    embedded: Literal["tiny-stories"] | None = None
     config: str | None = None
     split: str = "train"
     text_field: str = "text"
@@ -61,10 +63,13 @@ class DatasetSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self) -> DatasetSpec:
-        if (self.path is None) == (self.hub is None):
-            raise ValueError("give exactly one of `path` (a local .txt/.jsonl/.json file) or `hub` (a dataset name)")
+        if sum(x is not None for x in (self.path, self.hub, self.embedded)) != 1:
+            raise ValueError("give exactly one of `path` (a local .txt/.jsonl/.json file), `hub` (a dataset name) "
+                             "or `embedded: tiny-stories`")
         if self.path is not None:
             check_text_file(self.path, self.text_field)
+        if self.embedded is not None and self.split not in ("train", "calibration", "validation"):
+            raise ValueError(f"the embedded corpus has splits train, calibration, validation (got {self.split!r})")
         return self
 
 
@@ -102,6 +107,28 @@ def _parse_json(text: str, path: Path, lineno: int) -> Any:
 def _check_record(record: Any, text_field: str, where: str) -> None:
     if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
         raise ValueError(f"{where}: record has no string field {text_field!r} (set `text_field`)")
+
+
+class ModelSpec(Strict):
+    """The base model: a hub id (with revision), a local directory, or an embedded model."""
+
+    id: str | None = None
+    revision: str = "main"
+    path: Path | None = None
+    embedded: Literal["tiny-llama"] | None = None
+    trust_remote_code: StrictBool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    _resolve = field_validator("path", mode="before")(_resolve_path)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        given = [k for k in ("id", "path", "embedded") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of `id` (hub model id), `path` (local directory) or `embedded`")
+        if self.path is not None and not (self.path / "config.json").is_file():
+            raise ValueError(f"local model directory {self.path} does not exist or has no config.json")
+        return self
 
 
 class CalibrationSpec(Strict):
@@ -192,33 +219,115 @@ class Evaluate(Strict):
     perplexity: PerplexitySpec
 
 
-Quantize = Annotated[BnbQuantize | GptqQuantize | RtnQuantize, Field(discriminator="method")]
-Stage = Annotated[Quantize | Evaluate, Field(discriminator="stage")]
-STAGE_TYPES = ("quantize", "evaluate")
-QUANTIZE_METHODS = ("bnb", "gptq", "rtn")
-EMBEDDED_MODEL_NAMES = ("tiny-llama",)
+class StudentSpec(Strict):
+    """The student: an existing model (`model`, sharing the teacher's tokenizer), or derived from the
+    teacher by keeping some of its layers (weights copied) and optionally narrowing it (random init)."""
 
-
-class ModelSpec(Strict):
-    """The base model: a hub id (with revision), a local directory, or an embedded model."""
-
-    id: str | None = None
-    revision: str = "main"
-    path: Path | None = None
-    embedded: Literal["tiny-llama"] | None = None
-    trust_remote_code: StrictBool = False
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-
-    _resolve = field_validator("path", mode="before")(_resolve_path)
+    model: ModelSpec | None = None
+    keep_layers: Literal["every_other"] | list[int] | None = None
+    hidden_size: PositiveInt | None = None
+    intermediate_size: PositiveInt | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> ModelSpec:
-        given = [k for k in ("id", "path", "embedded") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError("give exactly one of `id` (hub model id), `path` (local directory) or `embedded`")
-        if self.path is not None and not (self.path / "config.json").is_file():
-            raise ValueError(f"local model directory {self.path} does not exist or has no config.json")
+    def _one_way(self) -> StudentSpec:
+        if (self.model is None) == (self.keep_layers is None):
+            raise ValueError("give either `model` (an existing student) or `keep_layers` (derive it from the teacher)")
+        if self.model is not None and (self.hidden_size or self.intermediate_size):
+            raise ValueError("hidden_size/intermediate_size only apply to a student derived with keep_layers")
+        if isinstance(self.keep_layers, list) and (not self.keep_layers or min(self.keep_layers) < 0
+                                                    or len(set(self.keep_layers)) != len(self.keep_layers)):
+            raise ValueError("keep_layers lists distinct teacher layer indices (>= 0), at least one")
         return self
+
+
+class DistillLoss(Strict):
+    """Weighted sum: kd_weight * KD(teacher, student; temperature) + ce_weight * CE(labels)
+    + hidden_weight * hidden-state loss on `layer_map` (student layer -> teacher layer).
+
+    KD directions, with p = teacher and q = student distributions at temperature T:
+    forward_kl = KL(p || q) (mean-seeking: the student covers all of the teacher's mass),
+    reverse_kl = KL(q || p) (mode-seeking), jsd = beta * KL(p || m) + (1 - beta) * KL(q || m)
+    with m = beta * p + (1 - beta) * q (generalized JSD; bounded, between the two)."""
+
+    kd: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    kd_weight: float = Field(1.0, ge=0)
+    temperature: float = 2.0
+    jsd_beta: float = Field(0.5, gt=0, lt=1)
+    ce_weight: float = Field(0.0, ge=0)
+    hidden_weight: float = Field(0.0, ge=0)
+    hidden_loss: Literal["mse", "cosine"] = "mse"
+    layer_map: dict[int, int] | None = None  # None: each kept layer to the teacher layer it came from
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError("temperature must be > 0 (it divides the logits); 1.0 leaves them unchanged")
+        return v
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> DistillLoss:
+        if self.kd_weight == self.ce_weight == self.hidden_weight == 0:
+            raise ValueError("kd_weight, ce_weight and hidden_weight are all 0: nothing to train on")
+        return self
+
+
+class DistillData(Strict):
+    dataset: DatasetSpec
+    eval_dataset: DatasetSpec | None = None  # None: hold out the last `eval_fraction` of the blocks
+    eval_fraction: float = Field(0.05, gt=0, lt=1)
+    seq_len: PositiveInt = 512
+    packing: StrictBool = True  # concatenate records into full blocks; else one record per block (padded)
+    max_samples: PositiveInt | None = None
+
+
+class DistillTrain(Strict):
+    steps: PositiveInt | None = None
+    epochs: PositiveInt | None = None
+    micro_batch_size: PositiveInt = 8
+    grad_accum: PositiveInt = 1
+    learning_rate: float = Field(3e-4, gt=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_checkpointing: StrictBool = False
+    seed: int = 0
+    eval_every: PositiveInt = 50
+    eval_batches: PositiveInt = 8
+    save_every: PositiveInt = 50
+
+    @model_validator(mode="after")
+    def _length(self) -> DistillTrain:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of `steps` or `epochs`")
+        return self
+
+
+class Distributed(Strict):
+    num_processes: PositiveInt = 1
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+
+
+class Distill(Strict):
+    """Teacher -> student. Later stages consume the student like any other checkpoint."""
+
+    stage: Literal["distill"]
+    name: str = "distill"
+    teacher: ModelSpec | None = None  # None: the recipe's base model
+    teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    student: StudentSpec
+    loss: DistillLoss = DistillLoss()
+    data: DistillData
+    train: DistillTrain
+    distributed: Distributed = Distributed()
+
+
+Quantize = Annotated[BnbQuantize | GptqQuantize | RtnQuantize, Field(discriminator="method")]
+Stage = Annotated[Distill | Quantize | Evaluate, Field(discriminator="stage")]
+STAGE_TYPES = ("distill", "quantize", "evaluate")
+QUANTIZE_METHODS = ("bnb", "gptq", "rtn")
+EMBEDDED_MODEL_NAMES = ("tiny-llama",)
 
 
 class Recipe(Strict):
@@ -237,6 +346,9 @@ class Recipe(Strict):
             raise ValueError(f"stage names must be unique; give each a `name:` (duplicated: {', '.join(duplicates)})")
         if sum(s.stage == "quantize" for s in stages) > 1:
             raise ValueError("a recipe quantizes once: keep one `quantize` stage (stacking compounds the error)")
+        kinds = [s.stage for s in stages]
+        if "distill" in kinds and "quantize" in kinds and kinds.index("distill") > kinds.index("quantize"):
+            raise ValueError("distill before quantize: a student is trained in full precision, then quantized")
         return stages
 
 
@@ -353,8 +465,8 @@ def _known_keys(loc: tuple, data: dict) -> list[str]:
 def _stage_model(node: Any) -> Any:
     if not isinstance(node, dict):
         return None
-    if node.get("stage") == "evaluate":
-        return Evaluate
+    if node.get("stage") in ("evaluate", "distill"):
+        return {"evaluate": Evaluate, "distill": Distill}[node["stage"]]
     return {"bnb": BnbQuantize, "gptq": GptqQuantize, "rtn": RtnQuantize}.get(node.get("method"))
 
 

@@ -8,6 +8,11 @@ from rich.table import Table
 
 # Metrics shown in the closing table, in this order, with their display format.
 SHOWN = {
+    "distill/teacher_params": "{:,.0f}",
+    "distill/student_params": "{:,.0f}",
+    "distill/eval_ppl_teacher": "{:.4f}",
+    "distill/eval_ppl_student": "{:.4f}",
+    "distill/tokens_per_s": "{:,.0f}",
     "quality/ppl_base": "{:.4f}",
     "quality/ppl": "{:.4f}",
     "quality/ppl_delta_pct": "{:+.3f}%",

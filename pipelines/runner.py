@@ -8,6 +8,7 @@ cached, so computed once) and the run reports both and the delta.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import time
@@ -21,8 +22,8 @@ from typing import Any
 from llmopt.cache import Artifact, Cache, Entry, file_sha256, stage_key
 from llmopt.errors import RecipeError, StageError
 from llmopt.models import hardware_name, quiet_libraries, resolve_base, resolve_device
-from llmopt.recipe import Recipe, recipe_hash
-from llmopt.stages import StageContext, evaluate, quantize
+from llmopt.recipe import ModelSpec, Recipe, recipe_hash
+from llmopt.stages import StageContext, distill, evaluate, quantize
 from llmopt.tracking import Tracker, environment_lock, flatten, library_versions
 
 log = logging.getLogger("llmopt")
@@ -30,17 +31,21 @@ log = logging.getLogger("llmopt")
 
 @dataclass(frozen=True)
 class StageSpec:
-    run: Callable[[Any, Artifact, Path, StageContext], Artifact]
+    run: Callable[..., Artifact]  # run(cfg, src, out, ctx[, base=reference model]) -> Artifact
     libraries: Callable[[Any], tuple[str, ...]]  # whose versions go into the cache key
-    produces_model: bool  # later stages consume its output (quantize) or not (evaluate)
-    paired_with_base: bool  # also run on the base model; metrics reported side by side
+    produces_model: bool  # later stages consume its output (distill, quantize) or not (evaluate)
+    paired_with_base: bool = False  # also run on the base model; metrics reported side by side
+    uses_teacher: bool = False  # gets the teacher (cfg.teacher, else the current model) as `base`
+    resumable: bool = False  # keeps a killed run's partial output (its checkpoints) for the next run
 
 
 QUANTIZE_LIBRARIES = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum"), "rtn": ()}
 
 STAGES: dict[str, StageSpec] = {
-    "quantize": StageSpec(quantize.run, lambda cfg: QUANTIZE_LIBRARIES[cfg.method], True, False),
-    "evaluate": StageSpec(evaluate.run, lambda cfg: (), False, True),
+    "distill": StageSpec(distill.run, lambda cfg: ("accelerate",), produces_model=True, uses_teacher=True,
+                         resumable=True),
+    "quantize": StageSpec(quantize.run, lambda cfg: QUANTIZE_LIBRARIES[cfg.method], produces_model=True),
+    "evaluate": StageSpec(evaluate.run, lambda cfg: (), produces_model=False, paired_with_base=True),
 }
 
 
@@ -54,10 +59,44 @@ def preflight(recipe: Recipe, path: Path) -> None:
     for index, cfg in enumerate(recipe.stages):
         for library in STAGES[cfg.stage].libraries(cfg):
             if find_spec(library) is None:
-                raise RecipeError(f"{path}: stages[{index}].method: {cfg.method} needs {library}, which is not "
-                                  f"installed; install the extra: pip install 'llmopt[{EXTRAS[library]}]'")
+                fix = f"pip install 'llmopt[{EXTRAS[library]}]'" if library in EXTRAS else f"pip install {library}"
+                raise RecipeError(f"{path}: stages[{index}]: {_label(cfg)} needs {library}, which is not installed; {fix}")
+        if cfg.stage == "distill":
+            first_model_stage = all(not STAGES[s.stage].produces_model for s in recipe.stages[:index])
+            teacher = cfg.teacher or (recipe.model if first_model_stage else None)
+            _preflight_distill(cfg, teacher, f"{path}: stages[{index}]")
     if recipe.device == "cuda" and not _cuda_available():
         raise RecipeError(f"{path}: device: cuda is asked for, but this machine has no CUDA device (use auto or cpu)")
+
+
+def _preflight_distill(cfg, teacher: ModelSpec | None, where: str) -> None:
+    """Layer indices against the teacher's depth, where the teacher's config can be read without a download."""
+    if cfg.distributed.num_processes > 1:
+        raise RecipeError(f"{where}.distributed.num_processes: multi-process distillation is not implemented yet; "
+                          "use num_processes: 1")
+    teacher_layers = _known_layer_count(teacher) if teacher is not None else None
+    if teacher_layers is None:
+        return
+    keep = cfg.student.keep_layers
+    kept = list(range(0, teacher_layers, 2)) if keep == "every_other" else keep
+    if isinstance(keep, list) and max(keep) >= teacher_layers:
+        raise RecipeError(f"{where}.student.keep_layers: layer {max(keep)} is out of range; the teacher has "
+                          f"{teacher_layers} layers (0-{teacher_layers - 1})")
+    student_layers = len(kept) if kept is not None else None
+    for s, t in (cfg.loss.layer_map or {}).items():
+        if t >= teacher_layers or (student_layers is not None and s >= student_layers):
+            raise RecipeError(f"{where}.loss.layer_map: {s} -> {t} is out of range (student has "
+                              f"{student_layers if student_layers is not None else '?'} layers, teacher {teacher_layers})")
+
+
+def _known_layer_count(spec: ModelSpec) -> int | None:
+    if spec.embedded is not None:
+        from llmopt.embedded import EMBEDDED_MODELS
+
+        return EMBEDDED_MODELS[spec.embedded].num_hidden_layers
+    if spec.path is not None:
+        return json.loads((spec.path / "config.json").read_text()).get("num_hidden_layers")
+    return None
 
 
 def _cuda_available() -> bool:
@@ -99,9 +138,9 @@ def run_recipe(
     """Run every stage of `recipe`; raises StageError (after marking the runs FAILED) if one fails."""
     quiet_libraries()
     device = resolve_device(recipe.device)
-    ctx = StageContext(device, recipe.model.dtype, recipe.model.trust_remote_code, progress)
-    hardware = hardware_name(device)
     cache_root = cache_root.resolve()
+    ctx = StageContext(device, recipe.model.dtype, recipe.model.trust_remote_code, progress, cache_root)
+    hardware = hardware_name(device)
     cache = Cache(cache_root)
     log_file = _start_log(cache_root, recipe.name)
     tracker = Tracker(mlruns_dir)
@@ -139,7 +178,12 @@ def run_recipe(
                 with tracker.run(experiment_id, cfg.name, stage_tags, parent=parent) as child:
                     started = time.perf_counter()
                     try:
-                        entries = _execute(cache, spec, cfg, (current_key, current), (root_key, base), ctx, hardware, forced)
+                        if spec.uses_teacher:
+                            teacher = resolve_base(cfg.teacher, cache_root, progress) if cfg.teacher else (current_key, current)
+                            entries = [_cached(cache, spec, cfg, current, current_key, ctx, hardware, forced, teacher)]
+                        else:
+                            entries = _execute(cache, spec, cfg, (current_key, current), (root_key, base), ctx, hardware,
+                                               forced)
                     except Exception as e:
                         log.error("stage %s failed:\n%s", cfg.name, traceback.format_exc())
                         raise StageError(f"stage {cfg.name!r} ({_label(cfg)}) failed: {type(e).__name__}: {e}") from e
@@ -149,13 +193,19 @@ def run_recipe(
                     if spec.paired_with_base:
                         metrics = evaluate.paired_metrics(metrics, entries[-1].artifact.metrics)
                     metrics["time/stage_s"] = entry.record["seconds"]
+                    history_file = entry.artifact.path / distill.HISTORY
+                    curves = ([json.loads(line) for line in history_file.read_text().splitlines()]
+                              if history_file.is_file() else [])
+                    curve_names = {name for row in curves for name in row}
                     tracker.log(
                         child,
                         params=flatten(cfg.model_dump(mode="json")),
-                        metrics=metrics,
+                        # a metric with a per-step curve is logged as the curve only (its last point is final)
+                        metrics={k: v for k, v in metrics.items() if k not in curve_names},
                         tags={"llmopt.cache_key": entry.key, "llmopt.cache_hit": str(entry.hit).lower(),
                               "llmopt.base_key": root_key},
                     )
+                    tracker.log_history(child, curves)
                     for role, report in zip(("candidate", "base"), entries, strict=False):
                         for name in ("artifact.json", "report.json"):
                             if (report.artifact.path / name).is_file():
@@ -182,7 +232,7 @@ def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], 
     current model is the base. Returns [current] or [current, base]."""
     (current_key, current_artifact), (base_key, base_artifact) = current, base
     paired = spec.paired_with_base and current_key != base_key
-    reference = base_artifact if paired else None
+    reference = base if paired else None
     entries = [_cached(cache, spec, cfg, current_artifact, current_key, ctx, hardware, forced, reference)]
     if paired:
         entries.append(_cached(cache, spec, cfg, base_artifact, base_key, ctx, hardware, forced))
@@ -190,12 +240,13 @@ def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], 
 
 
 def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, ctx: StageContext,
-            hardware: str, forced: bool, reference: Artifact | None = None) -> Entry:
-    """The stage's entry for this input, built if absent. `reference`: the base model, for stages
-    that compare against it (its key is already in `parent_key`'s lineage)."""
+            hardware: str, forced: bool, reference: tuple[str, Artifact] | None = None) -> Entry:
+    """The stage's entry for this input, built if absent. `reference`: (key, artifact) of a second
+    model the stage reads (the base model to compare against, or a teacher); its key enters the
+    stage's key."""
     libraries = library_versions(("torch", "transformers", *spec.libraries(cfg)))
     config = {"stage": _key_config(cfg.model_dump(mode="json", exclude={"name"})), "dtype": ctx.dtype,
-              "trust_remote_code": ctx.trust_remote_code}
+              "trust_remote_code": ctx.trust_remote_code, "reference": reference[0] if reference else None}
     key = stage_key(parent_key, cfg.stage, config, libraries, hardware)
     if forced:
         cache.invalidate(key)
@@ -208,7 +259,7 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
         if ctx.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         started = time.perf_counter()
-        artifact = spec.run(cfg, src, out, ctx, base=reference) if reference is not None else spec.run(cfg, src, out, ctx)
+        artifact = spec.run(cfg, src, out, ctx, base=reference[1]) if reference else spec.run(cfg, src, out, ctx)
         seconds = time.perf_counter() - started
         record.update(seconds=seconds)
         if ctx.device == "cuda":
@@ -219,7 +270,7 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
         "stage": cfg.stage, "parent_key": parent_key, "config": config, "libraries": libraries,
         "hardware": hardware, "source": str(src.path), "created": datetime.now(UTC).isoformat(),
     }
-    return cache.build(key, record, produce)
+    return cache.build(key, record, produce, resumable=spec.resumable)
 
 
 def _key_config(config: Any) -> Any:

@@ -118,6 +118,15 @@ class Tracker:
             tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
         )
 
+    def log_history(self, run_id: str, rows: list[dict[str, float]]) -> None:
+        """Curves: each row is {"step": N, metric: value, ...}."""
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        metrics = [Metric(k, float(v), now, int(row["step"])) for row in rows for k, v in row.items() if k != "step"]
+        for i in range(0, len(metrics), 1000):  # MLflow's batch limit
+            self.client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
     def log_file(self, run_id: str, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(run_id, str(path), folder)
 

@@ -76,3 +76,31 @@ def test_stage_runs_on_cuda(name, llama_1b, workdir, tmp_path):
                 "ppl": evaluate.metrics["quality/ppl"], "ppl_base": evaluate.metrics["quality/ppl_base"],
                 "kl_base": evaluate.metrics["quality/kl_base"],
             }) + "\n")
+
+
+def test_distill_on_cuda(llama_1b, workdir, tmp_path):
+    """1.1B teacher -> 0.55B student (every other layer, weights copied), bf16 autocast, 40 steps."""
+    recipe = tmp_path / "distill.yaml"
+    recipe.write_text(
+        f"name: gpu-distill\nmodel: {{path: {llama_1b}, dtype: bfloat16}}\ndevice: cuda\nstages:\n"
+        "  - stage: distill\n    teacher_dtype: bfloat16\n    student: {keep_layers: every_other}\n"
+        "    data: {dataset: {embedded: tiny-stories}, max_samples: 3000, seq_len: 512}\n"
+        "    train: {steps: 40, micro_batch_size: 8, precision: bf16, learning_rate: 1.0e-4, eval_every: 40,\n"
+        "            eval_batches: 2, save_every: 20}\n"
+    )
+    assert run_cli(workdir, "run", str(recipe)) == 0
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{workdir['mlruns'] / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("gpu-distill").experiment_id],
+                                filter_string="tags.llmopt.stage = 'distill'")
+    m = run.data.metrics
+    assert 0.4e9 < m["distill/student_params"] < 0.7e9 < m["distill/teacher_params"]
+    assert m["distill/tokens_per_s"] > 0 and m["memory/peak_gpu_gb"] > 1
+    report = os.environ.get("LLMOPT_GPU_REPORT")
+    if report:
+        with open(report, "a") as f:
+            f.write(json.dumps({"case": "distill-1.1b-to-0.55b", "gpu": torch.cuda.get_device_name(),
+                                "seconds": m["time/stage_s"], "tokens_per_s": m["distill/tokens_per_s"],
+                                "peak_gb": m["memory/peak_gpu_gb"], "student_params": m["distill/student_params"],
+                                "teacher_params": m["distill/teacher_params"]}) + "\n")

@@ -40,7 +40,7 @@ stages:
 BAD = {
     # name: (recipe text, expected line, field path, words the message must contain)
     "unknown stage": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: prune\n",
-                      4, "stages[0].stage", "unknown stage 'prune'; expected one of: quantize, evaluate"),
+                      4, "stages[0].stage", "unknown stage 'prune'; expected one of: distill, quantize, evaluate"),
     "unknown method": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n    method: awq\n",
                        5, "stages[0].method", "unknown method 'awq'; expected one of: bnb, gptq, rtn"),
     "bits 3": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n    method: bnb\n    bits: 3\n",

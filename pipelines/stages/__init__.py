@@ -1,6 +1,7 @@
 """Stages: plain functions `run(cfg, src, out, ctx) -> Artifact`; the registry is in llmopt.runner."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -11,3 +12,4 @@ class StageContext:
     dtype: str  # the recipe's model dtype
     trust_remote_code: bool
     progress: bool = True
+    cache_root: Path | None = None  # where further models a stage names (a student) are resolved
