@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import DATA, ROOT, run_cli
 from llmopt.cache import Artifact
+from llmopt.models import load_tokenizer
 from llmopt.recipe import Distill
 from llmopt.stages import StageContext, distill
 
@@ -53,6 +54,28 @@ def test_temperature_softens_and_is_scaled_by_t_squared():
     p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
     expected = (p * (p.log() - q.log())).sum(-1).mean() * T**2
     assert distill.kd_loss(s, t, "forward_kl", T).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_padding_counts_nowhere():
+    s, t = _logits(7), _logits(8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    garbage_s, garbage_t = s.clone(), t.clone()
+    garbage_s[0, 3:], garbage_t[0, 3:] = 100.0, -100.0
+    real = torch.cat([s[0, :3], s[1]]), torch.cat([t[0, :3], t[1]])
+    for kind in ("forward_kl", "reverse_kl", "jsd"):
+        assert distill.kd_loss(garbage_s, garbage_t, kind, 1.0, mask=mask).item() == pytest.approx(
+            distill.kd_loss(*real, kind, 1.0).item(), rel=1e-5)
+
+
+def test_unpacked_records_train_with_their_padding_masked(tiny_model, tmp_path):
+    cfg = config(3, kd_weight=1.0, ce_weight=1.0)
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"packing": False, "seq_len": 96})})
+    (ids, mask), _ = distill.make_blocks(cfg, load_tokenizer(tiny_model))
+    assert (mask == 0).any() and ((mask == 1).sum(1) <= 96).all() and (mask[:, 0] == 1).all()
+    out = tmp_path / "unpacked"
+    out.mkdir()
+    result = distill.run(cfg, Artifact(tiny_model, "hf-checkpoint"), out, CPU)
+    assert 1 < result.metrics["distill/eval_ppl_teacher"] < 4, "padding would inflate the teacher's perplexity"
 
 
 def test_hidden_losses():
@@ -96,7 +119,7 @@ def test_distillation_beats_labels_only_on_held_out_perplexity(tiny_model, tmp_p
 
 
 def test_derived_student_copies_the_kept_layers(tiny_model):
-    from llmopt.models import load_model, load_tokenizer
+    from llmopt.models import load_model
 
     teacher = load_model(Artifact(tiny_model, "hf-checkpoint"), "cpu", "float32")
     spec = config(1).student.model_copy(update={"keep_layers": [1, 6]})

@@ -40,13 +40,14 @@ def run(cfg: Distill, src: Artifact, out: Path, ctx: StageContext, base: Artifac
     if cfg.train.gradient_checkpointing:
         student.gradient_checkpointing_enable()
 
-    train_blocks, eval_blocks = make_blocks(cfg, tokenizer)
+    (train_ids, train_mask), eval_blocks = make_blocks(cfg, tokenizer)
     batch = cfg.train.micro_batch_size
-    steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(train_blocks) / (batch * cfg.train.grad_accum))
+    steps = cfg.train.steps or cfg.train.epochs * math.ceil(len(train_ids) / (batch * cfg.train.grad_accum))
+    widths_differ = student.config.hidden_size != teacher.config.hidden_size
     projections = torch.nn.ModuleDict({
         str(s): torch.nn.Linear(student.config.hidden_size, teacher.config.hidden_size, bias=False)
-        for s in layer_map
-    } if cfg.loss.hidden_weight > 0 and student.config.hidden_size != teacher.config.hidden_size else {}).to(ctx.device)
+        for s in (layer_map if widths_differ else {})
+    }).to(ctx.device)
     params = [p for p in [*student.parameters(), *projections.parameters()] if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
     from transformers import get_scheduler
@@ -65,12 +66,13 @@ def run(cfg: Distill, src: Artifact, out: Path, ctx: StageContext, base: Artifac
         for step in range(start, steps):
             totals = {"kd": 0.0, "ce": 0.0, "hidden": 0.0, "total": 0.0}
             for micro in range(cfg.train.grad_accum):
-                ids = step_batch(train_blocks, cfg, step, micro).to(ctx.device)
+                rows = step_rows(len(train_ids), cfg, step, micro)
+                ids, mask = train_ids[rows].to(ctx.device), train_mask[rows].to(ctx.device)
                 with torch.no_grad():
-                    t_out = teacher(input_ids=ids, output_hidden_states=bool(layer_map) and cfg.loss.hidden_weight > 0)
+                    t_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layer_map))
                 with autocast:
-                    s_out = student(input_ids=ids, output_hidden_states=bool(layer_map) and cfg.loss.hidden_weight > 0)
-                parts = distill_loss(cfg.loss, s_out, t_out, ids, layer_map, projections)
+                    s_out = student(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layer_map))
+                parts = distill_loss(cfg.loss, s_out, t_out, ids, mask, layer_map, projections)
                 (parts["total"] / cfg.train.grad_accum).backward()
                 for name, value in parts.items():
                     totals[name] += value.item() / cfg.train.grad_accum
@@ -186,9 +188,10 @@ def resolve_layer_map(loss: DistillLoss, kept: list[int] | None, student_layers:
 # --- losses -------------------------------------------------------------------------------------
 
 
-def kd_loss(student_logits, teacher_logits, kind: str, temperature: float, beta: float = 0.5):
-    """Mean per-token divergence between teacher p and student q at `temperature`, times T^2 so the
-    gradient scale does not shrink with T (Hinton et al.). See DistillLoss for the directions."""
+def kd_loss(student_logits, teacher_logits, kind: str, temperature: float, beta: float = 0.5, mask=None):
+    """Mean per-token divergence between teacher p and student q at `temperature` (over the tokens
+    where `mask` is true), times T^2 so the gradient scale does not shrink with T (Hinton et al.).
+    See DistillLoss for the directions."""
     import torch
     import torch.nn.functional as F
 
@@ -202,35 +205,46 @@ def kd_loss(student_logits, teacher_logits, kind: str, temperature: float, beta:
         log_m = torch.logsumexp(torch.stack([log_p + math.log(beta), log_q + math.log(1 - beta)]), dim=0)
         per_token = (beta * (log_p.exp() * (log_p - log_m)).sum(-1)
                      + (1 - beta) * (log_q.exp() * (log_q - log_m)).sum(-1))
-    return per_token.mean() * temperature**2
+    return _masked_mean(per_token, mask) * temperature**2
 
 
-def hidden_loss(student_hidden, teacher_hidden, kind: str):
+def hidden_loss(student_hidden, teacher_hidden, kind: str, mask=None):
+    """Per-position MSE (mean over the hidden dimension) or 1 - cosine, averaged where `mask` is true."""
     import torch.nn.functional as F
 
-    if kind == "mse":
-        return F.mse_loss(student_hidden.float(), teacher_hidden.float())
-    return (1 - F.cosine_similarity(student_hidden.float(), teacher_hidden.float(), dim=-1)).mean()
+    s, t = student_hidden.float(), teacher_hidden.float()
+    per_position = ((s - t) ** 2).mean(-1) if kind == "mse" else 1 - F.cosine_similarity(s, t, dim=-1)
+    return _masked_mean(per_position, mask)
 
 
-def distill_loss(loss: DistillLoss, s_out, t_out, ids, layer_map: dict, projections) -> dict:
+def _masked_mean(values, mask):
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def distill_loss(loss: DistillLoss, s_out, t_out, ids, mask, layer_map: dict, projections) -> dict:
+    """The loss components on one batch; padding (mask 0) counts nowhere."""
     import torch
     import torch.nn.functional as F
 
     zero = torch.zeros((), device=ids.device)
     s_logits, t_logits = s_out.logits[:, :-1], t_out.logits[:, :-1]
+    predicts_real_token = mask[:, 1:].bool()  # position p predicts token p + 1
     parts = {"kd": zero, "ce": zero, "hidden": zero}
     if loss.kd_weight:
-        parts["kd"] = kd_loss(s_logits, t_logits, loss.kd, loss.temperature, loss.jsd_beta)
+        parts["kd"] = kd_loss(s_logits, t_logits, loss.kd, loss.temperature, loss.jsd_beta, predicts_real_token)
     if loss.ce_weight:
-        parts["ce"] = F.cross_entropy(s_logits.reshape(-1, s_logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        labels = ids[:, 1:].masked_fill(~predicts_real_token, -100)
+        parts["ce"] = F.cross_entropy(s_logits.reshape(-1, s_logits.shape[-1]).float(), labels.reshape(-1))
     if loss.hidden_weight and layer_map:
         terms = []
         for s, t in layer_map.items():
             hidden = s_out.hidden_states[s + 1]  # [0] is the embedding output
             if str(s) in projections:
                 hidden = projections[str(s)](hidden)
-            terms.append(hidden_loss(hidden, t_out.hidden_states[t + 1], loss.hidden_loss))
+            terms.append(hidden_loss(hidden, t_out.hidden_states[t + 1], loss.hidden_loss, mask.bool()))
         parts["hidden"] = torch.stack(terms).mean()
     parts["total"] = loss.kd_weight * parts["kd"] + loss.ce_weight * parts["ce"] + loss.hidden_weight * parts["hidden"]
     return parts
@@ -240,7 +254,8 @@ def distill_loss(loss: DistillLoss, s_out, t_out, ids, layer_map: dict, projecti
 
 
 def make_blocks(cfg: Distill, tokenizer):
-    """(train, eval) token blocks of `seq_len`: packed from the token stream, or one record each."""
+    """((train ids, mask), (eval ids, mask)), blocks of `seq_len`: packed from the token stream (mask
+    all ones), or one record per block, right-padded (mask 0 on the padding)."""
     import torch
 
     data = cfg.data
@@ -250,49 +265,56 @@ def make_blocks(cfg: Distill, tokenizer):
         if data.packing:
             stream = token_stream(tokenizer, texts)
             n = len(stream) // data.seq_len
-            return torch.tensor(stream[: n * data.seq_len]).view(n, data.seq_len)
+            ids = torch.tensor(stream[: n * data.seq_len]).view(n, data.seq_len)
+            return ids, torch.ones_like(ids)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         rows = [token_stream(tokenizer, [t])[: data.seq_len] for t in texts]
-        return torch.tensor([r + [pad] * (data.seq_len - len(r)) for r in rows])
+        ids = torch.tensor([r + [pad] * (data.seq_len - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (data.seq_len - len(r)) for r in rows])
+        return ids, mask
 
-    train = blocks(data.dataset)
+    train_ids, train_mask = blocks(data.dataset)
     if data.eval_dataset is not None:
         held_out = blocks(data.eval_dataset)
     else:
-        n_eval = max(1, int(len(train) * data.eval_fraction))
-        train, held_out = train[:-n_eval], train[-n_eval:]
-    if len(train) < cfg.train.micro_batch_size:
-        raise ValueError(f"data: {len(train)} training blocks of {data.seq_len} tokens, fewer than one micro-batch "
-                         f"({cfg.train.micro_batch_size})")
-    return train, held_out
+        n_eval = max(1, int(len(train_ids) * data.eval_fraction))
+        held_out = train_ids[-n_eval:], train_mask[-n_eval:]
+        train_ids, train_mask = train_ids[:-n_eval], train_mask[:-n_eval]
+    if len(train_ids) < cfg.train.micro_batch_size:
+        raise ValueError(f"data: {len(train_ids)} training blocks of {data.seq_len} tokens, fewer than one "
+                         f"micro-batch ({cfg.train.micro_batch_size})")
+    return (train_ids, train_mask), held_out
 
 
-def step_batch(blocks, cfg: Distill, step: int, micro: int):
-    """The micro-batch of (step, micro): a seeded permutation per epoch, so resume needs no RNG state."""
+def step_rows(n_blocks: int, cfg: Distill, step: int, micro: int):
+    """Block indices of micro-batch (step, micro): a seeded permutation per epoch, so the batch is a
+    function of (seed, step) and resume needs no RNG state."""
     import torch
 
     size = cfg.train.micro_batch_size
     position = (step * cfg.train.grad_accum + micro) * size
-    per_epoch = len(blocks) // size * size
-    epoch, offset = divmod(position, per_epoch)
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
-    return blocks[order[offset : offset + size]]
+    epoch, offset = divmod(position, n_blocks // size * size)
+    order = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(cfg.train.seed * 100_003 + epoch))
+    return order[offset : offset + size]
 
 
 def evaluate_ppl(model, blocks, cfg: Distill, ctx: StageContext) -> float:
+    """Perplexity over the first `eval_batches` micro-batches of held-out blocks (padding excluded)."""
     import torch
 
+    ids_all, mask_all = blocks
     size = cfg.train.micro_batch_size
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
     with torch.inference_mode():
-        for i in range(0, min(len(blocks), size * cfg.train.eval_batches), size):
-            ids = blocks[i : i + size].to(ctx.device)
-            logits = model(input_ids=ids).logits[:, :-1].float()
+        for i in range(0, min(len(ids_all), size * cfg.train.eval_batches), size):
+            ids, mask = ids_all[i : i + size].to(ctx.device), mask_all[i : i + size].to(ctx.device)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+            labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
             nll += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-            count += ids[:, 1:].numel()
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum").item()
+            count += int(mask[:, 1:].sum())
     model.train(was_training)
     return math.exp(nll / count)
 
