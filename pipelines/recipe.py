@@ -327,7 +327,6 @@ Quantize = Annotated[BnbQuantize | GptqQuantize | RtnQuantize, Field(discriminat
 Stage = Annotated[Distill | Quantize | Evaluate, Field(discriminator="stage")]
 STAGE_TYPES = ("distill", "quantize", "evaluate")
 QUANTIZE_METHODS = ("bnb", "gptq", "rtn")
-EMBEDDED_MODEL_NAMES = ("tiny-llama",)
 
 
 class Recipe(Strict):
