@@ -57,7 +57,7 @@ def stage_key(parent: str, stage: str, config: dict, libraries: dict[str, str], 
 class Cache:
     def __init__(self, root: Path):
         self.root = root.resolve()  # stages may change directory; entries stay where they are
-        self.stages = root / "stages"
+        self.stages = self.root / "stages"
 
     def lookup(self, key: str) -> Entry | None:
         entry = self.stages / key

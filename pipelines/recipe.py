@@ -464,9 +464,9 @@ def _known_keys(loc: tuple, data: dict) -> list[str]:
 def _stage_model(node: Any) -> Any:
     if not isinstance(node, dict):
         return None
-    if node.get("stage") in ("evaluate", "distill"):
-        return {"evaluate": Evaluate, "distill": Distill}[node["stage"]]
-    return {"bnb": BnbQuantize, "gptq": GptqQuantize, "rtn": RtnQuantize}.get(node.get("method"))
+    if node.get("stage") == "quantize":
+        return {"bnb": BnbQuantize, "gptq": GptqQuantize, "rtn": RtnQuantize}.get(node.get("method"))
+    return {"evaluate": Evaluate, "distill": Distill}.get(node.get("stage"))
 
 
 def _model_of(annotation: Any) -> Any:

@@ -42,8 +42,7 @@ class StageSpec:
 QUANTIZE_LIBRARIES = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum"), "rtn": ()}
 
 STAGES: dict[str, StageSpec] = {
-    "distill": StageSpec(distill.run, lambda cfg: ("accelerate",), produces_model=True, uses_teacher=True,
-                         resumable=True),
+    "distill": StageSpec(distill.run, lambda cfg: (), produces_model=True, uses_teacher=True, resumable=True),
     "quantize": StageSpec(quantize.run, lambda cfg: QUANTIZE_LIBRARIES[cfg.method], produces_model=True),
     "evaluate": StageSpec(evaluate.run, lambda cfg: (), produces_model=False, paired_with_base=True),
 }
@@ -178,12 +177,8 @@ def run_recipe(
                 with tracker.run(experiment_id, cfg.name, stage_tags, parent=parent) as child:
                     started = time.perf_counter()
                     try:
-                        if spec.uses_teacher:
-                            teacher = resolve_base(cfg.teacher, cache_root, progress) if cfg.teacher else (current_key, current)
-                            entries = [_cached(cache, spec, cfg, current, current_key, ctx, hardware, forced, teacher)]
-                        else:
-                            entries = _execute(cache, spec, cfg, (current_key, current), (root_key, base), ctx, hardware,
-                                               forced)
+                        entries = _execute(cache, spec, cfg, (current_key, current), (root_key, base), ctx, hardware,
+                                           forced)
                     except Exception as e:
                         log.error("stage %s failed:\n%s", cfg.name, traceback.format_exc())
                         raise StageError(f"stage {cfg.name!r} ({_label(cfg)}) failed: {type(e).__name__}: {e}") from e
@@ -228,11 +223,15 @@ def run_recipe(
 
 def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], base: tuple[str, Artifact],
              ctx: StageContext, hardware: str, forced: bool) -> list[Entry]:
-    """The stage on the current model; for a paired stage also on the base model, unless the
-    current model is the base. Returns [current] or [current, base]."""
+    """The stage on the current model, given the second model it reads if any: the teacher for a
+    teacher-student stage (cfg.teacher, else the current model), the base model for a paired stage
+    (which then also runs on the base, unless the current model is the base).
+    Returns [current] or [current, base]."""
     (current_key, current_artifact), (base_key, base_artifact) = current, base
     paired = spec.paired_with_base and current_key != base_key
     reference = base if paired else None
+    if spec.uses_teacher:
+        reference = resolve_base(cfg.teacher, ctx.cache_root, ctx.progress) if cfg.teacher else current
     entries = [_cached(cache, spec, cfg, current_artifact, current_key, ctx, hardware, forced, reference)]
     if paired:
         entries.append(_cached(cache, spec, cfg, base_artifact, base_key, ctx, hardware, forced))
