@@ -125,6 +125,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def key_config(config: Any) -> Any:
+    """A (JSON-dumped) config for hashing: local data files enter by content, not by path."""
+    if isinstance(config, dict):
+        out = {k: key_config(v) for k, v in config.items()}
+        if config.get("path") and "text_field" in config:
+            out["path"] = "sha256:" + file_sha256(Path(config["path"]))
+        return out
+    return config
+
+
 def directory_digest(path: Path, memo_file: Path | None = None) -> str:
     """Content hash of a model directory (file names and bytes), memoised by (size, mtime).
 

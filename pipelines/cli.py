@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(command=_run)
 
-    validate = commands.add_parser("validate", help="check recipes without running them (default: all in recipes/)")
+    validate = commands.add_parser(
+        "validate", help="check recipes without running them (default: all in recipes/); exit 2 on an invalid one, "
+        "a note for one this machine cannot run")
     validate.add_argument("recipes", nargs="*")
     validate.set_defaults(command=_validate)
     return parser
@@ -50,12 +52,16 @@ def _validate(args: argparse.Namespace) -> int:
     paths = [find_recipe(r) for r in args.recipes] or sorted(default_recipes_dir().glob("*.yaml"))
     if not paths:
         raise RecipeError(f"no recipes found in {default_recipes_dir()}")
-    from llmopt.runner import preflight
+    from llmopt.runner import check_machine, check_recipe
 
     for path in paths:
         recipe = load_recipe(path)
-        preflight(recipe, path)
+        check_recipe(recipe, path)
         print(f"ok  {path}  ({recipe.name}: {' -> '.join(s.name for s in recipe.stages)})")
+        try:  # a recipe written for another machine (GPUs, extras) is valid, just not runnable here
+            check_machine(recipe, path)
+        except RecipeError as e:
+            print(f"    not runnable on this machine: {str(e).removeprefix(f'{path}: ')}")
     return 0
 
 

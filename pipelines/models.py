@@ -71,6 +71,22 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+TOKENIZER_PROBE = "The quick brown fox, 3 apples and 4 more: 7 apples. Ünïcode ✓ <s></s>"
+
+
+def tokenizer_mismatch(teacher, student) -> str | None:
+    """Why two tokenizers cannot share next-token distributions, or None when they can: the same
+    vocabulary (token -> id) and the same ids for a probe text (catches a differing pre-tokenizer
+    or normaliser over an identical vocabulary)."""
+    a, b = teacher.get_vocab(), student.get_vocab()
+    if a != b:
+        differing = sum(1 for token, index in a.items() if b.get(token) != index) + len(b.keys() - a.keys())
+        return f"its tokenizer differs from the teacher's (student {len(b)} tokens, teacher {len(a)}, {differing} differ)"
+    if teacher.encode(TOKENIZER_PROBE) != student.encode(TOKENIZER_PROBE):
+        return "its tokenizer splits text differently from the teacher's (same vocabulary, different pre-tokenizer)"
+    return None
+
+
 def load_model(artifact: Artifact, device: str, dtype: str = "auto", trust_remote_code: bool = False):
     """Load a checkpoint as the stage that wrote it says it must be loaded (safetensors only)."""
     from transformers import AutoModelForCausalLM

@@ -316,11 +316,29 @@ class Distill(Strict):
     name: str = "distill"
     teacher: ModelSpec | None = None  # None: the recipe's base model
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Precompute the teacher's top-k logits over the training blocks once (cached under the cache
+    # root, reused by every run with the same teacher, data and k); training then runs without
+    # the teacher in memory, with forward KL on the teacher's top-k renormalised.
+    teacher_topk: PositiveInt | None = None
     student: StudentSpec
     loss: DistillLoss = DistillLoss()
     data: DistillData
     train: DistillTrain
     distributed: Distributed = Distributed()
+
+    @model_validator(mode="after")
+    def _topk_needs(self) -> Distill:
+        if self.teacher_topk is None:
+            return self
+        if self.loss.kd_weight == 0:
+            raise ValueError("teacher_topk: precomputed teacher logits only serve the KD loss, and loss.kd_weight is 0")
+        if self.loss.kd != "forward_kl":
+            raise ValueError(f"teacher_topk: works with loss.kd: forward_kl only ({self.loss.kd} needs the teacher's "
+                             "whole distribution)")
+        if self.loss.hidden_weight:
+            raise ValueError("teacher_topk: the teacher is not run during training, so there are no teacher hidden "
+                             "states for loss.hidden_weight")
+        return self
 
 
 Quantize = Annotated[BnbQuantize | GptqQuantize | RtnQuantize, Field(discriminator="method")]

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from llmopt.cache import Artifact, Cache, Entry, file_sha256, stage_key
+from llmopt.cache import Artifact, Cache, Entry, key_config, stage_key
 from llmopt.errors import RecipeError, StageError
 from llmopt.models import hardware_name, quiet_libraries, resolve_base, resolve_device
 from llmopt.recipe import ModelSpec, Recipe, recipe_hash
@@ -52,27 +52,62 @@ EXTRAS = {"bitsandbytes": "bnb", "gptqmodel": "gptq", "optimum": "gptq"}
 
 
 def preflight(recipe: Recipe, path: Path) -> None:
-    """What can be known about this machine before any work: libraries installed, CUDA present."""
+    """Everything that can be known before any work: `check_recipe`, then `check_machine`."""
+    check_recipe(recipe, path)
+    check_machine(recipe, path)
+
+
+def check_recipe(recipe: Recipe, path: Path) -> None:
+    """What the recipe's own models say, where they can be read without a download: layer indices
+    against the teacher's depth, teacher and student tokenizers."""
+    for index, cfg in enumerate(recipe.stages):
+        if cfg.stage == "distill":
+            first_model_stage = all(not STAGES[s.stage].produces_model for s in recipe.stages[:index])
+            teacher = cfg.teacher or (recipe.model if first_model_stage else None)
+            _preflight_distill(cfg, teacher, f"{path}: stages[{index}]")
+
+
+def check_machine(recipe: Recipe, path: Path) -> None:
+    """What this machine must have to run the recipe: CUDA if asked for, the stages' libraries,
+    devices for the processes."""
     from importlib.util import find_spec
 
+    if recipe.device == "cuda" and not _cuda_available():
+        raise RecipeError(f"{path}: device: cuda is asked for, but this machine has no CUDA device (use auto or cpu)")
     for index, cfg in enumerate(recipe.stages):
         for library in STAGES[cfg.stage].libraries(cfg):
             if find_spec(library) is None:
                 fix = f"pip install 'llmopt[{EXTRAS[library]}]'" if library in EXTRAS else f"pip install {library}"
                 raise RecipeError(f"{path}: stages[{index}]: {_label(cfg)} needs {library}, which is not installed; {fix}")
         if cfg.stage == "distill":
-            first_model_stage = all(not STAGES[s.stage].produces_model for s in recipe.stages[:index])
-            teacher = cfg.teacher or (recipe.model if first_model_stage else None)
-            _preflight_distill(cfg, teacher, f"{path}: stages[{index}]")
-    if recipe.device == "cuda" and not _cuda_available():
-        raise RecipeError(f"{path}: device: cuda is asked for, but this machine has no CUDA device (use auto or cpu)")
+            _preflight_processes(cfg.distributed.num_processes, recipe.device, f"{path}: stages[{index}]")
+
+
+def _preflight_processes(n: int, device: str, where: str) -> None:
+    """One process per GPU on CUDA; on CPU, at most one per usable core."""
+    if n == 1:
+        return
+    import torch
+
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        have, what = torch.cuda.device_count(), "CUDA devices"
+    else:
+        from llmopt.stages.distill_parallel import usable_cpus
+
+        have, what = usable_cpus(), "usable CPU cores (device: cpu)"
+    if n > have:
+        raise RecipeError(f"{where}.distributed.num_processes: {n} processes, but this machine has {have} {what}; "
+                          f"use at most {have}")
 
 
 def _preflight_distill(cfg, teacher: ModelSpec | None, where: str) -> None:
     """Layer indices against the teacher's depth, where the teacher's config can be read without a download."""
-    if cfg.distributed.num_processes > 1:
-        raise RecipeError(f"{where}.distributed.num_processes: multi-process distillation is not implemented yet; "
-                          "use num_processes: 1")
+    if cfg.student.model is not None and teacher is not None:
+        from llmopt.models import tokenizer_mismatch
+
+        pair = _local_tokenizer(teacher), _local_tokenizer(cfg.student.model)
+        if None not in pair and (reason := tokenizer_mismatch(*pair)) is not None:
+            raise RecipeError(f"{where}.student.model: {reason}; teacher and student must share one tokenizer")
     teacher_layers = _known_layer_count(teacher) if teacher is not None else None
     if teacher_layers is None:
         return
@@ -86,6 +121,20 @@ def _preflight_distill(cfg, teacher: ModelSpec | None, where: str) -> None:
         if t >= teacher_layers or (student_layers is not None and s >= student_layers):
             raise RecipeError(f"{where}.loss.layer_map: {s} -> {t} is out of range (student has "
                               f"{student_layers if student_layers is not None else '?'} layers, teacher {teacher_layers})")
+
+
+def _local_tokenizer(spec: ModelSpec):
+    """The model's tokenizer where it can be had without a download (an embedded model's is
+    retrained in memory: a second or two, deterministic); None for a hub model."""
+    if spec.embedded is not None:
+        from llmopt.embedded import EMBEDDED_MODELS, stories, train_tokenizer
+
+        return train_tokenizer(stories("train"), EMBEDDED_MODELS[spec.embedded].vocab_size)
+    if spec.path is not None:
+        from llmopt.models import load_tokenizer
+
+        return load_tokenizer(spec.path, spec.trust_remote_code)
+    return None
 
 
 def _known_layer_count(spec: ModelSpec) -> int | None:
@@ -244,7 +293,7 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
     model the stage reads (the base model to compare against, or a teacher); its key enters the
     stage's key."""
     libraries = library_versions(("torch", "transformers", *spec.libraries(cfg)))
-    config = {"stage": _key_config(cfg.model_dump(mode="json", exclude={"name"})), "dtype": ctx.dtype,
+    config = {"stage": key_config(cfg.model_dump(mode="json", exclude={"name"})), "dtype": ctx.dtype,
               "trust_remote_code": ctx.trust_remote_code, "reference": reference[0] if reference else None}
     key = stage_key(parent_key, cfg.stage, config, libraries, hardware)
     if forced:
@@ -261,8 +310,8 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
         artifact = spec.run(cfg, src, out, ctx, base=reference[1]) if reference else spec.run(cfg, src, out, ctx)
         seconds = time.perf_counter() - started
         record.update(seconds=seconds)
-        if ctx.device == "cuda":
-            artifact.metrics["memory/peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if ctx.device == "cuda":  # a stage run in worker processes reports their peak itself
+            artifact.metrics.setdefault("memory/peak_gpu_gb", torch.cuda.max_memory_allocated() / 1e9)
         return artifact
 
     record: dict[str, Any] = {
@@ -270,16 +319,6 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
         "hardware": hardware, "source": str(src.path), "created": datetime.now(UTC).isoformat(),
     }
     return cache.build(key, record, produce, resumable=spec.resumable)
-
-
-def _key_config(config: Any) -> Any:
-    """A stage config for hashing: local data files enter by content, not by path."""
-    if isinstance(config, dict):
-        out = {k: _key_config(v) for k, v in config.items()}
-        if config.get("path") and "text_field" in config:
-            out["path"] = "sha256:" + file_sha256(Path(config["path"]))
-        return out
-    return config
 
 
 def _label(cfg) -> str:

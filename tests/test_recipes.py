@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import DATA, RECIPES, run_cli
 from llmopt.cli import main
 from llmopt.errors import RecipeError
@@ -134,3 +135,16 @@ def test_group_size_must_be_positive_or_minus_one():
     assert GptqQuantize.model_validate({**base, "group_size": -1}).group_size == -1
     with pytest.raises(ValueError, match="group_size must be a positive"):
         GptqQuantize.model_validate({**base, "group_size": 0})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_recipe_for_another_machine_validates_with_a_note_but_does_not_run_here(bad_recipe, workdir, capsys):
+    path = bad_recipe("name: gpu\nmodel: {embedded: tiny-llama}\ndevice: cuda\n"
+                      "stages:\n  - stage: quantize\n    method: rtn\n    bits: 4\n")
+    assert main(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"ok  {path}" in out and "not runnable on this machine: device: cuda is asked for" in out
+    assert run_cli(workdir, "run", str(path)) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {path}: device: cuda is asked for, but this machine has no "
+                                               "CUDA device (use auto or cpu)")
+    assert not workdir["mlruns"].exists() and not workdir["cache"].exists()
