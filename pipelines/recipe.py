@@ -316,6 +316,9 @@ class Distill(Strict):
     name: str = "distill"
     teacher: ModelSpec | None = None  # None: the recipe's base model
     teacher_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Where the teacher runs, if not with the student: "cpu", "cuda" or "cuda:N" (one process only;
+    # under several processes each runs its own teacher on its GPU).
+    teacher_device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d+)?)$")
     # Precompute the teacher's top-k logits over the training blocks once (cached under the cache
     # root, reused by every run with the same teacher, data and k); training then runs without
     # the teacher in memory, with forward KL on the teacher's top-k renormalised.
@@ -327,7 +330,10 @@ class Distill(Strict):
     distributed: Distributed = Distributed()
 
     @model_validator(mode="after")
-    def _topk_needs(self) -> Distill:
+    def _teacher_options(self) -> Distill:
+        if self.teacher_device is not None and self.distributed.num_processes > 1:
+            raise ValueError("teacher_device: one process only; with distributed.num_processes > 1 every process "
+                             "runs its own teacher on its own GPU")
         if self.teacher_topk is None:
             return self
         if self.loss.kd_weight == 0:

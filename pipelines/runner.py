@@ -81,6 +81,12 @@ def check_machine(recipe: Recipe, path: Path) -> None:
                 raise RecipeError(f"{path}: stages[{index}]: {_label(cfg)} needs {library}, which is not installed; {fix}")
         if cfg.stage == "distill":
             _preflight_processes(cfg.distributed.num_processes, recipe.device, f"{path}: stages[{index}]")
+            if cfg.teacher_device and cfg.teacher_device.startswith("cuda"):
+                wanted = int(cfg.teacher_device.partition(":")[2] or 0)
+                have = _cuda_device_count()
+                if wanted >= have:
+                    raise RecipeError(f"{path}: stages[{index}].teacher_device: {cfg.teacher_device}, but this machine "
+                                      f"has {have} CUDA device(s)")
 
 
 def _preflight_processes(n: int, device: str, where: str) -> None:
@@ -145,6 +151,12 @@ def _known_layer_count(spec: ModelSpec) -> int | None:
     if spec.path is not None:
         return json.loads((spec.path / "config.json").read_text()).get("num_hidden_layers")
     return None
+
+
+def _cuda_device_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _cuda_available() -> bool:

@@ -72,7 +72,8 @@ def test_padding_counts_nowhere():
 
 def test_unpacked_records_train_with_their_padding_masked(tiny_model, tmp_path):
     cfg = config(3, kd_weight=1.0, ce_weight=1.0)
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"packing": False, "seq_len": 96})})
+    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"packing": False, "seq_len": 96}),
+                                 "teacher_device": "cpu"})  # named explicitly: the teacher-on-its-own-device path
     (ids, mask), _ = distill.make_blocks(cfg, load_tokenizer(tiny_model))
     assert (mask == 0).any() and ((mask == 1).sum(1) <= 96).all() and (mask[:, 0] == 1).all()
     out = tmp_path / "unpacked"
@@ -313,6 +314,7 @@ BAD = {
     "layer map out of range": ("loss: {hidden_weight: 1.0, layer_map: {0: 12}}", "loss.layer_map", "0 -> 12 is out of range"),
     "text field missing": ("data: {dataset: {path: " + str(DATA / "validation.jsonl") + ", text_field: body}, seq_len: 64}",
                            "data.dataset", "no string field 'body'"),
+    "teacher on a missing GPU": ("teacher_device: cuda:3", "teacher_device", "cuda:3, but this machine has"),
     "more processes than cores": (f"distributed: {{num_processes: {usable_cpus() + 1}}}", "distributed.num_processes",
                                   f"{usable_cpus() + 1} processes, but this machine has {usable_cpus()} usable CPU cores"),
 }
@@ -370,6 +372,16 @@ def test_same_vocabulary_split_differently_is_a_mismatch(tiny_model):
         [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=True)])
     assert teacher.get_vocab() == student.get_vocab()
     assert "splits text differently" in tokenizer_mismatch(teacher, student)
+
+
+def test_teacher_device_is_for_one_process():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="teacher_device: one process only"):
+        Distill.model_validate({**config(5).model_dump(), "teacher_device": "cuda:1",
+                                "distributed": {"num_processes": 2}})
+    with pytest.raises(ValidationError, match="teacher_device"):
+        Distill.model_validate({**config(5).model_dump(), "teacher_device": "gpu1"})
 
 
 @pytest.mark.parametrize("loss, words", [

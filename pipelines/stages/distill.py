@@ -57,7 +57,8 @@ def train(cfg: Distill, teacher_artifact: Artifact, student_artifact: Artifact |
     from llmopt.stages.distill_parallel import Trainee
 
     tokenizer = load_tokenizer(teacher_artifact.path, ctx.trust_remote_code)
-    teacher = load_model(teacher_artifact, ctx.device, cfg.teacher_dtype, ctx.trust_remote_code)
+    teacher_device = cfg.teacher_device or ctx.device  # a device of its own: outputs come back to the student's
+    teacher = load_model(teacher_artifact, teacher_device, cfg.teacher_dtype, ctx.trust_remote_code)
     teacher.requires_grad_(False)
     student, kept = build_student(cfg.student, teacher, tokenizer, ctx, student_artifact)
     layer_map = resolve_layer_map(cfg.loss, kept, student.config.num_hidden_layers, teacher.config.num_hidden_layers)
@@ -86,7 +87,7 @@ def train(cfg: Distill, teacher_artifact: Artifact, student_artifact: Artifact |
     autocast = torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
     def teacher_logits(ids, mask):
-        return teacher(input_ids=ids, attention_mask=mask).logits
+        return teacher(input_ids=ids.to(teacher_device), attention_mask=mask.to(teacher_device)).logits.to(ctx.device)
 
     def student_logits(ids, mask):
         with autocast:
@@ -100,7 +101,7 @@ def train(cfg: Distill, teacher_artifact: Artifact, student_artifact: Artifact |
         from safetensors import safe_open
 
         del teacher
-        if device_type == "cuda":
+        if teacher_device.startswith("cuda"):
             torch.cuda.empty_cache()
         stored = safe_open(topk, framework="pt")
         topk_values, topk_indices = stored.get_slice("values"), stored.get_slice("indices")
@@ -111,8 +112,10 @@ def train(cfg: Distill, teacher_artifact: Artifact, student_artifact: Artifact |
     else:
         def teacher_outputs(rows, ids, mask):
             with torch.no_grad():
-                out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=bool(layer_map))
-            return TeacherOutput(logits=out.logits, hidden_states=out.hidden_states)
+                out = teacher(input_ids=ids.to(teacher_device), attention_mask=mask.to(teacher_device),
+                              output_hidden_states=bool(layer_map))
+            hidden = tuple(h.to(ctx.device) for h in out.hidden_states) if layer_map else None
+            return TeacherOutput(logits=out.logits.to(ctx.device), hidden_states=hidden)
     tokens_done, started = 0, time.perf_counter()
     model.train()
     with progress_bar(steps - start, "distilling", enabled=ctx.progress) as advance:
@@ -455,14 +458,15 @@ def precompute_teacher_topk(cfg: Distill, teacher_artifact: Artifact, ctx: Stage
     root = ctx.cache_root or default_cache_dir()
     identity = {"teacher": directory_digest(teacher_artifact.path, root / "digests.json"),
                 "teacher_dtype": cfg.teacher_dtype, "data": key_config(cfg.data.model_dump(mode="json")),
-                "k": cfg.teacher_topk, "device": ctx.device.split(":")[0],
+                "k": cfg.teacher_topk, "device": (cfg.teacher_device or ctx.device).split(":")[0],
                 "libraries": library_versions(("torch", "transformers"))}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
     path = root / TOPK_DIR / f"{key}.safetensors"
     if path.is_file():
         return path
     tokenizer = load_tokenizer(teacher_artifact.path, ctx.trust_remote_code)
-    teacher = load_model(teacher_artifact, ctx.device, cfg.teacher_dtype, ctx.trust_remote_code)
+    device = cfg.teacher_device or ctx.device
+    teacher = load_model(teacher_artifact, device, cfg.teacher_dtype, ctx.trust_remote_code)
     k = cfg.teacher_topk
     if k > teacher.config.vocab_size:
         raise ValueError(f"teacher_topk: {k} is more than the teacher's vocabulary ({teacher.config.vocab_size} tokens)")
@@ -472,12 +476,12 @@ def precompute_teacher_topk(cfg: Distill, teacher_artifact: Artifact, ctx: Stage
     size = cfg.train.micro_batch_size
     with torch.no_grad(), progress_bar(math.ceil(len(ids_all) / size), "teacher top-k", enabled=ctx.progress) as advance:
         for i in range(0, len(ids_all), size):
-            ids, mask = ids_all[i : i + size].to(ctx.device), mask_all[i : i + size].to(ctx.device)
+            ids, mask = ids_all[i : i + size].to(device), mask_all[i : i + size].to(device)
             top = teacher(input_ids=ids, attention_mask=mask).logits.float().topk(k, dim=-1)
             values[i : i + size], indices[i : i + size] = top.values.cpu(), top.indices.int().cpu()
             advance()
     del teacher
-    if ctx.device.startswith("cuda"):
+    if device.startswith("cuda"):
         torch.cuda.empty_cache()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")

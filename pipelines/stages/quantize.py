@@ -14,7 +14,8 @@ from pathlib import Path
 
 from llmopt.cache import Artifact
 from llmopt.data import calibration_windows, load_texts
-from llmopt.models import load_model, load_tokenizer, torch_dtype, weights_bytes
+from llmopt.models import load_model, load_tokenizer, output_to, torch_dtype, weights_bytes
+from llmopt.progress import progress_bar
 from llmopt.recipe import BnbQuantize, GptqQuantize, RtnQuantize
 from llmopt.stages import StageContext
 
@@ -105,29 +106,36 @@ def gptq_worker_env() -> None:
 
 
 def _gptq(cfg: GptqQuantize, src: Artifact, out: Path, ctx: StageContext) -> Artifact:
+    """GPTQModel prints a banner, notices and bars of its own: they go to `gptqmodel.log` in the
+    stage's folder (with `quant_log.csv`, GPTQ's per-layer error), and the console shows ours."""
     gptq_worker_env()
     import torch
-    from gptqmodel import GPTQModel, QuantizeConfig
-
-    # GPTQModel logs through the "logbar" logger: keep its warnings and progress, drop per-layer INFO tables.
-    logging.getLogger("logbar").setLevel(logging.WARNING)
 
     tokenizer = load_tokenizer(src.path, ctx.trust_remote_code)
     cal = cfg.calibration
     windows = calibration_windows(tokenizer, load_texts(cal.dataset), cal.num_samples, cal.seq_len, cal.seed)
     examples = [{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows]
-    qconfig = QuantizeConfig(
-        bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act, sym=cfg.sym, damp_percent=cfg.damp_percent
-    )
     torch.manual_seed(cal.seed)
-    model = GPTQModel.load(
-        str(src.path), qconfig, trust_remote_code=ctx.trust_remote_code, device=ctx.device,
-        dtype=torch_dtype(ctx.dtype, ctx.device),
-    )
-    # GPTQModel writes timing logs to a relative ./logs: keep them out of the user's checkout.
-    with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
-        model.quantize(examples, batch_size=cfg.batch_size)
-    model.save(str(out))  # also writes quant_log.csv: GPTQ's per-layer error, kept for inspection
+    terminal = os.fdopen(os.dup(1), "w")  # the bar stays on the terminal while fd 1 goes to the log
+    with terminal, progress_bar(3, "gptq: load, quantize, save", enabled=ctx.progress, file=terminal) as advance:
+        with output_to(out / "gptqmodel.log"):
+            from gptqmodel import GPTQModel, QuantizeConfig
+
+            logging.getLogger("logbar").setLevel(logging.WARNING)  # no per-layer INFO tables in the log either
+            qconfig = QuantizeConfig(bits=cfg.bits, group_size=cfg.group_size, desc_act=cfg.desc_act, sym=cfg.sym,
+                                     damp_percent=cfg.damp_percent)
+            model = GPTQModel.load(
+                str(src.path), qconfig, trust_remote_code=ctx.trust_remote_code, device=ctx.device,
+                dtype=torch_dtype(ctx.dtype, ctx.device),
+            )
+        advance()
+        # GPTQModel writes timing logs to a relative ./logs: keep them out of the user's checkout.
+        with output_to(out / "gptqmodel.log"), tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+            model.quantize(examples, batch_size=cfg.batch_size)
+        advance()
+        with output_to(out / "gptqmodel.log"):
+            model.save(str(out))
+        advance()
     tokenizer.save_pretrained(out)
     backend = cfg.reload_backend or ("triton" if ctx.device == "cuda" else "torch")
     return Artifact(out, "hf-checkpoint", info={"format": "gptq", "bits": cfg.bits, "reload_backend": f"gptq_{backend}"})
