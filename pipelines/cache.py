@@ -131,6 +131,9 @@ def key_config(config: Any) -> Any:
         out = {k: key_config(v) for k, v in config.items()}
         if config.get("path") and "text_field" in config:
             out["path"] = "sha256:" + file_sha256(Path(config["path"]))
+        if config.get("local_tasks"):  # task YAML and data files
+            out["local_tasks"] = [("sha256:" + file_sha256(Path(p))) if Path(p).is_file() else directory_digest(Path(p))
+                                  for p in config["local_tasks"]]
         return out
     return config
 

@@ -31,7 +31,7 @@ PLACES = ["park", "river", "garden", "market", "forest", "beach", "school", "far
 THINGS = ["apples", "stones", "books", "shells", "flowers", "coins", "cards", "eggs"]
 COLORS = ["red", "blue", "green", "yellow", "white", "brown"]
 FEELINGS = ["happy", "tired", "proud", "surprised", "calm", "excited"]
-SPLITS = {"train": (0, 6000), "calibration": (6000, 6400), "validation": (6400, 6800)}
+SPLITS = {"train": (0, 6000), "calibration": (6000, 6400), "validation": (6400, 6800), "tasks": (7000, 7400)}
 
 
 def _story(rng: random.Random) -> str:

@@ -39,6 +39,15 @@ def print_summary(console: Console, summary: RunSummary) -> None:
             if name in outcome.metrics:
                 table.add_row(outcome.name, name, fmt.format(outcome.metrics[name]))
     console.print(table)
+    for outcome in summary.stages:
+        if any(k.endswith("_recovery") for k in outcome.metrics):
+            from llmopt.stages.evaluate import quality_table
+            from rich.markdown import Markdown
+
+            console.print(Markdown(f"**{outcome.name}: base vs candidate**\n\n" + quality_table(outcome.metrics)))
+        if "gates/passed" in outcome.metrics:
+            verdict = "[green]passed[/]" if not outcome.failed_gates else "[red]FAILED[/]: " + "; ".join(outcome.failed_gates)
+            console.print(f"gates ({outcome.name}): {verdict}")
     hits = sum(s.hit for s in summary.stages)
     console.print(f"{hits}/{len(summary.stages)} stages from cache. MLflow run {summary.run_id} "
                   f"(experiment {summary.recipe!r}): {summary.tracking_hint}. Log: {summary.log_file}")

@@ -44,7 +44,8 @@ QUANTIZE_LIBRARIES = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum")
 STAGES: dict[str, StageSpec] = {
     "distill": StageSpec(distill.run, lambda cfg: (), produces_model=True, uses_teacher=True, resumable=True),
     "quantize": StageSpec(quantize.run, lambda cfg: QUANTIZE_LIBRARIES[cfg.method], produces_model=True),
-    "evaluate": StageSpec(evaluate.run, lambda cfg: (), produces_model=False, paired_with_base=True),
+    "evaluate": StageSpec(evaluate.run, lambda cfg: ("lm_eval",) if cfg.tasks or cfg.local_tasks else (),
+                          produces_model=False, paired_with_base=True),
 }
 
 
@@ -173,6 +174,7 @@ class StageOutcome:
     seconds: float  # this run's wall time (near zero on a hit)
     metrics: dict[str, float]
     run_id: str
+    failed_gates: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -246,8 +248,10 @@ def run_recipe(
                     seconds = time.perf_counter() - started
                     entry = entries[0]
                     metrics = dict(entry.artifact.metrics)
+                    failed_gates: list[str] = []
                     if spec.paired_with_base:
-                        metrics = evaluate.paired_metrics(metrics, entries[-1].artifact.metrics)
+                        metrics, failed_gates = evaluate.paired(entry.artifact, entries[-1].artifact, cfg.gates)
+                        tracker.log_text(child, evaluate.quality_table(metrics), "quality.md")
                     metrics["time/stage_s"] = entry.record["seconds"]
                     history_file = entry.artifact.path / distill.HISTORY
                     curves = ([json.loads(line) for line in history_file.read_text().splitlines()]
@@ -259,14 +263,21 @@ def run_recipe(
                         # a metric with a per-step curve is logged as the curve only (its last point is final)
                         metrics={k: v for k, v in metrics.items() if k not in curve_names},
                         tags={"llmopt.cache_key": entry.key, "llmopt.cache_hit": str(entry.hit).lower(),
-                              "llmopt.base_key": root_key},
+                              "llmopt.base_key": root_key,
+                              **({"llmopt.gates": "failed: " + "; ".join(failed_gates) if failed_gates else "passed"}
+                                 if getattr(cfg, "gates", None) else {})},
                     )
+                    if failed_gates:
+                        tracker.log(parent, tags={"llmopt.gates": "failed: " + "; ".join(failed_gates)})
+                        log.warning("stage %s: gates failed: %s", cfg.name, "; ".join(failed_gates))
                     tracker.log_history(child, curves)
                     for role, report in zip(("candidate", "base"), entries, strict=False):
-                        for name in ("artifact.json", "report.json"):
+                        for name in ("artifact.json", "report.json", "lm_eval_results.json"):
                             if (report.artifact.path / name).is_file():
                                 tracker.log_file(child, report.artifact.path / name, role)
-                outcome = StageOutcome(cfg.name, entry.key, entry.hit, seconds, metrics, child)
+                        for sample_file in sorted((report.artifact.path / "samples").glob("*.jsonl")):
+                            tracker.log_file(child, sample_file, f"{role}/samples")
+                outcome = StageOutcome(cfg.name, entry.key, entry.hit, seconds, metrics, child, failed_gates)
                 summary.stages.append(outcome)
                 all_metrics.update({k: v for k, v in metrics.items() if not k.startswith("time/")})
                 log.info("stage %s: key %s, %s, %.1fs", cfg.name, entry.key, "hit" if entry.hit else "built", seconds)

@@ -1,0 +1,110 @@
+"""lm-eval-harness on the in-memory model: standard tasks by name, local tasks from YAML.
+
+The model is evaluated as the stage loaded it (bitsandbytes, GPTQ kernels, fake-quantized
+weights), wrapped in lm-eval's `HFLM`. Every setting that changes scores (few-shot count, limit,
+chat template, BOS token, max length, batch size, seeds) is returned so that it is recorded.
+Metric names: `quality/<task>/<metric>` (`<metric>_<filter>` when a task filters its outputs),
+with `_stderr` beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
+BOOTSTRAP_ITERS = 1000  # standard errors of non-mean aggregations (lm-eval's default, 100000, is slow)
+
+
+def task_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.yaml")) if path.is_dir() else [path]
+    if not files or not all(f.is_file() for f in files):
+        raise ValueError(f"{path}: no task YAML there (a folder with *.yaml files, or a .yaml file)")
+    return files
+
+
+def load_local_task(file: Path, resolve_functions: bool = True) -> dict[str, Any]:
+    """One task config; `data_files` resolved against the YAML's folder and checked to exist.
+    `resolve_functions=False` parses without importing `!function` code (validation)."""
+    import yaml
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    try:
+        config = load_yaml(file, resolve_func=resolve_functions)
+    except (yaml.YAMLError, ValueError, OSError) as e:
+        raise ValueError(f"{file}: task YAML does not parse: {' '.join(str(e).split())}") from None
+    if "task" not in config:
+        raise ValueError(f"{file}: no `task:` name")
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if files is not None:
+        resolved = {}
+        for split, name in (files.items() if isinstance(files, dict) else [("test", files)]):
+            data = Path(name) if Path(name).is_absolute() else file.parent / name
+            if not data.is_file():
+                raise ValueError(f"{file}: data file {data} (split {split!r}) does not exist")
+            resolved[split] = str(data)
+        config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": resolved}
+    return config
+
+
+def local_task_metrics(path: Path) -> dict[str, set[str]]:
+    """task name -> the metric names it reports, for every task YAML under `path`."""
+    out = {}
+    for file in task_files(path):
+        config = load_local_task(file, resolve_functions=False)
+        out[config["task"]] = produced_metrics(config)
+    return out
+
+
+def produced_metrics(config: dict) -> set[str]:
+    metrics = [m["metric"] for m in config.get("metric_list") or []]
+    filters = [f["name"] for f in config.get("filter_list") or []] or ["none"]
+    return {metric_name(m, f) for m in metrics for f in filters}
+
+
+def metric_name(metric: str, filter_name: str) -> str:
+    return metric if filter_name == "none" else f"{metric}_{filter_name}"
+
+
+def evaluate_tasks(model, tokenizer, cfg, device: str, out: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """(metrics, info): the tasks' metrics and standard errors; info holds the settings used and
+    which metrics are better higher. Writes `lm_eval_results.json` and `samples/<task>.jsonl`."""
+    from llmopt.models import output_to
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    local = [load_local_task(f) for path in cfg.local_tasks for f in task_files(path)]
+    settings = {"num_fewshot": cfg.num_fewshot, "limit": cfg.limit, "batch_size": cfg.batch_size,
+                "max_length": cfg.max_length, "apply_chat_template": cfg.apply_chat_template,
+                "bootstrap_iters": BOOTSTRAP_ITERS, **SEEDS}
+    with output_to(out / "lm_eval.log"):  # lm-eval's own bars and notices
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size, max_length=cfg.max_length,
+                  add_bos_token=cfg.add_bos_token, device=device)
+        results = simple_evaluate(
+            model=lm, tasks=[*cfg.tasks, *local], num_fewshot=cfg.num_fewshot, limit=cfg.limit,
+            apply_chat_template=cfg.apply_chat_template, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS,
+            task_manager=TaskManager(include_defaults=bool(cfg.tasks)), **SEEDS,
+        )
+    settings["add_bos_token"] = bool(lm.add_bos_token)
+    settings["max_length"] = lm.max_length
+    metrics, higher = {}, {}
+    for task, values in results["results"].items():
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith("_stderr") or not isinstance(value, int | float):
+                continue
+            name = f"quality/{task}/{metric_name(metric, filter_name)}"
+            metrics[name] = float(value)
+            stderr = values.get(f"{metric}_stderr,{filter_name}")
+            if isinstance(stderr, int | float):
+                metrics[f"{name}_stderr"] = float(stderr)
+            higher[name] = bool(results["higher_is_better"].get(task, {}).get(metric, True))
+    samples = results.pop("samples", {})
+    (out / "samples").mkdir(exist_ok=True)
+    for task, rows in samples.items():
+        kept = rows[: cfg.log_samples]
+        (out / "samples" / f"{task}.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in kept))
+    (out / "lm_eval_results.json").write_text(json.dumps(results, indent=1, default=str))
+    return metrics, {"settings": settings, "higher_is_better": higher}
