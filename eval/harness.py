@@ -67,6 +67,65 @@ def metric_name(metric: str, filter_name: str) -> str:
     return metric if filter_name == "none" else f"{metric}_{filter_name}"
 
 
+def _task_manager():
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def check_standard_tasks(names: list[str], gated_metrics: list[str]) -> None:
+    """Each name is a task, group or tag lm-eval knows (else close matches are listed), and each
+    gated `task/metric` of a standard task is one the task reports."""
+    import difflib
+
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    manager = _task_manager()
+    known = set(manager.all_tasks)
+    for index, name in enumerate(names):
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
+            raise ValueError(f"tasks[{index}]: {name!r} is not an lm-eval task"
+                             + (f"; close matches: {', '.join(close)}" if close else ""))
+    for gated in gated_metrics:
+        task, _, metric = gated.partition("/")
+        entry = manager.task_index[task]
+        if entry.yaml_path is None:
+            continue  # a group or a Python task: its metrics are only known once it is built
+        produced = produced_metrics(load_yaml(entry.yaml_path, resolve_func=False))
+        if metric not in produced:
+            raise ValueError(f"gates.metrics: {task} reports {', '.join(sorted(produced))}, not {metric!r}")
+
+
+def offline_blockers(names: list[str]) -> str | None:
+    """Why standard tasks cannot run on this machine: their datasets come from the hub, and this
+    run is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) without them in the local datasets cache."""
+    import os
+
+    offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "").lower() in ("1", "true")]
+    if not offline:
+        return None
+    from datasets import config
+
+    cached = {p.name for p in Path(config.HF_DATASETS_CACHE).glob("*")} if Path(config.HF_DATASETS_CACHE).is_dir() else set()
+    missing = [n for n in names if not any(c.startswith(_dataset_cache_prefix(n)) for c in cached)]
+    if missing:
+        return (f"{', '.join(missing)}: the task data comes from the hub, and this run is offline ({offline[0]}=1) "
+                "without it in the local datasets cache; use local_tasks, or run where the hub is reachable")
+    return None
+
+
+def _dataset_cache_prefix(task: str) -> str:
+    """The datasets-cache folder prefix of a standard task's dataset (org___name), or a prefix no
+    folder has when the task is a group."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = _task_manager().task_index.get(task)
+    path = getattr(entry, "yaml_path", None)
+    dataset = load_yaml(path, resolve_func=False).get("dataset_path") if path else None
+    return dataset.replace("/", "___") if dataset else "\0"
+
+
 def evaluate_tasks(model, tokenizer, cfg, device: str, out: Path) -> tuple[dict[str, float], dict[str, Any]]:
     """(metrics, info): the tasks' metrics and standard errors; info holds the settings used and
     which metrics are better higher. Writes `lm_eval_results.json` and `samples/<task>.jsonl`."""

@@ -253,6 +253,15 @@ class Evaluate(Strict):
     def _resolve_local(cls, value: Any, info: ValidationInfo) -> Any:
         return [_resolve_path(v, info) for v in value] if isinstance(value, list) else value
 
+    @field_validator("local_tasks")
+    @classmethod
+    def _parse_local(cls, paths: list[Path]) -> list[Path]:
+        from llmopt.eval.harness import local_task_metrics
+
+        for path in paths:
+            local_task_metrics(path)  # parses (without running task code) and checks the data files exist
+        return paths
+
     @field_validator("limit")
     @classmethod
     def _limit(cls, v: int | None) -> int | None:
@@ -267,11 +276,8 @@ class Evaluate(Strict):
         from llmopt.eval.harness import local_task_metrics
 
         produced: dict[str, set[str]] = {}
-        for index, path in enumerate(self.local_tasks):
-            try:
-                produced.update(local_task_metrics(path))
-            except ValueError as e:
-                raise ValueError(f"local_tasks[{index}]: {e}") from None
+        for path in self.local_tasks:
+            produced.update(local_task_metrics(path))
         if self.gates is not None:
             if self.gates.max_ppl_delta_pct is not None and self.perplexity is None:
                 raise ValueError("gates.max_ppl_delta_pct needs the `perplexity` evaluation")

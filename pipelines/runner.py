@@ -62,6 +62,14 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
     """What the recipe's own models say, where they can be read without a download: layer indices
     against the teacher's depth, teacher and student tokenizers."""
     for index, cfg in enumerate(recipe.stages):
+        if cfg.stage == "evaluate" and cfg.tasks:
+            from llmopt.eval.harness import check_standard_tasks
+
+            try:
+                check_standard_tasks(cfg.tasks, [name for name in (cfg.gates.metrics if cfg.gates else {})
+                                                 if name.partition("/")[0] in cfg.tasks])
+            except ValueError as e:
+                raise RecipeError(f"{path}: stages[{index}].{e}") from None
         if cfg.stage == "distill":
             first_model_stage = all(not STAGES[s.stage].produces_model for s in recipe.stages[:index])
             teacher = cfg.teacher or (recipe.model if first_model_stage else None)
@@ -80,6 +88,11 @@ def check_machine(recipe: Recipe, path: Path) -> None:
             if find_spec(library) is None:
                 fix = f"pip install 'llmopt[{EXTRAS[library]}]'" if library in EXTRAS else f"pip install {library}"
                 raise RecipeError(f"{path}: stages[{index}]: {_label(cfg)} needs {library}, which is not installed; {fix}")
+        if cfg.stage == "evaluate" and cfg.tasks:
+            from llmopt.eval.harness import offline_blockers
+
+            if blocked := offline_blockers(cfg.tasks):
+                raise RecipeError(f"{path}: stages[{index}].tasks: {blocked}")
         if cfg.stage == "distill":
             _preflight_processes(cfg.distributed.num_processes, recipe.device, f"{path}: stages[{index}]")
             if cfg.teacher_device and cfg.teacher_device.startswith("cuda"):
