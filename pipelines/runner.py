@@ -272,7 +272,9 @@ def run_recipe(
                     curve_names = {name for row in curves for name in row}
                     tracker.log(
                         child,
-                        params=flatten(cfg.model_dump(mode="json")),
+                        # the recipe's settings, and those a library resolved at run time (lm-eval's BOS choice)
+                        params={**flatten(cfg.model_dump(mode="json")),
+                                **{f"resolved.{k}": str(v) for k, v in entry.artifact.info.get("settings", {}).items()}},
                         # a metric with a per-step curve is logged as the curve only (its last point is final)
                         metrics={k: v for k, v in metrics.items() if k not in curve_names},
                         tags={"llmopt.cache_key": entry.key, "llmopt.cache_hit": str(entry.hit).lower(),

@@ -42,17 +42,25 @@ def _evaluate(model_dir, tmp_path, name, **fields):
     return evaluate.run(cfg, Artifact(model_dir, "hf-checkpoint"), out, CPU), cfg
 
 
-def test_rolling_task_agrees_with_llmopt_perplexity_per_story(tiny_model, tmp_path):
-    """lm-eval's rolling loglikelihood of each story equals llmopt's perplexity code on the same
-    tokens (BOS, then the story, one window): the in-memory model is what lm-eval scored."""
+def test_rolling_task_agrees_with_llmopt_perplexity(tiny_model, tmp_path):
+    """Per story, lm-eval's rolling loglikelihood equals llmopt's perplexity code on the same tokens
+    (BOS, then the story, one window): the in-memory model is what lm-eval scored. Over all
+    stories, the perplexity stage (a stream: each story has the previous one as context, and the
+    separators are scored) comes out lower than lm-eval's per-story token perplexity (each story
+    from BOS alone); measured 2.129 vs 2.241 (5.2%), asserted within 10% in that direction."""
     from llmopt.eval.perplexity import perplexity
     from llmopt.models import load_model, load_tokenizer
 
-    artifact, _ = _evaluate(tiny_model, tmp_path, "base")
+    stories = TASKS / "tiny_stories_rolling" / "stories.jsonl"
+    artifact, _ = _evaluate(tiny_model, tmp_path, "base", log_samples=local_tasks.N_STORIES,
+                            perplexity={"dataset": {"path": str(stories)}, "seq_len": 128, "stride": 64})
     samples = [json.loads(line) for line in (artifact.path / "samples" / "tiny_stories_rolling.jsonl").open()]
-    assert len(samples) == 5
+    assert len(samples) == local_tasks.N_STORIES
     model, tokenizer = load_model(Artifact(tiny_model, "hf-checkpoint"), "cpu", "float32"), load_tokenizer(tiny_model)
-    for sample in samples:
+    tokens = sum(len(tokenizer.encode(s["doc"]["text"], add_special_tokens=False)) for s in samples)
+    per_story_ppl = math.exp(-sum(s["resps"][0][0] for s in samples) / tokens)
+    assert 1.0 < per_story_ppl / artifact.metrics["quality/ppl"] < 1.10
+    for sample in samples[:5]:
         ids = [tokenizer.bos_token_id, *tokenizer.encode(sample["doc"]["text"], add_special_tokens=False)]
         ours = perplexity(model, ids, len(ids), len(ids), progress=False)
         lm_eval_loglikelihood = sample["resps"][0][0]
@@ -60,14 +68,11 @@ def test_rolling_task_agrees_with_llmopt_perplexity_per_story(tiny_model, tmp_pa
     m = artifact.metrics
     assert 0.9 < m["quality/tiny_sums/acc"] <= 1.0 and 0 < m["quality/tiny_sums/acc_stderr"] < 0.05
     assert m["quality/tiny_sums_gen/exact_match_first_number"] > 0.8, "the trained model can add small numbers"
-    # bits per byte is the same quantity as the per-story nll, in bits over UTF-8 bytes
-    stories = [json.loads(line)["text"] for line in (TASKS / "tiny_stories_rolling" / "stories.jsonl").open()]
-    total_nll = -sum(json.loads(line)["resps"][0][0] for line in
-                     (artifact.path / "samples" / "tiny_stories_rolling.jsonl").open())
-    assert total_nll > 0 and m["quality/tiny_stories_rolling/bits_per_byte"] > 0
-    assert m["quality/tiny_stories_rolling/byte_perplexity"] == pytest.approx(
-        2 ** m["quality/tiny_stories_rolling/bits_per_byte"], rel=1e-6)
-    assert len(stories) == local_tasks.N_STORIES
+    # bits per byte: the stories' total nll in bits over their UTF-8 bytes; byte perplexity 2^that
+    n_bytes = sum(len(s["doc"]["text"].encode()) for s in samples)
+    nll_bits = -sum(s["resps"][0][0] for s in samples) / math.log(2)
+    assert m["quality/tiny_stories_rolling/bits_per_byte"] == pytest.approx(nll_bits / n_bytes, rel=1e-6)
+    assert m["quality/tiny_stories_rolling/byte_perplexity"] == pytest.approx(2 ** (nll_bits / n_bytes), rel=1e-6)
 
 
 def test_destroyed_model_fails_the_gates_and_the_base_passes(tiny_model, tmp_path):

@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import DATA, run_cli
+from conftest import DATA, ROOT, run_cli
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
+TASKS = ROOT / "eval" / "tasks"
 QUANTIZE = {
     "gptq-int4": f"method: gptq\n    bits: 4\n    group_size: 128\n    calibration:\n"
                  f"      dataset: {{path: {DATA / 'calibration.jsonl'}}}\n      num_samples: 128\n      seq_len: 512\n",
@@ -51,6 +52,7 @@ def test_stage_runs_on_cuda(name, llama_1b, workdir, tmp_path):
         f"  - stage: quantize\n    {QUANTIZE[name]}"
         f"  - stage: evaluate\n    perplexity:\n      dataset: {{path: {DATA / 'validation.jsonl'}}}\n"
         f"      seq_len: 512\n      stride: 512\n      batch_size: 8\n"
+        f"    local_tasks: [{TASKS / 'tiny_sums'}, {TASKS / 'tiny_stories_rolling'}]\n    batch_size: 32\n"
     )
     assert run_cli(workdir, "run", str(recipe)) == 0
     import mlflow
@@ -64,6 +66,7 @@ def test_stage_runs_on_cuda(name, llama_1b, workdir, tmp_path):
     assert weights_gb < quant.metrics["memory/weights_gb_base"] / (1.5 if name == "bnb-int8" else 2.5)
     assert evaluate.metrics["memory/peak_gpu_gb"] >= weights_gb, "the quantized weights sit on the GPU"
     assert 1 < evaluate.metrics["quality/ppl"] < 1e6 and evaluate.metrics["quality/eval_tokens"] > 10_000
+    assert 0 <= evaluate.metrics["quality/tiny_sums/acc"] <= 1 and "quality/tiny_sums/acc_recovery" in evaluate.metrics
 
     report = os.environ.get("LLMOPT_GPU_REPORT")
     if report:
@@ -74,7 +77,9 @@ def test_stage_runs_on_cuda(name, llama_1b, workdir, tmp_path):
                 "weights_gb": weights_gb, "weights_gb_base": quant.metrics["memory/weights_gb_base"],
                 "evaluate_s": evaluate.metrics["time/stage_s"], "evaluate_peak_gb": evaluate.metrics["memory/peak_gpu_gb"],
                 "ppl": evaluate.metrics["quality/ppl"], "ppl_base": evaluate.metrics["quality/ppl_base"],
-                "kl_base": evaluate.metrics["quality/kl_base"],
+                "kl_base": evaluate.metrics["quality/kl_base"], "lm_eval_s": evaluate.metrics["time/lm_eval_s"],
+                "tiny_sums_acc": evaluate.metrics["quality/tiny_sums/acc"],
+                "tiny_sums_acc_base": evaluate.metrics["quality/tiny_sums/acc_base"],
             }) + "\n")
 
 

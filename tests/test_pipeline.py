@@ -156,3 +156,38 @@ def test_a_hub_model_that_cannot_be_fetched_exits_1_naming_it(workdir, tmp_path,
     assert last_line.startswith("error: base model example-org/not-cached-anywhere could not be loaded: ")
     _, (parent,), children = runs(workdir["mlruns"], "hub")
     assert parent.info.status == "FAILED" and children == []
+
+
+def test_local_tasks_paired_with_the_base_and_a_failed_gate_marks_the_run(tiny_workdir, tmp_path, capsys):
+    """lm-eval tasks for the quantized and the base model under the same settings; recovery is
+    their ratio; a gate that fails leaves the run FINISHED, exit 0, and marked."""
+    recipe = fast_recipe(tmp_path)
+    tasks = ROOT / "eval" / "tasks"
+    recipe.write_text(recipe.read_text() + (
+        f"    local_tasks: [{tasks / 'tiny_sums'}, {tasks / 'tiny_stories_rolling'}]\n    limit: 40\n    log_samples: 3\n"
+        "    gates: {min_recovery: 0.5, max_ppl_delta_pct: 5, metrics: {tiny_sums/acc: {min: 0.999}}}\n"))
+    assert run_cli(tiny_workdir, "run", str(recipe)) == 0
+    out = capsys.readouterr().out
+    assert "tiny_sums/acc" in out and "gates (evaluate): FAILED: quality/tiny_sums/acc=" in out
+
+    client, (parent,), (_, evaluate) = runs(tiny_workdir["mlruns"], "fast")
+    assert parent.info.status == evaluate.info.status == "FINISHED"
+    m = evaluate.data.metrics
+    for task_metric in ("tiny_sums/acc", "tiny_sums_gen/exact_match_first_number", "tiny_stories_rolling/bits_per_byte"):
+        name = f"quality/{task_metric}"
+        higher = not task_metric.endswith("bits_per_byte")
+        ratio = m[name] / m[f"{name}_base"] if higher else m[f"{name}_base"] / m[name]
+        assert m[f"{name}_recovery"] == pytest.approx(ratio), name
+    assert m["quality/tiny_sums/acc"] < 0.999 and m["gates/passed"] == 0 and parent.data.metrics["gates/passed"] == 0
+    failed = evaluate.data.tags["llmopt.gates"]
+    assert failed.startswith("failed: quality/tiny_sums/acc=") and "min_recovery" not in failed
+    assert parent.data.tags["llmopt.gates"] == failed
+    params = evaluate.data.params
+    assert params["limit"] == "40" and params["num_fewshot"] == "0" and params["resolved.add_bos_token"] in ("True", "False")
+    files = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert "quality.md" in files
+    candidate = {a.path for a in client.list_artifacts(evaluate.info.run_id, "candidate")}
+    assert {"candidate/lm_eval_results.json", "candidate/report.json"} <= candidate
+    samples = client.list_artifacts(evaluate.info.run_id, "candidate/samples")
+    assert {a.path.rsplit("/", 1)[1] for a in samples} == {"tiny_sums.jsonl", "tiny_sums_gen.jsonl",
+                                                          "tiny_stories_rolling.jsonl"}

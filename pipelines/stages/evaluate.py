@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from llmopt.cache import Artifact
@@ -39,10 +40,12 @@ def run(cfg: Evaluate, src: Artifact, out: Path, ctx: StageContext, base: Artifa
         from llmopt.eval.harness import evaluate_tasks
         from llmopt.progress import progress_bar
 
+        started = time.perf_counter()
         with progress_bar(1, "lm-eval tasks", enabled=ctx.progress) as advance:
             task_metrics, info = evaluate_tasks(model, tokenizer, cfg, ctx.device, out)
             advance()
         metrics.update(task_metrics)
+        metrics["time/lm_eval_s"] = time.perf_counter() - started
         report["lm_eval"] = {"metrics": task_metrics, **info}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return Artifact(out, "report", metrics, info)
