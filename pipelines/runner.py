@@ -331,7 +331,8 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
     model the stage reads (the base model to compare against, or a teacher); its key enters the
     stage's key."""
     libraries = library_versions(("torch", "transformers", *spec.libraries(cfg)))
-    config = {"stage": key_config(cfg.model_dump(mode="json", exclude={"name"})), "dtype": ctx.dtype,
+    # gates judge a stage's output and do not change it: a new threshold re-judges the cached result
+    config = {"stage": key_config(cfg.model_dump(mode="json", exclude={"name", "gates"})), "dtype": ctx.dtype,
               "trust_remote_code": ctx.trust_remote_code, "reference": reference[0] if reference else None}
     key = stage_key(parent_key, cfg.stage, config, libraries, hardware)
     if forced:

@@ -191,3 +191,9 @@ def test_local_tasks_paired_with_the_base_and_a_failed_gate_marks_the_run(tiny_w
     samples = client.list_artifacts(evaluate.info.run_id, "candidate/samples")
     assert {a.path.rsplit("/", 1)[1] for a in samples} == {"tiny_sums.jsonl", "tiny_sums_gen.jsonl",
                                                           "tiny_stories_rolling.jsonl"}
+
+    # a gate judges the cached result: a looser threshold re-judges it without evaluating again
+    recipe.write_text(recipe.read_text().replace("min: 0.999", "min: 0.5"))
+    assert run_cli(tiny_workdir, "run", str(recipe)) == 0
+    out = capsys.readouterr().out
+    assert "stage evaluate: cache hit" in out and "gates (evaluate): passed" in out
