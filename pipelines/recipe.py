@@ -357,8 +357,9 @@ class DistillData(Strict):
 class DistillTrain(Strict):
     steps: PositiveInt | None = None
     epochs: PositiveInt | None = None
-    micro_batch_size: PositiveInt = 8
+    micro_batch_size: PositiveInt = 8  # per process
     grad_accum: PositiveInt = 1
+    optimizer: Literal["adamw", "adafactor", "sgd"] = "adamw"  # adafactor: factored second moments, less memory
     learning_rate: float = Field(3e-4, gt=0)
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)

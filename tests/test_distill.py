@@ -286,6 +286,26 @@ def test_precomputed_teacher_topk_is_forward_kl_and_computed_once(tiny_model, tm
     assert sparse[-1] < sparse[0] and slower[-1] < slower[0] and slower != pytest.approx(sparse, rel=1e-4)
 
 
+@pytest.mark.parametrize("optimizer", ["adafactor", "sgd"])
+def test_other_optimizers_train_and_resume_with_gradient_checkpointing(optimizer, tiny_model, tmp_path, monkeypatch):
+    """The loss falls; a checkpoint written mid-run restores the optimizer's own state (Adafactor's
+    factored moments, SGD's momentum): resuming from it repeats the uninterrupted curve."""
+    cfg = config(8, kd_weight=1.0)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
+        "optimizer": optimizer, "learning_rate": 1e-2 if optimizer == "sgd" else 2e-3, "gradient_checkpointing": True,
+        "save_every": 4, "eval_every": 8, "eval_batches": 2})})
+    monkeypatch.setattr(distill, "drop_checkpoints", lambda root: None)
+    (tmp_path / "whole").mkdir()
+    distill.run(cfg, Artifact(tiny_model, "hf-checkpoint"), tmp_path / "whole", CPU)
+    monkeypatch.undo()
+    shutil.copytree(tmp_path / "whole/checkpoints/step-00000004", tmp_path / "resumed/checkpoints/step-00000004")
+    artifact = distill.run(cfg, Artifact(tiny_model, "hf-checkpoint"), tmp_path / "resumed", CPU)
+    whole, resumed = ([json.loads(line)["distill/loss_total"] for line in (tmp_path / name / distill.HISTORY).open()]
+                      for name in ("whole", "resumed"))
+    assert artifact.metrics["distill/resumed_from_step"] == 4
+    assert whole[-1] < whole[0] and resumed == pytest.approx(whole, rel=1e-5)
+
+
 def test_fsdp_resumes_from_a_checkpoint_a_single_process_wrote(tiny_model, tmp_path, monkeypatch):
     """Checkpoints hold whole, named tensors (FSDP shards gathered), so any writer's checkpoint
     resumes under any strategy; here with a narrower student, so the projections come back too."""

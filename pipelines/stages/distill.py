@@ -26,7 +26,7 @@ from typing import Any
 from llmopt.cache import Artifact
 from llmopt.data import load_texts, token_stream
 from llmopt.models import load_model, load_tokenizer, tokenizer_mismatch
-from llmopt.recipe import Distill, DistillLoss, StudentSpec
+from llmopt.recipe import Distill, DistillLoss, DistillTrain, StudentSpec
 from llmopt.stages import StageContext
 
 HISTORY = "history.jsonl"
@@ -77,7 +77,7 @@ def train(cfg: Distill, teacher_artifact: Artifact, student_artifact: Artifact |
     trainee = Trainee(student, projections, layer_map)
     model = ranks.wrap(trainee, cfg.distributed.strategy)
     params = [p for p in trainee.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay)
+    optimizer = make_optimizer(cfg.train, params)
     from transformers import get_scheduler
 
     scheduler = get_scheduler(cfg.train.schedule, optimizer, cfg.train.warmup_steps, steps)
@@ -171,6 +171,21 @@ def train(cfg: Distill, teacher_artifact: Artifact, student_artifact: Artifact |
         metrics["memory/peak_gpu_gb"] = max(peaks)
         metrics.update({f"memory/peak_gpu_gb/rank{r}": peak for r, peak in enumerate(peaks)})
     return Artifact(out, "hf-checkpoint", metrics, {"format": "distilled", "kept_layers": kept})
+
+
+def make_optimizer(train: DistillTrain, params: list):
+    """AdamW; Adafactor (transformers', with the recipe's fixed learning rate and schedule rather
+    than its relative steps); or SGD with momentum 0.9."""
+    import torch
+
+    if train.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=train.learning_rate, weight_decay=train.weight_decay, relative_step=False,
+                         scale_parameter=False, warmup_init=False)
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train.learning_rate, momentum=0.9, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
 
 
 def drop_checkpoints(root: Path) -> None:
@@ -510,6 +525,7 @@ def full_state(trainee) -> dict:
 
 
 def save_checkpoint(root: Path, step: int, trainee, optimizer, scheduler, history: list, ranks) -> None:
+    import torch
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
@@ -523,8 +539,10 @@ def save_checkpoint(root: Path, step: int, trainee, optimizer, scheduler, histor
         save_file({k: v.contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
         slots = {f"{name}::{slot}": value for name, state in optimizer_state["state"].items()
                  for slot, value in state.items()}
-        save_file({k: v.contiguous() for k, v in slots.items()}, tmp / "optimizer.safetensors")
+        tensors = {k: v.contiguous() for k, v in slots.items() if isinstance(v, torch.Tensor)}
+        save_file(tensors, tmp / "optimizer.safetensors")
         meta = {"step": step, "param_groups": optimizer_state["param_groups"], "scheduler": scheduler.state_dict(),
+                "optimizer_scalars": {k: v for k, v in slots.items() if k not in tensors},  # e.g. Adafactor's int step
                 "history": history}
         (tmp / "trainer_state.json").write_text(json.dumps(meta))  # last: its presence marks the checkpoint complete
         tmp.rename(final)
@@ -546,7 +564,7 @@ def load_latest_checkpoint(root: Path, trainee, optimizer, scheduler) -> tuple[i
     meta = json.loads((latest / "trainer_state.json").read_text())
     set_model_state_dict(trainee, load_file(latest / "model.safetensors"), options=_full_options())
     state: dict[str, dict] = {}
-    for key, value in load_file(latest / "optimizer.safetensors").items():
+    for key, value in [*load_file(latest / "optimizer.safetensors").items(), *meta["optimizer_scalars"].items()]:
         name, slot = key.rsplit("::", 1)
         state.setdefault(name, {})[slot] = value
     set_optimizer_state_dict(trainee, optimizer, {"state": state, "param_groups": meta["param_groups"]},
