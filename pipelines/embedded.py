@@ -98,6 +98,7 @@ class TinyLlamaSpec:
 
 
 EMBEDDED_MODELS = {"tiny-llama": TinyLlamaSpec()}
+CONTEXT = 512  # max_position_embeddings of the embedded model (trained on 128-token windows)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -138,7 +139,7 @@ def build_tiny_llama(spec: TinyLlamaSpec, out: Path, progress: bool = True) -> d
         num_hidden_layers=spec.num_hidden_layers,
         num_attention_heads=spec.num_attention_heads,
         num_key_value_heads=spec.num_key_value_heads,
-        max_position_embeddings=512,
+        max_position_embeddings=CONTEXT,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

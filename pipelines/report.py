@@ -40,11 +40,10 @@ def print_summary(console: Console, summary: RunSummary) -> None:
                 table.add_row(outcome.name, name, fmt.format(outcome.metrics[name]))
     console.print(table)
     for outcome in summary.stages:
-        if any(k.endswith("_recovery") for k in outcome.metrics):
-            from llmopt.stages.evaluate import quality_table
+        for name, text in outcome.tables.items():
             from rich.markdown import Markdown
 
-            console.print(Markdown(f"**{outcome.name}: base vs candidate**\n\n" + quality_table(outcome.metrics)))
+            console.print(Markdown(f"**{outcome.name}: base vs candidate** ({name})\n\n" + text))
         if "gates/passed" in outcome.metrics:
             verdict = "[green]passed[/]" if not outcome.failed_gates else "[red]FAILED[/]: " + "; ".join(outcome.failed_gates)
             console.print(f"gates ({outcome.name}): {verdict}")

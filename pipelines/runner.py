@@ -23,7 +23,7 @@ from llmopt.cache import Artifact, Cache, Entry, key_config, stage_key
 from llmopt.errors import RecipeError, StageError
 from llmopt.models import hardware_name, quiet_libraries, resolve_base, resolve_device
 from llmopt.recipe import ModelSpec, Recipe, recipe_hash
-from llmopt.stages import StageContext, distill, evaluate, quantize
+from llmopt.stages import Paired, StageContext, benchmark, distill, evaluate, quantize
 from llmopt.tracking import Tracker, environment_lock, flatten, library_versions
 
 log = logging.getLogger("llmopt")
@@ -34,7 +34,9 @@ class StageSpec:
     run: Callable[..., Artifact]  # run(cfg, src, out, ctx[, base=reference model]) -> Artifact
     libraries: Callable[[Any], tuple[str, ...]]  # whose versions go into the cache key
     produces_model: bool  # later stages consume its output (distill, quantize) or not (evaluate)
-    paired_with_base: bool = False  # also run on the base model; metrics reported side by side
+    # also run on the base model; pair(cfg, candidate, base) -> Paired puts the two side by side
+    pair: Callable[..., Paired] | None = None
+    reads_base: bool = False  # the candidate's run also gets the base model (evaluate: KL from the base)
     uses_teacher: bool = False  # gets the teacher (cfg.teacher, else the current model) as `base`
     resumable: bool = False  # keeps a killed run's partial output (its checkpoints) for the next run
 
@@ -45,7 +47,9 @@ STAGES: dict[str, StageSpec] = {
     "distill": StageSpec(distill.run, lambda cfg: (), produces_model=True, uses_teacher=True, resumable=True),
     "quantize": StageSpec(quantize.run, lambda cfg: QUANTIZE_LIBRARIES[cfg.method], produces_model=True),
     "evaluate": StageSpec(evaluate.run, lambda cfg: ("lm_eval",) if cfg.tasks or cfg.local_tasks else (),
-                          produces_model=False, paired_with_base=True),
+                          produces_model=False, pair=evaluate.pair, reads_base=True),
+    "benchmark": StageSpec(benchmark.run, lambda cfg: ("tensorrt_llm",) if cfg.runtime == "trtllm" else (),
+                           produces_model=False, pair=benchmark.pair),
 }
 
 
@@ -70,6 +74,11 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
                                                  if name.partition("/")[0] in cfg.tasks])
             except ValueError as e:
                 raise RecipeError(f"{path}: stages[{index}].{e}") from None
+        if cfg.stage == "benchmark" and (context := _known_context(recipe.model)) is not None:
+            longest = cfg.input_tokens if isinstance(cfg.input_tokens, int) else cfg.input_tokens.mean
+            if longest + cfg.output_tokens > context:
+                raise RecipeError(f"{path}: stages[{index}].output_tokens: {cfg.output_tokens} output after {longest} "
+                                  f"input tokens exceed the model's context of {context} tokens")
         if cfg.stage == "distill":
             first_model_stage = all(not STAGES[s.stage].produces_model for s in recipe.stages[:index])
             teacher = cfg.teacher or (recipe.model if first_model_stage else None)
@@ -93,6 +102,10 @@ def check_machine(recipe: Recipe, path: Path) -> None:
 
             if blocked := offline_blockers(cfg.tasks):
                 raise RecipeError(f"{path}: stages[{index}].tasks: {blocked}")
+        cuda_only = cfg.stage == "benchmark" and cfg.runtime in ("transformers-compiled", "trtllm")
+        if cuda_only and (recipe.device == "cpu" or not _cuda_available()):
+            raise RecipeError(f"{path}: stages[{index}].runtime: {cfg.runtime} runs on CUDA only, and this run is on "
+                              "the CPU; use transformers-eager")
         if cfg.stage == "distill":
             _preflight_processes(cfg.distributed.num_processes, recipe.device, f"{path}: stages[{index}]")
             if cfg.teacher_device and cfg.teacher_device.startswith("cuda"):
@@ -157,6 +170,17 @@ def _local_tokenizer(spec: ModelSpec):
     return None
 
 
+def _known_context(spec: ModelSpec) -> int | None:
+    """The model's context length where its config can be read without a download."""
+    if spec.embedded is not None:
+        from llmopt.embedded import CONTEXT
+
+        return CONTEXT
+    if spec.path is not None:
+        return json.loads((spec.path / "config.json").read_text()).get("max_position_embeddings")
+    return None
+
+
 def _known_layer_count(spec: ModelSpec) -> int | None:
     if spec.embedded is not None:
         from llmopt.embedded import EMBEDDED_MODELS
@@ -188,6 +212,7 @@ class StageOutcome:
     metrics: dict[str, float]
     run_id: str
     failed_gates: list[str] = field(default_factory=list)
+    tables: dict[str, str] = field(default_factory=dict)  # markdown a paired stage prints at the end
 
 
 @dataclass
@@ -262,9 +287,13 @@ def run_recipe(
                     entry = entries[0]
                     metrics = dict(entry.artifact.metrics)
                     failed_gates: list[str] = []
-                    if spec.paired_with_base:
-                        metrics, failed_gates = evaluate.paired(entry.artifact, entries[-1].artifact, cfg.gates)
-                        tracker.log_text(child, evaluate.quality_table(metrics), "quality.md")
+                    tables: dict[str, str] = {}
+                    if spec.pair is not None:
+                        paired = spec.pair(cfg, entry.artifact, entries[-1].artifact)
+                        metrics, failed_gates = paired.metrics, paired.failed_gates
+                        for name, data in paired.files.items():
+                            tracker.log_bytes(child, data, name)
+                        tables = {n: d.decode() for n, d in paired.files.items() if n.endswith(".md")}
                     metrics["time/stage_s"] = entry.record["seconds"]
                     history_file = entry.artifact.path / distill.HISTORY
                     curves = ([json.loads(line) for line in history_file.read_text().splitlines()]
@@ -292,7 +321,7 @@ def run_recipe(
                                 tracker.log_file(child, report.artifact.path / name, role)
                         for sample_file in sorted((report.artifact.path / "samples").glob("*.jsonl")):
                             tracker.log_file(child, sample_file, f"{role}/samples")
-                outcome = StageOutcome(cfg.name, entry.key, entry.hit, seconds, metrics, child, failed_gates)
+                outcome = StageOutcome(cfg.name, entry.key, entry.hit, seconds, metrics, child, failed_gates, tables)
                 summary.stages.append(outcome)
                 all_metrics.update({k: v for k, v in metrics.items() if not k.startswith("time/")})
                 log.info("stage %s: key %s, %s, %.1fs", cfg.name, entry.key, "hit" if entry.hit else "built", seconds)
@@ -315,8 +344,8 @@ def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], 
     (which then also runs on the base, unless the current model is the base).
     Returns [current] or [current, base]."""
     (current_key, current_artifact), (base_key, base_artifact) = current, base
-    paired = spec.paired_with_base and current_key != base_key
-    reference = base if paired else None
+    paired = spec.pair is not None and current_key != base_key
+    reference = base if paired and spec.reads_base else None
     if spec.uses_teacher:
         reference = resolve_base(cfg.teacher, ctx.cache_root, ctx.progress) if cfg.teacher else current
     entries = [_cached(cache, spec, cfg, current_artifact, current_key, ctx, hardware, forced, reference)]

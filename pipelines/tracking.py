@@ -133,6 +133,14 @@ class Tracker:
     def log_text(self, run_id: str, text: str, name: str) -> None:
         self.client.log_text(run_id, text, name)
 
+    def log_bytes(self, run_id: str, data: bytes, name: str) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / Path(name).name
+            path.write_bytes(data)
+            self.client.log_artifact(run_id, str(path), str(Path(name).parent) if "/" in name else None)
+
     def run_url_hint(self, run_id: str, experiment_id: str) -> str:
         if self.uri.startswith("sqlite:"):
             return f"make ui, then experiment {experiment_id}, run {run_id}"

@@ -1,6 +1,6 @@
 """Stages: plain functions `run(cfg, src, out, ctx) -> Artifact`; the registry is in llmopt.runner."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
@@ -13,3 +13,13 @@ class StageContext:
     trust_remote_code: bool
     progress: bool = True
     cache_root: Path | None = None  # where further models a stage names (a student) are resolved
+
+
+@dataclass
+class Paired:
+    """A paired stage's result for the candidate beside the base: metrics to log, failed gates,
+    and files for the stage's MLflow run (name -> bytes: tables, plots)."""
+
+    metrics: dict[str, float]
+    failed_gates: list[str] = field(default_factory=list)
+    files: dict[str, bytes] = field(default_factory=dict)

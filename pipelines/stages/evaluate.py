@@ -12,7 +12,7 @@ from llmopt.data import load_texts, token_stream
 from llmopt.eval.perplexity import perplexity
 from llmopt.models import load_model, load_tokenizer
 from llmopt.recipe import Evaluate, Gates
-from llmopt.stages import StageContext
+from llmopt.stages import Paired, StageContext
 
 
 def run(cfg: Evaluate, src: Artifact, out: Path, ctx: StageContext, base: Artifact | None = None) -> Artifact:
@@ -49,6 +49,12 @@ def run(cfg: Evaluate, src: Artifact, out: Path, ctx: StageContext, base: Artifa
         report["lm_eval"] = {"metrics": task_metrics, **info}
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return Artifact(out, "report", metrics, info)
+
+
+def pair(cfg: Evaluate, candidate: Artifact, base: Artifact) -> Paired:
+    """The runner's hook: paired metrics, gate verdicts and the quality table."""
+    metrics, failed = paired(candidate, base, cfg.gates)
+    return Paired(metrics, failed, {"quality.md": quality_table(metrics).encode()})
 
 
 def paired(candidate: Artifact, base: Artifact, gates: Gates | None) -> tuple[dict[str, float], list[str]]:

@@ -1,0 +1,311 @@
+"""Latency and throughput of text generation, measured honestly.
+
+One measurement = one batch of requests generated to a forced length (EOS ignored, verified on
+the outputs). Each timed call is preceded by a device synchronisation and every per-token
+timestamp is taken after the token exists (CUDA events in the compiled loop; a synchronising
+streamer hook around `generate`). Warm-up calls (compilation, CUDA graph capture, allocator
+growth) run before the timed ones, with the same shapes.
+
+Runtimes:
+- `transformers-eager`: `model.generate` with the dynamic cache.
+- `transformers-compiled`: a static KV cache, the prefill run eagerly, and a one-token decode step
+  compiled with `torch.compile(mode="reduce-overhead")` (CUDA graphs) in a lean loop, so the
+  decode has no per-token Python overhead beyond one graph replay. CUDA only.
+- `trtllm`: the TensorRT-LLM LLM API, where `tensorrt_llm` is importable (end-to-end latency only).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+RUNTIMES = ("transformers-eager", "transformers-compiled", "trtllm")
+CUDA_ONLY = ("transformers-compiled", "trtllm")
+
+
+@dataclass
+class Sample:
+    """One timed call: when it started, when each new token existed, and the tokens."""
+
+    started: float
+    stamps: list[float]  # seconds since `started`, one per generated token
+    new_tokens: int  # generated per request (checked against the forced length)
+    extra: dict = field(default_factory=dict)
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def prompts(batch: int, input_tokens, vocab_size: int, seed: int) -> list[list[int]]:
+    """Random token ids (seeded), `input_tokens` long or drawn from {mean, stdev} (at least 1)."""
+    import random
+
+    rng = random.Random(seed * 1_000_003 + batch)
+    lengths = [input_tokens if isinstance(input_tokens, int)
+               else max(1, round(rng.gauss(input_tokens.mean, input_tokens.stdev))) for _ in range(batch)]
+    return [[rng.randrange(3, vocab_size) for _ in range(n)] for n in lengths]
+
+
+def _left_padded(batch: list[list[int]], pad: int, device: str):
+    import torch
+
+    width = max(len(p) for p in batch)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
+    return ids, mask
+
+
+class EagerRuntime:
+    """`generate` with the dynamic cache, greedy, EOS suppressed until the forced length."""
+
+    name = "transformers-eager"
+
+    def __init__(self, model, device: str):
+        self.model, self.device = model, device
+
+    def prepare(self, batch: list[list[int]], output_tokens: int) -> None:
+        pass
+
+    def run(self, batch: list[list[int]], output_tokens: int, stamped: bool = True) -> Sample:
+        import torch
+
+        pad = self.model.config.pad_token_id
+        pad = pad if pad is not None else 0
+        ids, mask = _left_padded(batch, pad, self.device)
+        stamps: list[float] = []
+        device = self.device
+
+        class Stamp:  # generate's streamer hook: the first put is the prompt, then one per token
+            seen_prompt = False
+
+            def put(self, value):
+                if not Stamp.seen_prompt:
+                    Stamp.seen_prompt = True
+                    return
+                sync(device)
+                stamps.append(time.perf_counter() - started)
+
+            def end(self):
+                pass
+
+        sync(self.device)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=output_tokens, min_new_tokens=output_tokens,
+                do_sample=False, pad_token_id=pad, streamer=Stamp() if stamped else None)
+        sync(self.device)
+        ended = time.perf_counter() - started
+        if not stamped:
+            stamps = [ended]
+        stamps[-1] = max(stamps[-1], ended)
+        return Sample(started, stamps, out.shape[1] - ids.shape[1])
+
+
+class CompiledRuntime:
+    """Static cache; eager prefill; compiled one-token decode step (CUDA graphs) in a lean loop,
+    timed with CUDA events recorded after each step (one synchronisation at the end)."""
+
+    name = "transformers-compiled"
+
+    def __init__(self, model, device: str):
+        if not device.startswith("cuda"):
+            raise ValueError("transformers-compiled needs CUDA (CUDA graphs)")
+        self.model, self.device = model, device
+        self._shape = None
+
+    def prepare(self, batch: list[list[int]], output_tokens: int) -> None:
+        """(Re)build the static cache and the compiled step for this batch shape."""
+        import torch
+        from transformers import StaticCache
+
+        shape = (len(batch), max(len(p) for p in batch), output_tokens)
+        if shape == self._shape:
+            return
+        self._shape = shape
+        bs, width, out = shape
+        self.cache = StaticCache(config=self.model.config, max_cache_len=width + out)
+        model = self.model
+
+        def step(token, position_ids, cache_position, mask):
+            logits = model(input_ids=token, position_ids=position_ids, cache_position=cache_position,
+                           attention_mask=mask, past_key_values=self.cache, use_cache=True).logits
+            return logits[:, -1].argmax(-1, keepdim=True)
+
+        torch._dynamo.reset()
+        self.step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+
+    def run(self, batch: list[list[int]], output_tokens: int, stamped: bool = True) -> Sample:
+        import torch
+
+        bs, width, out = self._shape
+        pad = self.model.config.pad_token_id or 0
+        ids, prompt_mask = _left_padded(batch, pad, self.device)
+        self.cache.reset()
+        mask = torch.ones(bs, width + out, dtype=torch.long, device=self.device)
+        mask[:, :width] = prompt_mask
+        lengths = prompt_mask.sum(-1, keepdim=True)
+        prefill_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        decode_positions = [lengths + i for i in range(out)]  # made before the clock starts
+        cache_positions = [torch.tensor([width + i], device=self.device) for i in range(out)]
+        tokens = torch.empty(bs, out, dtype=torch.long, device=self.device)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(out + 1)]
+        sync(self.device)
+        started = time.perf_counter()
+        events[0].record()
+        with torch.inference_mode():
+            logits = self.model(input_ids=ids, attention_mask=mask[:, :width], position_ids=prefill_positions,
+                                cache_position=torch.arange(width, device=self.device), past_key_values=self.cache,
+                                use_cache=True).logits
+            token = logits[:, -1].argmax(-1, keepdim=True)
+            tokens[:, :1] = token
+            events[1].record()
+            for i in range(1, out):
+                torch.compiler.cudagraph_mark_step_begin()
+                token = self.step(token, decode_positions[i - 1], cache_positions[i - 1], mask)
+                tokens[:, i : i + 1] = token
+                events[i + 1].record()
+        sync(self.device)
+        ended = time.perf_counter() - started
+        offsets = [events[0].elapsed_time(e) / 1000 for e in events[1:]]
+        # the host clock also saw the launch of the first event: report on the host's scale, ending at `ended`
+        shift = ended - offsets[-1]
+        stamps = [o + shift for o in offsets]
+        return Sample(started, stamps, tokens.shape[1])
+
+
+class TrtllmRuntime:
+    """TensorRT-LLM's LLM API on the checkpoint directory: end-to-end latency per batch (its
+    streaming interface would be needed for per-token times)."""
+
+    name = "trtllm"
+
+    def __init__(self, path, device: str):
+        from tensorrt_llm import LLM
+
+        self.llm = LLM(model=str(path))
+
+    def prepare(self, batch, output_tokens: int) -> None:
+        pass
+
+    def run(self, batch: list[list[int]], output_tokens: int, stamped: bool = True) -> Sample:
+        from tensorrt_llm import SamplingParams
+
+        params = SamplingParams(max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True, temperature=0)
+        started = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in batch], params)
+        ended = time.perf_counter() - started
+        produced = min(len(o.outputs[0].token_ids) for o in outputs)
+        return Sample(started, [ended], produced, {"end_to_end_only": True})
+
+
+def make_runtime(name: str, model, path, device: str):
+    if name == "transformers-eager":
+        return EagerRuntime(model, device)
+    if name == "transformers-compiled":
+        return CompiledRuntime(model, device)
+    return TrtllmRuntime(path, device)
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100)."""
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        return ordered[0]
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(samples: list[Sample], batch: int, input_tokens: int, output_tokens: int) -> dict[str, float]:
+    """Per-batch metrics from the timed samples: medians over repeats, p90/p99 where a metric is a
+    distribution (TTFT, end-to-end over repeats; inter-token latency over every token of every repeat)."""
+    ttft = [s.stamps[0] for s in samples]
+    e2e = [s.stamps[-1] for s in samples]
+    itl = [b - a for s in samples for a, b in zip(s.stamps, s.stamps[1:], strict=False)]
+    tpot = [(s.stamps[-1] - s.stamps[0]) / max(1, output_tokens - 1) for s in samples]
+    out: dict[str, float] = {}
+    for name, values in (("ttft_ms", ttft), ("e2e_ms", e2e)):
+        out[name] = statistics.median(values) * 1000
+        out[f"{name}_p90"] = percentile(values, 90) * 1000
+        out[f"{name}_p99"] = percentile(values, 99) * 1000
+    if itl:
+        out["itl_ms"] = statistics.median(itl) * 1000
+        out["itl_ms_p90"] = percentile(itl, 90) * 1000
+        out["itl_ms_p99"] = percentile(itl, 99) * 1000
+    out["tpot_ms"] = statistics.median(tpot) * 1000
+    median_e2e = statistics.median(e2e)
+    out["output_tok_s"] = batch * output_tokens / median_e2e
+    out["total_tok_s"] = batch * (input_tokens + output_tokens) / median_e2e
+    out["requests_s"] = batch / median_e2e
+    out["e2e_spread_pct"] = 100 * (max(e2e) - min(e2e)) / median_e2e
+    return out
+
+
+def measure(runtime, batch: list[list[int]], output_tokens: int, warmup: int, repeats: int,
+            on_call: Callable[[], None] = lambda: None) -> list[Sample]:
+    """Warm-up calls, then `repeats` timed calls; each call's output length is checked."""
+    runtime.prepare(batch, output_tokens)
+    for _ in range(warmup):
+        runtime.run(batch, output_tokens)
+        on_call()
+    samples = []
+    for _ in range(repeats):
+        sample = runtime.run(batch, output_tokens)
+        if sample.new_tokens != output_tokens:
+            raise RuntimeError(f"{runtime.name} generated {sample.new_tokens} tokens, not the forced {output_tokens}")
+        samples.append(sample)
+        on_call()
+    return samples
+
+
+def bare_loop(runtime, batch: list[list[int]], output_tokens: int, repeats: int, device: str) -> float:
+    """Median seconds of the same calls timed with nothing but a synchronisation around them: the
+    reference for the measurement's own overhead."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        runtime.run(batch, output_tokens, stamped=False)
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# --- memory and bandwidth -----------------------------------------------------------------------
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """Keys and values of one token over all layers: 2 x layers x kv heads x head dim x bytes."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return 2 * text.num_hidden_layers * heads * head_dim * dtype_bytes
+
+
+def copy_bandwidth(device: str, size_bytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted), median of `repeats`."""
+    import torch
+
+    n = size_bytes // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return 2 * n * 4 / statistics.median(times)

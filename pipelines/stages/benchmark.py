@@ -1,0 +1,198 @@
+"""The benchmark stage: latency, throughput, memory, bandwidth roofline and cost of one model.
+The runner calls it for the candidate and the base model (cached per hardware) and `pair` puts
+them side by side, with plots.
+
+Metric names: `bench/<metric>/bs<N>` per batch size, `memory/...` for the model, and
+`bench/bandwidth_*` for the device. Timing is done by llmopt.eval.bench (warm-up outside the
+timed region, device synchronisation, forced output length, medians over repeats).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import platform
+from pathlib import Path
+
+from llmopt.cache import Artifact
+from llmopt.eval import bench
+from llmopt.models import load_model, weights_bytes
+from llmopt.recipe import Benchmark
+from llmopt.stages import Paired, StageContext
+
+BANDWIDTH_FILE = "device-bandwidth.json"
+
+
+def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact:
+    import torch
+    from llmopt.progress import progress_bar
+
+    torch.manual_seed(cfg.seed)
+    model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code) if cfg.runtime != "trtllm" else None
+    config = model.config if model is not None else _config(src.path)
+    context = getattr(config, "max_position_embeddings", None)
+    longest = cfg.input_tokens if isinstance(cfg.input_tokens, int) else cfg.input_tokens.mean + 4 * cfg.input_tokens.stdev
+    if context is not None and longest + cfg.output_tokens > context:
+        raise ValueError(f"input ({longest:.0f}) + output_tokens ({cfg.output_tokens}) exceed the model's context "
+                         f"of {context} tokens")
+    runtime = bench.make_runtime(cfg.runtime, model, src.path, ctx.device)
+    stored = weights_bytes(src.path)
+    dtype_bytes = torch.finfo(torch_dtype_of(model)).bits // 8 if model is not None else 2
+    kv_per_token = bench.kv_bytes_per_token(config, dtype_bytes)
+    bandwidth = device_bandwidth(ctx)
+    metrics: dict[str, float] = {
+        "memory/weights_gb": stored / 1e9,
+        "memory/kv_bytes_per_token": float(kv_per_token),
+        "bench/bandwidth_measured_gb_s": bandwidth / 1e9,
+    }
+    budget = cfg.memory_budget_gb * 1e9 if cfg.memory_budget_gb else (
+        torch.cuda.get_device_properties(0).total_memory if ctx.device.startswith("cuda") else None)
+    if budget is not None:
+        metrics["memory/budget_gb"] = budget / 1e9
+        metrics["memory/kv_tokens_in_budget"] = float(max(0, budget - stored) // kv_per_token)
+    report = {"runtime": cfg.runtime, "device": ctx.device, "batches": {}}
+    in_memory = _in_memory_bytes(model) if model is not None else stored
+    with progress_bar(len(cfg.batch_sizes), f"benchmark {cfg.runtime}", enabled=ctx.progress) as advance:
+        for index, bs in enumerate(cfg.batch_sizes):
+            batch = bench.prompts(bs, cfg.input_tokens, config.vocab_size, cfg.seed)
+            mean_in = sum(len(p) for p in batch) / bs
+            if ctx.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            samples = bench.measure(runtime, batch, cfg.output_tokens, cfg.warmup, cfg.repeats)
+            row = bench.summarize(samples, bs, round(mean_in), cfg.output_tokens)
+            if ctx.device.startswith("cuda"):
+                row["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
+                row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+            # bytes one decode step reads: the weights, and the KV cache of every request so far (mean context)
+            step_bytes = in_memory + bs * (mean_in + cfg.output_tokens / 2) * kv_per_token
+            row["decode_bandwidth_gb_s"] = step_bytes / (row["tpot_ms"] / 1000) / 1e9
+            row["roofline_fraction"] = row["decode_bandwidth_gb_s"] * 1e9 / bandwidth
+            if cfg.gpu_hourly_usd is not None:
+                row["usd_per_1m_output_tokens"] = cfg.gpu_hourly_usd / 3600 / row["output_tok_s"] * 1e6
+            if index == 0 and cfg.runtime != "trtllm":
+                bare = bench.bare_loop(runtime, batch, cfg.output_tokens, cfg.repeats, ctx.device)
+                row["overhead_pct"] = 100 * (row["e2e_ms"] / 1000 / bare - 1)
+            report["batches"][bs] = {**row, "samples_s": [s.stamps[-1] for s in samples]}
+            metrics.update({f"bench/{name}/bs{bs}": value for name, value in row.items()})
+            advance()
+    report["metrics"] = metrics
+    report["environment"] = environment(ctx.device)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    return Artifact(out, "report", metrics, {"batch_sizes": cfg.batch_sizes, "environment": report["environment"]})
+
+
+def torch_dtype_of(model):
+    """The dtype activations and the KV cache use (the first floating parameter's, or bf16 for a
+    model whose weights are all packed integers)."""
+    import torch
+
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.bfloat16
+
+
+def _in_memory_bytes(model) -> int:
+    """Bytes of parameters and buffers as they sit in memory (packed integer tensors at their size)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def _config(path: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path)
+
+
+def device_bandwidth(ctx: StageContext) -> float:
+    """Measured copy bandwidth of this device (bytes/s), measured once per device and torch
+    version and kept under the cache root."""
+    import torch
+    from llmopt.models import hardware_name
+
+    key = f"{hardware_name(ctx.device.split(':')[0])}|torch {torch.__version__}"
+    path = (ctx.cache_root or Path(".cache/llmopt")) / BANDWIDTH_FILE
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in known:
+        size = 1 << 30 if ctx.device.startswith("cuda") else 1 << 28
+        known[key] = bench.copy_bandwidth(ctx.device, size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        tmp.replace(path)
+    return known[key]
+
+
+def environment(device: str) -> dict[str, str]:
+    import torch
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "cpu": platform.processor() or platform.machine()}
+    if device.startswith("cuda"):
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = str(torch.version.cuda)
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
+        except Exception as e:  # NVML is optional: say why the driver is not recorded
+            env["driver"] = f"unknown ({type(e).__name__})"
+    return env
+
+
+# --- candidate beside base ----------------------------------------------------------------------
+
+
+def pair(cfg: Benchmark, candidate: Artifact, base: Artifact) -> Paired:
+    c, b = candidate.metrics, base.metrics
+    metrics = dict(c)
+    for name in c:
+        if name.startswith("bench/") and "/bs" in name and name in b:
+            metrics[f"{name}_base"] = b[name]
+    metrics["memory/weights_gb_base"] = b["memory/weights_gb"]
+    files = {"plots/latency_vs_batch.png": _plot(cfg, c, b, ["e2e_ms", "ttft_ms", "tpot_ms"], "latency (ms)"),
+             "plots/throughput_vs_batch.png": _plot(cfg, c, b, ["output_tok_s"], "output tokens/s"),
+             "benchmark.md": table(cfg, metrics).encode()}
+    return Paired(metrics, [], files)
+
+
+def _plot(cfg: Benchmark, c: dict, b: dict, names: list[str], ylabel: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        for label, source, style in (("candidate", c, "-o"), ("base", b, "--s")):
+            ys = [source.get(f"bench/{name}/bs{bs}") for bs in cfg.batch_sizes]
+            ax.plot(cfg.batch_sizes, ys, style, label=f"{name} {label}")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel(ylabel)
+    ax.set_xscale("log", base=2)
+    ax.set_title(f"{cfg.runtime}: {cfg.output_tokens} output tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def table(cfg: Benchmark, metrics: dict[str, float]) -> str:
+    """Markdown, one row per batch size: candidate (base) for the figures people compare."""
+    shown = [("output_tok_s", "{:.1f}"), ("ttft_ms", "{:.1f}"), ("tpot_ms", "{:.2f}"), ("e2e_ms", "{:.0f}"),
+             ("roofline_fraction", "{:.2f}"), ("peak_allocated_gb", "{:.2f}"), ("usd_per_1m_output_tokens", "{:.3f}")]
+    shown = [(n, f) for n, f in shown if any(f"bench/{n}/bs{bs}" in metrics for bs in cfg.batch_sizes)]
+    lines = ["| batch | " + " | ".join(f"{n} (base)" for n, _ in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for bs in cfg.batch_sizes:
+        cells = []
+        for name, fmt in shown:
+            key = f"bench/{name}/bs{bs}"
+            base = metrics.get(f"{key}_base")
+            cells.append(fmt.format(metrics[key]) + (f" ({fmt.format(base)})" if base is not None else ""))
+        lines.append(f"| {bs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
