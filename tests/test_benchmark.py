@@ -1,0 +1,128 @@
+"""The benchmark stage on CPU: the mechanics (figures are not meaningful here). Structure,
+internal consistency of the timings, forced output length, memory arithmetic, what lands in
+MLflow, and bad input refused before anything runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+from llmopt.cache import Artifact
+from llmopt.eval import bench
+from llmopt.models import load_model
+from llmopt.recipe import Benchmark
+from llmopt.stages import StageContext, benchmark
+
+
+def _cfg(**fields) -> Benchmark:
+    return Benchmark.model_validate({"stage": "benchmark", "batch_sizes": [1, 3], "input_tokens": 24,
+                                     "output_tokens": 12, "warmup": 1, "repeats": 3, "gpu_hourly_usd": 2.5,
+                                     "memory_budget_gb": 0.01, **fields})
+
+
+def test_metrics_are_consistent_with_each_other(tiny_model, tmp_path):
+    ctx = StageContext("cpu", "float32", False, progress=False, cache_root=tmp_path / "cache")
+    cfg = _cfg()
+    artifact = benchmark.run(cfg, Artifact(tiny_model, "hf-checkpoint"), tmp_path, ctx)
+    m = artifact.metrics
+    config = load_model(Artifact(tiny_model, "hf-checkpoint"), "cpu", "float32").config
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    assert m["memory/kv_bytes_per_token"] == kv
+    assert m["memory/kv_tokens_in_budget"] == (0.01e9 - m["memory/weights_gb"] * 1e9) // kv
+    for bs in (1, 3):
+        b = {k.split("/")[1]: v for k, v in m.items() if k.startswith("bench/") and k.endswith(f"/bs{bs}")}
+        assert b["ttft_ms"] < b["e2e_ms"] <= b["e2e_ms_p90"] <= b["e2e_ms_p99"]
+        assert b["itl_ms"] <= b["itl_ms_p90"] <= b["itl_ms_p99"]
+        # the decode after the first token takes (output - 1) steps of about TPOT each
+        assert b["ttft_ms"] + 11 * b["tpot_ms"] == pytest.approx(b["e2e_ms"], rel=0.25)
+        assert b["output_tok_s"] * b["e2e_ms"] / 1000 == pytest.approx(bs * 12, rel=1e-9)
+        assert b["total_tok_s"] / b["output_tok_s"] == pytest.approx((24 + 12) / 12)
+        assert b["usd_per_1m_output_tokens"] == pytest.approx(2.5 / 3600 / b["output_tok_s"] * 1e6)
+        assert 0 < b["roofline_fraction"] == pytest.approx(b["decode_bandwidth_gb_s"] / m["bench/bandwidth_measured_gb_s"])
+    assert "bench/overhead_pct/bs1" in m and "bench/overhead_pct/bs3" not in m
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(report["batches"]) == ["1", "3"] and len(report["batches"]["1"]["samples_s"]) == 3
+    assert (tmp_path / "cache" / benchmark.BANDWIDTH_FILE).is_file(), "measured once per device, then reused"
+
+
+def test_output_length_is_forced_past_eos(tiny_model):
+    """A model that always prefers EOS still generates the asked-for number of tokens."""
+    model = load_model(Artifact(tiny_model, "hf-checkpoint"), "cpu", "float32")
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[model.config.eos_token_id] = 10.0
+    runtime = bench.EagerRuntime(model, "cpu")
+    sample = runtime.run(bench.prompts(2, 8, model.config.vocab_size, 0), 9)
+    assert sample.new_tokens == 9 and len(sample.stamps) == 9 and sample.stamps == sorted(sample.stamps)
+
+
+def test_a_short_generation_is_refused():
+    class Short:
+        name = "short"
+
+        def prepare(self, batch, output_tokens):
+            pass
+
+        def run(self, batch, output_tokens, stamped=True):
+            return bench.Sample(0.0, [0.1], output_tokens - 1)
+
+    with pytest.raises(RuntimeError, match="generated 7 tokens, not the forced 8"):
+        bench.measure(Short(), [[1, 2]], 8, warmup=0, repeats=2)
+
+
+def test_percentiles():
+    values = [float(v) for v in range(1, 101)]
+    assert bench.percentile(values, 50) == pytest.approx(50.5)
+    assert bench.percentile(values, 99) == pytest.approx(99.01)
+    assert bench.percentile([3.0], 90) == 3.0
+
+
+def test_prompt_lengths_follow_the_distribution():
+    spec = Benchmark.model_validate({"stage": "benchmark", "input_tokens": {"mean": 40, "stdev": 5}}).input_tokens
+    lengths = [len(p) for p in bench.prompts(400, spec, 1000, 0)]
+    assert 38 < sum(lengths) / len(lengths) < 42 and len(set(lengths)) > 5
+    assert bench.prompts(3, 16, 1000, 0) == bench.prompts(3, 16, 1000, 0), "seeded"
+
+
+def test_benchmark_in_the_pipeline_lands_in_mlflow(tiny_workdir, tmp_path):
+    import mlflow
+
+    recipe = tmp_path / "b.yaml"
+    recipe.write_text("name: b\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n    method: rtn\n"
+                      "    bits: 4\n    group_size: 32\n  - stage: benchmark\n    batch_sizes: [1, 2]\n    input_tokens: 16\n"
+                      "    output_tokens: 8\n    warmup: 1\n    repeats: 2\n")
+    assert run_cli(tiny_workdir, "run", str(recipe)) == 0
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_workdir['mlruns'] / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("b").experiment_id],
+                                filter_string="tags.llmopt.stage = 'benchmark'")
+    m = run.data.metrics
+    for name in ("output_tok_s", "ttft_ms", "tpot_ms", "itl_ms_p99", "e2e_ms_p90", "requests_s", "roofline_fraction"):
+        assert f"bench/{name}/bs1" in m and f"bench/{name}/bs2_base" in m, name
+    assert "memory/kv_bytes_per_token" in m and "memory/weights_gb_base" in m
+    files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert files == {"plots/latency_vs_batch.png", "plots/throughput_vs_batch.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"benchmark.md", "candidate", "base"}
+
+
+BAD = {
+    "batch size 0": ("batch_sizes: [0, 4]", "stages[0].batch_sizes", "batch size 0: every batch size must be at least 1"),
+    "output beyond context": ("output_tokens: 500", "stages[0].output_tokens",
+                              "500 output after 128 input tokens exceed the model's context of 512"),
+    "runtime not installed": ("runtime: trtllm", "stages[0]", "needs tensorrt_llm, which is not installed"),
+    "negative price": ("gpu_hourly_usd: -1.0", "stages[0].gpu_hourly_usd", "is negative"),
+    "cuda-only runtime on cpu": ("runtime: transformers-compiled", "stages[0].runtime", "runs on CUDA only"),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA-only cases need a machine without CUDA")
+@pytest.mark.parametrize("case", sorted(BAD), ids=str)
+def test_bad_benchmark_input_exit_2_nothing_written(case, workdir, tmp_path, capsys):
+    body, field, words = BAD[case]
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(f"name: bad\nmodel: {{embedded: tiny-llama}}\nstages:\n  - stage: benchmark\n    {body}\n")
+    assert run_cli(workdir, "run", str(recipe)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and field in err and words in err, err
+    assert not workdir["mlruns"].exists() and not workdir["cache"].exists()
