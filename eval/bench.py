@@ -147,29 +147,29 @@ class CompiledRuntime:
         bs, width, out = self._shape
         pad = self.model.config.pad_token_id or 0
         ids, prompt_mask = _left_padded(batch, pad, self.device)
-        self.cache.reset()
+        with torch.no_grad():
+            self.cache.reset()
         mask = torch.ones(bs, width + out, dtype=torch.long, device=self.device)
         mask[:, :width] = prompt_mask
         lengths = prompt_mask.sum(-1, keepdim=True)
         prefill_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         decode_positions = [lengths + i for i in range(out)]  # made before the clock starts
         cache_positions = [torch.tensor([width + i], device=self.device) for i in range(out)]
-        tokens = torch.empty(bs, out, dtype=torch.long, device=self.device)
+        tokens = torch.empty(out, bs, 1, dtype=torch.long, device=self.device)  # step i's input is tokens[i - 1]
         events = [torch.cuda.Event(enable_timing=True) for _ in range(out + 1)]
         sync(self.device)
         started = time.perf_counter()
         events[0].record()
-        with torch.inference_mode():
+        with torch.no_grad():  # not inference_mode: the static cache's tensors are reset in place between calls
             logits = self.model(input_ids=ids, attention_mask=mask[:, :width], position_ids=prefill_positions,
                                 cache_position=torch.arange(width, device=self.device), past_key_values=self.cache,
                                 use_cache=True).logits
-            token = logits[:, -1].argmax(-1, keepdim=True)
-            tokens[:, :1] = token
+            tokens[0] = logits[:, -1].argmax(-1, keepdim=True)
             events[1].record()
             for i in range(1, out):
+                # the graph's output buffer is reused by the next replay: copy each token out at once
                 torch.compiler.cudagraph_mark_step_begin()
-                token = self.step(token, decode_positions[i - 1], cache_positions[i - 1], mask)
-                tokens[:, i : i + 1] = token
+                tokens[i] = self.step(tokens[i - 1], decode_positions[i - 1], cache_positions[i - 1], mask)
                 events[i + 1].record()
         sync(self.device)
         ended = time.perf_counter() - started
@@ -177,7 +177,7 @@ class CompiledRuntime:
         # the host clock also saw the launch of the first event: report on the host's scale, ending at `ended`
         shift = ended - offsets[-1]
         stamps = [o + shift for o in offsets]
-        return Sample(started, stamps, tokens.shape[1])
+        return Sample(started, stamps, tokens.shape[0])
 
 
 class TrtllmRuntime:

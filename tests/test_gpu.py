@@ -134,3 +134,29 @@ def test_distill_on_cuda(processes, strategy, teacher_device, llama_1b, workdir,
                                 "peak_gb_per_rank": per_rank, "student_params": m["distill/student_params"],
                                 "teacher_params": m["distill/teacher_params"], "loss_first_last": [curve[0], curve[-1]],
                                 "max_rel_deviation_from_1gpu": deviation}) + "\n")
+
+
+@pytest.mark.parametrize("runtime", ["transformers-eager", "transformers-compiled"])
+def test_benchmark_on_cuda(runtime, llama_1b, workdir, tmp_path):
+    """bf16 1.1B, batch 1 and 8, 128 in / 64 out: the mechanics on CUDA and physical sanity (peak
+    memory holds the weights; decode bandwidth below the measured copy bandwidth x 1.1)."""
+    recipe = tmp_path / "bench.yaml"
+    recipe.write_text(
+        f"name: gpu-bench-{runtime}\nmodel: {{path: {llama_1b}, dtype: bfloat16}}\ndevice: cuda\nstages:\n"
+        f"  - stage: benchmark\n    runtime: {runtime}\n    batch_sizes: [1, 8]\n    input_tokens: 128\n"
+        "    output_tokens: 64\n    warmup: 2\n    repeats: 5\n    gpu_hourly_usd: 2.5\n")
+    assert run_cli(workdir, "run", str(recipe)) == 0
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{workdir['mlruns'] / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(f"gpu-bench-{runtime}").experiment_id],
+                                filter_string="tags.llmopt.stage = 'benchmark'")
+    m = run.data.metrics
+    assert m["bench/peak_allocated_gb/bs1"] >= m["memory/weights_gb"]
+    assert 0 < m["bench/roofline_fraction/bs1"] < 1.1
+    assert m["bench/output_tok_s/bs8"] > m["bench/output_tok_s/bs1"]
+    report = os.environ.get("LLMOPT_GPU_REPORT")
+    if report:
+        with open(report, "a") as f:
+            f.write(json.dumps({"case": f"bench-1.1b-{runtime}", "gpu": torch.cuda.get_device_name(),
+                                **{k: v for k, v in m.items() if k.startswith(("bench/", "memory/"))}}) + "\n")
