@@ -2,9 +2,11 @@
 
 One measurement = one batch of requests generated to a forced length (EOS ignored, verified on
 the outputs). Each timed call is preceded by a device synchronisation and every per-token
-timestamp is taken after the token exists (CUDA events in the compiled loop; a synchronising
-streamer hook around `generate`). Warm-up calls (compilation, CUDA graph capture, allocator
-growth) run before the timed ones, with the same shapes.
+timestamp marks the point the device produced the token: a CUDA event recorded in the stream
+after each step (in the compiled loop, and from a streamer hook around `generate`), read after
+the one synchronisation at the end, so timing adds no synchronisation per token. Warm-up calls
+(compilation, CUDA graph capture, allocator growth) run before the timed ones, with the same
+shapes.
 
 Runtimes:
 - `transformers-eager`: `model.generate` with the dynamic cache.
@@ -78,8 +80,8 @@ class EagerRuntime:
         pad = self.model.config.pad_token_id
         pad = pad if pad is not None else 0
         ids, mask = _left_padded(batch, pad, self.device)
-        stamps: list[float] = []
-        device = self.device
+        cuda = self.device.startswith("cuda")
+        marks: list = []  # per new token: a CUDA event recorded on the stream (no synchronisation), or a host time
 
         class Stamp:  # generate's streamer hook: the first put is the prompt, then one per token
             seen_prompt = False
@@ -88,14 +90,21 @@ class EagerRuntime:
                 if not Stamp.seen_prompt:
                     Stamp.seen_prompt = True
                     return
-                sync(device)
-                stamps.append(time.perf_counter() - started)
+                if cuda:
+                    event = torch.cuda.Event(enable_timing=True)
+                    event.record()
+                    marks.append(event)
+                else:
+                    marks.append(time.perf_counter())
 
             def end(self):
                 pass
 
         sync(self.device)
         started = time.perf_counter()
+        if cuda:
+            origin = torch.cuda.Event(enable_timing=True)
+            origin.record()
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=output_tokens, min_new_tokens=output_tokens,
@@ -104,6 +113,11 @@ class EagerRuntime:
         ended = time.perf_counter() - started
         if not stamped:
             stamps = [ended]
+        elif cuda:  # device times since `origin`, put on the host's scale so that the last token ends at `ended`
+            offsets = [origin.elapsed_time(e) / 1000 for e in marks]
+            stamps = [o + ended - offsets[-1] for o in offsets]
+        else:
+            stamps = [m - started for m in marks]
         stamps[-1] = max(stamps[-1], ended)
         return Sample(started, stamps, out.shape[1] - ids.shape[1])
 

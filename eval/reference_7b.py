@@ -39,12 +39,16 @@ def build_7b(path: Path) -> Path:
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(path)
     train_tokenizer(stories("train")[:2000], 1024).save_pretrained(path)
+    del model
+    torch.cuda.empty_cache()  # the cases run in child processes and need the GPU
     return path
 
 
 def main(workdir: Path, cases: list[str]) -> None:
+    """Each case in a process of its own, so that no case's memory peaks include another's leftovers."""
+    import subprocess
+
     import mlflow
-    from llmopt.cli import main as cli
 
     model = build_7b(workdir / "llama-7b")
     data = Path(__file__).resolve().parent / "data" / "tiny-stories" / "calibration.jsonl"
@@ -55,8 +59,8 @@ def main(workdir: Path, cases: list[str]) -> None:
                           + quantize.format(data=data) +
                           f"  - stage: benchmark\n    runtime: {runtime}\n    batch_sizes: {batches}\n"
                           f"    warmup: {warmup}\n    repeats: {repeats}\n" + WORKLOAD)
-        code = cli(["run", str(recipe), "--cache-dir", str(workdir / "cache"), "--mlruns", str(workdir / "mlruns"),
-                    "--no-progress"])
+        code = subprocess.run([sys.executable, "-m", "llmopt.cli", "run", str(recipe), "--cache-dir",
+                               str(workdir / "cache"), "--mlruns", str(workdir / "mlruns"), "--no-progress"]).returncode
         client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
         runs = client.search_runs([client.get_experiment_by_name(f"ref7b-{case}").experiment_id],
                                   filter_string="tags.llmopt.stage = 'benchmark'", order_by=["attributes.start_time DESC"])

@@ -76,6 +76,11 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
             report["batches"][bs] = {**row, "samples_s": [s.stamps[-1] for s in samples]}
             metrics.update({f"bench/{name}/bs{bs}": value for name, value in row.items()})
             advance()
+    del runtime, model
+    if cfg.runtime == "transformers-compiled":
+        torch._dynamo.reset()  # compiled graphs hold the model and their CUDA graph pools
+    if ctx.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     report["metrics"] = metrics
     report["environment"] = environment(ctx.device)
     (out / "report.json").write_text(json.dumps(report, indent=1))
