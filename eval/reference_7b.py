@@ -51,7 +51,9 @@ def main(workdir: Path, cases: list[str]) -> None:
     import mlflow
 
     model = build_7b(workdir / "llama-7b")
-    data = Path(__file__).resolve().parent / "data" / "tiny-stories" / "calibration.jsonl"
+    # the calibration file of the repository (run from its root when llmopt is installed, not editable)
+    data = next(p for p in (Path(__file__).resolve().parent / "data", Path.cwd() / "eval" / "data")
+                if (p / "tiny-stories" / "calibration.jsonl").is_file()) / "tiny-stories" / "calibration.jsonl"
     for case in cases:
         quantize, runtime, batches, warmup, repeats = CASES[case]
         recipe = workdir / f"{case}.yaml"
@@ -62,8 +64,9 @@ def main(workdir: Path, cases: list[str]) -> None:
         code = subprocess.run([sys.executable, "-m", "llmopt.cli", "run", str(recipe), "--cache-dir",
                                str(workdir / "cache"), "--mlruns", str(workdir / "mlruns"), "--no-progress"]).returncode
         client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-        runs = client.search_runs([client.get_experiment_by_name(f"ref7b-{case}").experiment_id],
-                                  filter_string="tags.llmopt.stage = 'benchmark'", order_by=["attributes.start_time DESC"])
+        experiment = client.get_experiment_by_name(f"ref7b-{case}")
+        runs = client.search_runs([experiment.experiment_id], filter_string="tags.llmopt.stage = 'benchmark'",
+                                  order_by=["attributes.start_time DESC"]) if experiment else []
         metrics = runs[0].data.metrics if runs and code == 0 else {}
         print(json.dumps({"case": case, "exit": code, **metrics}), flush=True)
 
