@@ -3,7 +3,7 @@
 One measurement = one batch of requests generated to a forced length (EOS ignored, verified on
 the outputs). Each timed call is preceded by a device synchronisation and every per-token
 timestamp marks the point the device produced the token: a CUDA event recorded in the stream
-after each step (in the compiled loop, and from a streamer hook around `generate`), read after
+after each step (in the compiled loop, and from a logits-processor hook inside `generate`), read after
 the one synchronisation at the end, so timing adds no synchronisation per token. Warm-up calls
 (compilation, CUDA graph capture, allocator growth) run before the timed ones, with the same
 shapes.
@@ -83,22 +83,20 @@ class EagerRuntime:
         cuda = self.device.startswith("cuda")
         marks: list = []  # per new token: a CUDA event recorded on the stream (no synchronisation), or a host time
 
-        class Stamp:  # generate's streamer hook: the first put is the prompt, then one per token
-            seen_prompt = False
+        from transformers import LogitsProcessor, LogitsProcessorList
 
-            def put(self, value):
-                if not Stamp.seen_prompt:
-                    Stamp.seen_prompt = True
-                    return
+        class Stamp(LogitsProcessor):
+            """Called once per new token, after that step's forward, with the scores still on the
+            device (a streamer would get them copied to the host: a synchronisation per token)."""
+
+            def __call__(self, input_ids, scores):
                 if cuda:
                     event = torch.cuda.Event(enable_timing=True)
                     event.record()
                     marks.append(event)
                 else:
                     marks.append(time.perf_counter())
-
-            def end(self):
-                pass
+                return scores
 
         sync(self.device)
         started = time.perf_counter()
@@ -108,7 +106,7 @@ class EagerRuntime:
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=output_tokens, min_new_tokens=output_tokens,
-                do_sample=False, pad_token_id=pad, streamer=Stamp() if stamped else None)
+                do_sample=False, pad_token_id=pad, logits_processor=LogitsProcessorList([Stamp()] if stamped else []))
         sync(self.device)
         ended = time.perf_counter() - started
         if not stamped:
