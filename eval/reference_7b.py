@@ -19,6 +19,12 @@ CASES = {
     "bf16-eager": ("", "transformers-eager", "[1]", 1, 3),
     "nf4-eager": ("  - stage: quantize\n    method: bnb\n    bits: 4\n    quant_type: nf4\n    compute_dtype: bfloat16\n",
                   "transformers-eager", "[1]", 1, 3),
+    "bf16-eager-batches": ("", "transformers-eager", "[8, 32]", 1, 3),
+    "nf4-compiled": ("  - stage: quantize\n    method: bnb\n    bits: 4\n    quant_type: nf4\n    compute_dtype: bfloat16\n",
+                     "transformers-compiled", "[1, 8, 32]", 2, 5),
+    "gptq-compiled": ("  - stage: quantize\n    method: gptq\n    bits: 4\n    group_size: 128\n    calibration:\n"
+                      "      dataset: {{path: {data}}}\n      num_samples: 64\n      seq_len: 512\n",
+                      "transformers-compiled", "[1, 8, 32]", 2, 5),
     "gptq-eager": ("  - stage: quantize\n    method: gptq\n    bits: 4\n    group_size: 128\n    calibration:\n"
                    "      dataset: {{path: {data}}}\n      num_samples: 64\n      seq_len: 512\n",
                    "transformers-eager", "[1]", 1, 3),
