@@ -74,6 +74,12 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
                                                  if name.partition("/")[0] in cfg.tasks])
             except ValueError as e:
                 raise RecipeError(f"{path}: stages[{index}].{e}") from None
+        earlier = recipe.stages[:index]
+        if cfg.stage == "benchmark" and cfg.runtime == "transformers-compiled" and any(
+                s.stage == "quantize" and s.method == "bnb" for s in earlier):
+            raise RecipeError(f"{path}: stages[{index}].runtime: transformers-compiled over a bitsandbytes model is not "
+                              "supported (on an H100, compiling a 7B nf4 model did not finish in 10 minutes); use "
+                              "transformers-eager")
         if cfg.stage == "benchmark" and (context := _known_context(recipe.model)) is not None:
             longest = cfg.input_tokens if isinstance(cfg.input_tokens, int) else cfg.input_tokens.mean
             if longest + cfg.output_tokens > context:

@@ -116,6 +116,16 @@ BAD = {
 }
 
 
+def test_compiled_runtime_over_bitsandbytes_is_refused(workdir, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n    method: bnb\n"
+                      "    bits: 4\n  - stage: benchmark\n    runtime: transformers-compiled\n")
+    assert run_cli(workdir, "run", str(recipe)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "stages[1].runtime: transformers-compiled over a bitsandbytes model is not supported" in err
+    assert not workdir["mlruns"].exists() and not workdir["cache"].exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CUDA-only cases need a machine without CUDA")
 @pytest.mark.parametrize("case", sorted(BAD), ids=str)
 def test_bad_benchmark_input_exit_2_nothing_written(case, workdir, tmp_path, capsys):
