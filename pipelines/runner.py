@@ -314,6 +314,8 @@ def run_recipe(
                         metrics={k: v for k, v in metrics.items() if k not in curve_names},
                         tags={"llmopt.cache_key": entry.key, "llmopt.cache_hit": str(entry.hit).lower(),
                               "llmopt.base_key": root_key,
+                              # what a measurement ran on (benchmark: GPU, CUDA, driver, versions, runtime)
+                              **{f"env.{k}": v for k, v in entry.artifact.info.get("environment", {}).items()},
                               **({"llmopt.gates": "failed: " + "; ".join(failed_gates) if failed_gates else "passed"}
                                  if getattr(cfg, "gates", None) else {})},
                     )

@@ -101,6 +101,8 @@ def test_benchmark_in_the_pipeline_lands_in_mlflow(tiny_workdir, tmp_path):
     for name in ("output_tok_s", "ttft_ms", "tpot_ms", "itl_ms_p99", "e2e_ms_p90", "requests_s", "roofline_fraction"):
         assert f"bench/{name}/bs1" in m and f"bench/{name}/bs2_base" in m, name
     assert "memory/kv_bytes_per_token" in m and "memory/weights_gb_base" in m
+    tags = run.data.tags
+    assert tags["env.runtime"] == "transformers-eager" and tags["env.torch"] == torch.__version__
     files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert files == {"plots/latency_vs_batch.png", "plots/throughput_vs_batch.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"benchmark.md", "candidate", "base"}

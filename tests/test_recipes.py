@@ -114,7 +114,8 @@ def test_nonexistent_recipe_name_lists_the_available_ones():
 
 def test_unknown_force_stage_is_bad_input(workdir, capsys):
     assert run_cli(workdir, "run", str(RECIPES / "tiny-int4.yaml"), "--force-stage", "quantise") == 2
-    assert "--force-stage 'quantise' is not a stage of this recipe (stages: quantize, evaluate)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--force-stage 'quantise' is not a stage of this recipe (stages: quantize, evaluate, benchmark)" in err
     assert not workdir["mlruns"].exists()
 
 

@@ -84,7 +84,8 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     report["metrics"] = metrics
     report["environment"] = environment(ctx.device)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    return Artifact(out, "report", metrics, {"batch_sizes": cfg.batch_sizes, "environment": report["environment"]})
+    environment_tags = {**report["environment"], "runtime": cfg.runtime}
+    return Artifact(out, "report", metrics, {"batch_sizes": cfg.batch_sizes, "environment": environment_tags})
 
 
 def torch_dtype_of(model):
@@ -133,7 +134,7 @@ def environment(device: str) -> dict[str, str]:
     import transformers
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-           "cpu": platform.processor() or platform.machine()}
+           "cpu": platform.processor() or platform.machine(), "device": device}
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = str(torch.version.cuda)
