@@ -31,23 +31,28 @@ CASES = {
 }
 
 
-def build_7b(path: Path) -> Path:
+def random_llama(path: Path, **shape) -> Path:
+    """A Llama of the given shape with random bf16 weights (seed 0) and the embedded tokenizer,
+    saved to `path` unless it is there already; GPU memory is released afterwards."""
     import torch
     from llmopt.embedded import stories, train_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if (path / "config.json").is_file():
         return path
-    config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                         num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, **shape)).to(torch.bfloat16)
     model.save_pretrained(path)
     train_tokenizer(stories("train")[:2000], 1024).save_pretrained(path)
     del model
-    torch.cuda.empty_cache()  # the cases run in child processes and need the GPU
+    torch.cuda.empty_cache()  # later work (the cases, in child processes) needs the GPU
     return path
+
+
+def build_7b(path: Path) -> Path:
+    return random_llama(path, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                        num_key_value_heads=32, max_position_embeddings=4096)
 
 
 def main(workdir: Path, cases: list[str]) -> None:

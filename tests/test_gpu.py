@@ -30,18 +30,10 @@ QUANTIZE = {
 @pytest.fixture(scope="module")
 def llama_1b(tmp_path_factory) -> Path:
     """TinyLlama-1.1B's shape with random bf16 weights and the embedded tokenizer."""
-    from llmopt.embedded import stories, train_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from llmopt.eval.reference_7b import random_llama
 
-    path = tmp_path_factory.mktemp("llama-1b")
-    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                         num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(path)
-    train_tokenizer(stories("train")[:2000], 1024).save_pretrained(path)
-    return path
+    return random_llama(tmp_path_factory.mktemp("llama-1b"), hidden_size=2048, intermediate_size=5632,
+                        num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)
 
 
 @pytest.mark.parametrize("name", sorted(QUANTIZE))
