@@ -123,6 +123,9 @@ def quiet_libraries() -> None:
     # import-time notices about optional kernels this run does not use (torchao comes with GPTQModel)
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards": llmopt shows its own
 
 
 @contextlib.contextmanager
