@@ -9,6 +9,7 @@ with `_stderr` beside them.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,9 @@ def metric_name(metric: str, filter_name: str) -> str:
     return metric if filter_name == "none" else f"{metric}_{filter_name}"
 
 
+@functools.cache
 def _task_manager():
+    """lm-eval's index of its standard tasks (about 7 s to build: once per process)."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager()
