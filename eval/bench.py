@@ -63,6 +63,13 @@ def _left_padded(batch: list[list[int]], pad: int, device: str):
     return ids, mask
 
 
+def _on_host_clock(origin, events, ended: float) -> list[float]:
+    """Seconds of each CUDA event after `origin` (timed on the device), shifted onto the host's
+    clock so that the last one falls at `ended` (seconds since the call started, after the sync)."""
+    offsets = [origin.elapsed_time(e) / 1000 for e in events]
+    return [o + ended - offsets[-1] for o in offsets]
+
+
 class EagerRuntime:
     """`generate` with the dynamic cache, greedy, EOS suppressed until the forced length."""
 
@@ -111,9 +118,8 @@ class EagerRuntime:
         ended = time.perf_counter() - started
         if not stamped:
             stamps = [ended]
-        elif cuda:  # device times since `origin`, put on the host's scale so that the last token ends at `ended`
-            offsets = [origin.elapsed_time(e) / 1000 for e in marks]
-            stamps = [o + ended - offsets[-1] for o in offsets]
+        elif cuda:
+            stamps = _on_host_clock(origin, marks, ended)
         else:
             stamps = [m - started for m in marks]
         stamps[-1] = max(stamps[-1], ended)
@@ -185,11 +191,7 @@ class CompiledRuntime:
                 events[i + 1].record()
         sync(self.device)
         ended = time.perf_counter() - started
-        offsets = [events[0].elapsed_time(e) / 1000 for e in events[1:]]
-        # the host clock also saw the launch of the first event: report on the host's scale, ending at `ended`
-        shift = ended - offsets[-1]
-        stamps = [o + shift for o in offsets]
-        return Sample(started, stamps, tokens.shape[0])
+        return Sample(started, _on_host_clock(events[0], events[1:], ended), tokens.shape[0])
 
 
 class TrtllmRuntime:

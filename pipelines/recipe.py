@@ -273,14 +273,15 @@ class Evaluate(Strict):
     def _what_and_gates(self) -> Evaluate:
         if self.perplexity is None and not self.tasks and not self.local_tasks:
             raise ValueError("nothing to evaluate: give `perplexity`, `tasks` or `local_tasks`")
-        from llmopt.eval.harness import local_task_metrics
-
-        produced: dict[str, set[str]] = {}
-        for path in self.local_tasks:
-            produced.update(local_task_metrics(path))
         if self.gates is not None:
             if self.gates.max_ppl_delta_pct is not None and self.perplexity is None:
                 raise ValueError("gates.max_ppl_delta_pct needs the `perplexity` evaluation")
+            produced: dict[str, set[str]] = {}
+            if self.gates.metrics:  # the field validator parsed them already; only gates need their metric names
+                from llmopt.eval.harness import local_task_metrics
+
+                for path in self.local_tasks:
+                    produced.update(local_task_metrics(path))
             for name in self.gates.metrics:
                 task, _, metric = name.partition("/")
                 if task in self.tasks:
@@ -312,6 +313,13 @@ class Benchmark(Strict):
     gpu_hourly_usd: float | None = None  # cost per 1M output tokens when given
     memory_budget_gb: float | None = Field(None, gt=0)  # for "cached tokens that fit"; default: the GPU's memory
     seed: int = 0
+
+    @property
+    def longest_input(self) -> int:
+        """The longest prompt to plan for: fixed, or the distribution's mean + 4 standard deviations."""
+        if isinstance(self.input_tokens, int):
+            return self.input_tokens
+        return round(self.input_tokens.mean + 4 * self.input_tokens.stdev)
 
     @field_validator("batch_sizes")
     @classmethod

@@ -80,11 +80,10 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             raise RecipeError(f"{path}: stages[{index}].runtime: transformers-compiled over a bitsandbytes model is not "
                               "supported (on an H100, compiling a 7B nf4 model did not finish in 10 minutes); use "
                               "transformers-eager")
-        if cfg.stage == "benchmark" and (context := _known_context(recipe.model)) is not None:
-            longest = cfg.input_tokens if isinstance(cfg.input_tokens, int) else cfg.input_tokens.mean
-            if longest + cfg.output_tokens > context:
-                raise RecipeError(f"{path}: stages[{index}].output_tokens: {cfg.output_tokens} output after {longest} "
-                                  f"input tokens exceed the model's context of {context} tokens")
+        context = (_local_config(recipe.model) or {}).get("max_position_embeddings")
+        if cfg.stage == "benchmark" and context is not None and cfg.longest_input + cfg.output_tokens > context:
+            raise RecipeError(f"{path}: stages[{index}].output_tokens: {cfg.output_tokens} output after "
+                              f"{cfg.longest_input} input tokens exceed the model's context of {context} tokens")
         if cfg.stage == "distill":
             first_model_stage = all(not STAGES[s.stage].produces_model for s in recipe.stages[:index])
             teacher = cfg.teacher or (recipe.model if first_model_stage else None)
@@ -126,10 +125,8 @@ def _preflight_processes(n: int, device: str, where: str) -> None:
     """One process per GPU on CUDA; on CPU, at most one per usable core."""
     if n == 1:
         return
-    import torch
-
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        have, what = torch.cuda.device_count(), "CUDA devices"
+    if device == "cuda" or (device == "auto" and _cuda_available()):
+        have, what = _cuda_device_count(), "CUDA devices"
     else:
         from llmopt.stages.distill_parallel import usable_cpus
 
@@ -147,7 +144,7 @@ def _preflight_distill(cfg, teacher: ModelSpec | None, where: str) -> None:
         pair = _local_tokenizer(teacher), _local_tokenizer(cfg.student.model)
         if None not in pair and (reason := tokenizer_mismatch(*pair)) is not None:
             raise RecipeError(f"{where}.student.model: {reason}; teacher and student must share one tokenizer")
-    teacher_layers = _known_layer_count(teacher) if teacher is not None else None
+    teacher_layers = (_local_config(teacher) or {}).get("num_hidden_layers") if teacher is not None else None
     if teacher_layers is None:
         return
     keep = cfg.student.keep_layers
@@ -176,24 +173,15 @@ def _local_tokenizer(spec: ModelSpec):
     return None
 
 
-def _known_context(spec: ModelSpec) -> int | None:
-    """The model's context length where its config can be read without a download."""
+def _local_config(spec: ModelSpec) -> dict | None:
+    """The model's config where it can be read without a download or a build (for an embedded
+    model, the fields its spec fixes); None for a hub model."""
     if spec.embedded is not None:
-        from llmopt.embedded import CONTEXT
+        from llmopt.embedded import CONTEXT, EMBEDDED_MODELS
 
-        return CONTEXT
+        return {"num_hidden_layers": EMBEDDED_MODELS[spec.embedded].num_hidden_layers, "max_position_embeddings": CONTEXT}
     if spec.path is not None:
-        return json.loads((spec.path / "config.json").read_text()).get("max_position_embeddings")
-    return None
-
-
-def _known_layer_count(spec: ModelSpec) -> int | None:
-    if spec.embedded is not None:
-        from llmopt.embedded import EMBEDDED_MODELS
-
-        return EMBEDDED_MODELS[spec.embedded].num_hidden_layers
-    if spec.path is not None:
-        return json.loads((spec.path / "config.json").read_text()).get("num_hidden_layers")
+        return json.loads((spec.path / "config.json").read_text())
     return None
 
 
@@ -294,12 +282,15 @@ def run_recipe(
                     metrics = dict(entry.artifact.metrics)
                     failed_gates: list[str] = []
                     tables: dict[str, str] = {}
+                    verdict: dict[str, str] = {}
                     if spec.pair is not None:
                         paired = spec.pair(cfg, entry.artifact, entries[-1].artifact)
                         metrics, failed_gates = paired.metrics, paired.failed_gates
                         for name, data in paired.files.items():
                             tracker.log_bytes(child, data, name)
                         tables = {n: d.decode() for n, d in paired.files.items() if n.endswith(".md")}
+                    if getattr(cfg, "gates", None):
+                        verdict = {"llmopt.gates": "failed: " + "; ".join(failed_gates) if failed_gates else "passed"}
                     metrics["time/stage_s"] = entry.record["seconds"]
                     history_file = entry.artifact.path / distill.HISTORY
                     curves = ([json.loads(line) for line in history_file.read_text().splitlines()]
@@ -316,11 +307,10 @@ def run_recipe(
                               "llmopt.base_key": root_key,
                               # what a measurement ran on (benchmark: GPU, CUDA, driver, versions, runtime)
                               **{f"env.{k}": v for k, v in entry.artifact.info.get("environment", {}).items()},
-                              **({"llmopt.gates": "failed: " + "; ".join(failed_gates) if failed_gates else "passed"}
-                                 if getattr(cfg, "gates", None) else {})},
+                              **verdict},
                     )
                     if failed_gates:
-                        tracker.log(parent, tags={"llmopt.gates": "failed: " + "; ".join(failed_gates)})
+                        tracker.log(parent, tags=verdict)
                         log.warning("stage %s: gates failed: %s", cfg.name, "; ".join(failed_gates))
                     tracker.log_history(child, curves)
                     for role, report in zip(("candidate", "base"), entries, strict=False):

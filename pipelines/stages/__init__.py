@@ -14,6 +14,13 @@ class StageContext:
     progress: bool = True
     cache_root: Path | None = None  # where further models a stage names (a student) are resolved
 
+    def cache_dir(self) -> Path:
+        """Where a stage keeps what outlives its output (models it names, precomputed teacher
+        logits, measured device bandwidth): the run's cache root, else the default one."""
+        from llmopt.cache import default_cache_dir
+
+        return self.cache_root or default_cache_dir()
+
 
 @dataclass
 class Paired:

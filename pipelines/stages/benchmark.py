@@ -31,10 +31,9 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code) if cfg.runtime != "trtllm" else None
     config = model.config if model is not None else _config(src.path)
     context = getattr(config, "max_position_embeddings", None)
-    longest = cfg.input_tokens if isinstance(cfg.input_tokens, int) else cfg.input_tokens.mean + 4 * cfg.input_tokens.stdev
-    if context is not None and longest + cfg.output_tokens > context:
-        raise ValueError(f"input ({longest:.0f}) + output_tokens ({cfg.output_tokens}) exceed the model's context "
-                         f"of {context} tokens")
+    if context is not None and cfg.longest_input + cfg.output_tokens > context:  # a hub model: not known before
+        raise ValueError(f"output_tokens: {cfg.output_tokens} output after {cfg.longest_input} input tokens exceed "
+                         f"the model's context of {context} tokens")
     runtime = bench.make_runtime(cfg.runtime, model, src.path, ctx.device)
     stored = weights_bytes(src.path)
     dtype_bytes = torch.finfo(torch_dtype_of(model)).bits // 8 if model is not None else 2
@@ -117,7 +116,7 @@ def device_bandwidth(ctx: StageContext) -> float:
     from llmopt.models import hardware_name
 
     key = f"{hardware_name(ctx.device.split(':')[0])}|torch {torch.__version__}"
-    path = (ctx.cache_root or Path(".cache/llmopt")) / BANDWIDTH_FILE
+    path = ctx.cache_dir() / BANDWIDTH_FILE
     known = json.loads(path.read_text()) if path.is_file() else {}
     if key not in known:
         size = 1 << 30 if ctx.device.startswith("cuda") else 1 << 28

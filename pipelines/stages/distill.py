@@ -41,7 +41,7 @@ def run(cfg: Distill, src: Artifact, out: Path, ctx: StageContext, base: Artifac
     if cfg.student.model is not None:  # resolved (downloaded, built) once here, not by every rank
         from llmopt.models import resolve_base
 
-        _, student = resolve_base(cfg.student.model, ctx.cache_root, progress=ctx.progress)
+        _, student = resolve_base(cfg.student.model, ctx.cache_dir(), progress=ctx.progress)
     topk = precompute_teacher_topk(cfg, teacher, ctx) if cfg.teacher_topk else None  # once, before any rank starts
     if cfg.distributed.num_processes > 1:
         return distill_parallel.launch(cfg, teacher, student, topk, out, ctx)
@@ -465,12 +465,12 @@ def precompute_teacher_topk(cfg: Distill, teacher_artifact: Artifact, ctx: Stage
     import os
 
     import torch
-    from llmopt.cache import default_cache_dir, directory_digest, key_config
+    from llmopt.cache import directory_digest, key_config
     from llmopt.progress import progress_bar
     from llmopt.tracking import library_versions
     from safetensors.torch import save_file
 
-    root = ctx.cache_root or default_cache_dir()
+    root = ctx.cache_dir()
     identity = {"teacher": directory_digest(teacher_artifact.path, root / "digests.json"),
                 "teacher_dtype": cfg.teacher_dtype, "data": key_config(cfg.data.model_dump(mode="json")),
                 "k": cfg.teacher_topk, "device": (cfg.teacher_device or ctx.device).split(":")[0],
