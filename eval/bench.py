@@ -263,21 +263,30 @@ def summarize(samples: list[Sample], batch: int, input_tokens: int, output_token
     out["total_tok_s"] = batch * (input_tokens + output_tokens) / median_e2e
     out["requests_s"] = batch / median_e2e
     out["e2e_spread_pct"] = 100 * (max(e2e) - min(e2e)) / median_e2e
+    energy = [s.extra["energy_j"] for s in samples if "energy_j" in s.extra]
+    if len(energy) == len(samples):
+        out["energy_j_per_output_token"] = statistics.median(energy) / (batch * output_tokens)
+        out["power_w"] = statistics.median(j / s.stamps[-1] for j, s in zip(energy, samples, strict=True))
     return out
 
 
 def measure(runtime, batch: list[list[int]], output_tokens: int, warmup: int, repeats: int,
-            on_call: Callable[[], None] = lambda: None) -> list[Sample]:
-    """Warm-up calls, then `repeats` timed calls; each call's output length is checked."""
+            on_call: Callable[[], None] = lambda: None, gpu=None) -> list[Sample]:
+    """Warm-up calls, then `repeats` timed calls; each call's output length is checked. With an
+    NVML `gpu`, each timed sample carries the joules the board drew during it (`extra["energy_j"]`)."""
     runtime.prepare(batch, output_tokens)
     for _ in range(warmup):
         runtime.run(batch, output_tokens)
         on_call()
     samples = []
     for _ in range(repeats):
-        sample = runtime.run(batch, output_tokens)
+        before = gpu.energy_j() if gpu is not None else None
+        sample = runtime.run(batch, output_tokens)  # returns after the device is synchronised
+        after = gpu.energy_j() if gpu is not None else None
         if sample.new_tokens != output_tokens:
             raise RuntimeError(f"{runtime.name} generated {sample.new_tokens} tokens, not the forced {output_tokens}")
+        if before is not None and after is not None:
+            sample.extra["energy_j"] = after - before
         samples.append(sample)
         on_call()
     return samples

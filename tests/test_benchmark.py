@@ -72,6 +72,38 @@ def test_a_short_generation_is_refused():
         bench.measure(Short(), [[1, 2]], 8, warmup=0, repeats=2)
 
 
+def test_energy_per_token_is_the_energy_of_the_timed_calls_only():
+    """Energy is read around each timed call (warm-up excluded): per output token and as mean power."""
+
+    class Steady:  # each call takes 2 s and the board draws 300 W, so 600 J per call
+        name = "steady"
+        joules = 0.0
+
+        def prepare(self, batch, output_tokens):
+            pass
+
+        def run(self, batch, output_tokens, stamped=True):
+            Steady.joules += 600.0
+            return bench.Sample(0.0, [2.0 * (i + 1) / output_tokens for i in range(output_tokens)], output_tokens)
+
+    class Meter:
+        def energy_j(self):
+            return Steady.joules
+
+    samples = bench.measure(Steady(), [[1, 2]] * 4, 10, warmup=2, repeats=3, gpu=Meter())
+    assert [s.extra["energy_j"] for s in samples] == [600.0] * 3
+    row = bench.summarize(samples, 4, 2, 10)
+    assert row["energy_j_per_output_token"] == pytest.approx(600 / 40)
+    assert row["power_w"] == pytest.approx(300)
+    assert "energy_j_per_output_token" not in bench.summarize(bench.measure(Steady(), [[1]], 10, 0, 2), 1, 1, 10)
+
+
+def test_no_nvml_figures_off_cuda():
+    from llmopt.eval import nvml
+
+    assert nvml.open_gpu("cpu") is None
+
+
 def test_percentiles():
     values = [float(v) for v in range(1, 101)]
     assert bench.percentile(values, 50) == pytest.approx(50.5)

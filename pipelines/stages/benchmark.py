@@ -9,13 +9,14 @@ timed region, device synchronisation, forced output length, medians over repeats
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import platform
 from pathlib import Path
 
 from llmopt.cache import Artifact
-from llmopt.eval import bench
+from llmopt.eval import bench, nvml
 from llmopt.models import load_model, weights_bytes
 from llmopt.recipe import Benchmark
 from llmopt.stages import Paired, StageContext
@@ -51,6 +52,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
         metrics["memory/kv_tokens_in_budget"] = float(max(0, budget - stored) // kv_per_token)
     report = {"runtime": cfg.runtime, "device": ctx.device, "batches": {}}
     in_memory = _in_memory_bytes(model) if model is not None else stored
+    gpu = nvml.open_gpu(ctx.device)  # power and energy where the driver counts them
     with progress_bar(len(cfg.batch_sizes), f"benchmark {cfg.runtime}", enabled=ctx.progress) as advance:
         for index, bs in enumerate(cfg.batch_sizes):
             batch = bench.prompts(bs, cfg.input_tokens, config.vocab_size, cfg.seed)
@@ -58,7 +60,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
             if ctx.device.startswith("cuda"):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            samples = bench.measure(runtime, batch, cfg.output_tokens, cfg.warmup, cfg.repeats)
+            samples = bench.measure(runtime, batch, cfg.output_tokens, cfg.warmup, cfg.repeats, gpu=gpu)
             row = bench.summarize(samples, bs, round(mean_in), cfg.output_tokens)
             if ctx.device.startswith("cuda"):
                 row["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -78,6 +80,9 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     del runtime, model
     if cfg.runtime == "transformers-compiled":
         torch._dynamo.reset()  # compiled graphs hold the model and their CUDA graph pools
+    # the runtime and the model sit in reference cycles: without a collection here, the next
+    # measurement in this process (the base model's) counted 10.6 GB of this one's in its peak
+    gc.collect()
     if ctx.device.startswith("cuda"):
         torch.cuda.empty_cache()
     report["metrics"] = metrics
@@ -137,13 +142,7 @@ def environment(device: str) -> dict[str, str]:
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = str(torch.version.cuda)
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            env["driver"] = pynvml.nvmlSystemGetDriverVersion()
-        except Exception as e:  # NVML is optional: say why the driver is not recorded
-            env["driver"] = f"unknown ({type(e).__name__})"
+        env["driver"] = nvml.driver_version() or "unknown (NVML not found)"
     return env
 
 
@@ -190,7 +189,8 @@ def _plot(cfg: Benchmark, c: dict, b: dict, names: list[str], ylabel: str) -> by
 def table(cfg: Benchmark, metrics: dict[str, float]) -> str:
     """Markdown, one row per batch size: candidate (base) for the figures people compare."""
     shown = [("output_tok_s", "{:.1f}"), ("ttft_ms", "{:.1f}"), ("tpot_ms", "{:.2f}"), ("e2e_ms", "{:.0f}"),
-             ("roofline_fraction", "{:.2f}"), ("peak_allocated_gb", "{:.2f}"), ("usd_per_1m_output_tokens", "{:.3f}")]
+             ("roofline_fraction", "{:.2f}"), ("peak_allocated_gb", "{:.2f}"), ("usd_per_1m_output_tokens", "{:.3f}"),
+             ("energy_j_per_output_token", "{:.3f}")]
     shown = [(n, f) for n, f in shown if any(f"bench/{n}/bs{bs}" in metrics for bs in cfg.batch_sizes)]
     lines = ["| batch | " + " | ".join(f"{n} (base)" for n, _ in shown) + " |", "|---" * (len(shown) + 1) + "|"]
     for bs in cfg.batch_sizes:
