@@ -1,4 +1,5 @@
-"""`llmopt run | validate`: exit 0 on success, 2 on bad input (nothing written), 1 when a stage fails."""
+"""`llmopt run | validate | verify`: exit 0 on success, 2 on bad input (nothing written), 1 when a
+stage fails or a bundle does not verify."""
 
 from __future__ import annotations
 
@@ -43,7 +44,34 @@ def _parser() -> argparse.ArgumentParser:
         "a note for one this machine cannot run")
     validate.add_argument("recipes", nargs="*")
     validate.set_defaults(command=_validate)
+
+    verify = commands.add_parser(
+        "verify", help="check a TensorRT-LLM bundle: every file against its manifest's sha256, the checkpoint "
+        "schemas, and whether this machine can load it; exit 1 when the bundle is damaged")
+    verify.add_argument("bundle", type=Path)
+    verify.add_argument("--require-loadable", action="store_true",
+                        help="also exit 1 when this machine cannot load the bundle")
+    verify.set_defaults(command=_verify)
     return parser
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from llmopt.export import manifest
+
+    if not args.bundle.is_dir():
+        raise RecipeError(f"{args.bundle}: no such directory")
+    report = manifest.verify(args.bundle)
+    if report.structure:
+        print(f"DAMAGED  {args.bundle}")
+        for problem in report.structure:
+            print(f"    {problem}")
+        return EXIT_STAGE_FAILED
+    print(f"ok  {args.bundle}: {report.files} files match the manifest's sha256; checkpoint schema ok")
+    if report.environment:
+        print("    cannot load on this machine: " + "; ".join(report.environment))
+        return EXIT_STAGE_FAILED if args.require_loadable else 0
+    print("    loadable on this machine")
+    return 0
 
 
 def _validate(args: argparse.Namespace) -> int:

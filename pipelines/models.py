@@ -93,6 +93,15 @@ def load_model(artifact: Artifact, device: str, dtype: str = "auto", trust_remot
     """Load a checkpoint as the stage that wrote it says it must be loaded (safetensors only)."""
     from transformers import AutoModelForCausalLM
 
+    if artifact.info.get("format") == "modelopt":
+        # transformers cannot reload ModelOpt's exports: rebuild the fake-quantized model from its
+        # source and the calibrated quantizer state the quantize stage kept
+        from llmopt.export import modelopt
+
+        source = artifact.info["source"]
+        model = load_model(Artifact(Path(source["path"]), "hf-checkpoint", info=source["info"]), device, dtype,
+                           trust_remote_code)
+        return modelopt.restore(model, artifact.path / modelopt.STATE_DIR).eval()
     kwargs: dict = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "device_map": device}
     if artifact.info.get("format") == "gptq":
         from transformers import GPTQConfig

@@ -197,6 +197,28 @@ class RtnQuantize(Strict):
     _group_size = field_validator("group_size")(_check_group_size)
 
 
+class ModeloptQuantize(Strict):
+    """NVIDIA ModelOpt: calibrated TensorRT-LLM-native formats. Quality is measured on the
+    fake-quantized model in memory (transformers cannot reload these exports); the unified HF
+    checkpoint it exports is what TensorRT-LLM's PyTorch backend loads."""
+
+    stage: Literal["quantize"]
+    method: Literal["modelopt"]
+    name: str = "quantize"
+    format: Literal["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]
+    calibration: CalibrationSpec
+    batch_size: PositiveInt = 4  # calibration windows per forward pass
+    group_size: Literal[64, 128] = 128  # int4 block size of int4_awq / w4a8_awq (TensorRT-LLM's AWQ kernels: 64, 128)
+    kv_cache: Literal["fp8"] | None = None  # quantize the KV cache too (needs SM89+ to serve)
+    export_dtype: Literal["bfloat16", "float16"] = "bfloat16"  # unquantized tensors in the exports
+
+    @model_validator(mode="after")
+    def _group_size_for_awq(self) -> ModeloptQuantize:
+        if "group_size" in self.model_fields_set and self.format not in ("int4_awq", "w4a8_awq"):
+            raise ValueError(f"group_size applies to int4_awq and w4a8_awq only, not to format {self.format}")
+        return self
+
+
 class PerplexitySpec(Strict):
     dataset: DatasetSpec
     seq_len: PositiveInt = 2048
@@ -468,10 +490,73 @@ class Distill(Strict):
         return self
 
 
-Quantize = Annotated[BnbQuantize | GptqQuantize | RtnQuantize, Field(discriminator="method")]
-Stage = Annotated[Distill | Quantize | Evaluate | Benchmark, Field(discriminator="stage")]
-STAGE_TYPES = ("distill", "quantize", "evaluate", "benchmark")
-QUANTIZE_METHODS = ("bnb", "gptq", "rtn")
+class Launcher(Strict):
+    """Where TensorRT-LLM runs: `local` (its commands on PATH, or in `bin_dir`, e.g. a virtual
+    environment's bin/) or `container` (an image such as nvcr.io/nvidia/tensorrt-llm/release:1.2.0,
+    run with docker or podman and all GPUs)."""
+
+    kind: Literal["local", "container"] = "local"
+    bin_dir: Path | None = None
+    image: str | None = None
+    cli: Literal["docker", "podman"] = "docker"
+
+    @model_validator(mode="after")
+    def _complete(self) -> Launcher:
+        if self.kind == "container" and not self.image:
+            raise ValueError("kind: container needs `image` (e.g. nvcr.io/nvidia/tensorrt-llm/release:1.2.0)")
+        if self.kind == "local" and self.image:
+            raise ValueError("`image` is for kind: container")
+        if self.kind == "container" and self.bin_dir:
+            raise ValueError("`bin_dir` is for kind: local")
+        return self
+
+
+class Compile(Strict):
+    """A TensorRT-LLM bundle: `trtllm` (PyTorch backend: the HF-format checkpoint plus serving
+    options and commands) or `trtllm-engine` (a TensorRT-LLM checkpoint built with trtllm-build)."""
+
+    stage: Literal["compile"]
+    name: str = "compile"
+    target: Literal["trtllm", "trtllm-engine"] = "trtllm"
+    gpu: str | None = None  # the GPU it is for (H100, L40S, sm90, 8.9); default: this machine's
+    trtllm_version: str | None = None  # default: the launcher's TensorRT-LLM, else 1.2.0
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    max_batch_size: PositiveInt = 64
+    max_input_len: PositiveInt = 2048
+    max_seq_len: PositiveInt = 4096
+    max_num_tokens: PositiveInt = 8192
+    kv_cache_free_gpu_memory_fraction: float = Field(0.9, gt=0, le=1)
+    cuda_graph_batch_sizes: list[PositiveInt] = [1, 2, 4, 8, 16, 32, 64]
+    gemm_plugin: Literal["auto", "float16", "bfloat16", "disable"] = "auto"  # trtllm-engine only
+    launcher: Launcher = Launcher()
+    smoke_prompt: str = "Once upon a time"
+    smoke_tokens: PositiveInt = 8
+
+    @model_validator(mode="after")
+    def _limits(self) -> Compile:
+        if self.max_seq_len <= self.max_input_len:
+            raise ValueError(f"max_seq_len ({self.max_seq_len}) must exceed max_input_len ({self.max_input_len}): "
+                             "it counts the prompt and the output")
+        if too_big := [b for b in self.cuda_graph_batch_sizes if b > self.max_batch_size]:
+            raise ValueError(f"cuda_graph_batch_sizes {too_big} exceed max_batch_size {self.max_batch_size}")
+        if "gemm_plugin" in self.model_fields_set and self.target != "trtllm-engine":
+            raise ValueError("gemm_plugin is a trtllm-build option: it applies to target: trtllm-engine only")
+        if self.gpu is not None:
+            from llmopt.export.support import parse_sm
+
+            parse_sm(self.gpu)
+        if self.trtllm_version is not None:
+            from llmopt.export.support import parse_version
+
+            parse_version(self.trtllm_version)
+        return self
+
+
+Quantize = Annotated[BnbQuantize | GptqQuantize | RtnQuantize | ModeloptQuantize, Field(discriminator="method")]
+Stage = Annotated[Distill | Quantize | Evaluate | Benchmark | Compile, Field(discriminator="stage")]
+STAGE_TYPES = ("distill", "quantize", "evaluate", "benchmark", "compile")
+QUANTIZE_METHODS = ("bnb", "gptq", "rtn", "modelopt")
 
 
 class Recipe(Strict):
@@ -493,6 +578,13 @@ class Recipe(Strict):
         kinds = [s.stage for s in stages]
         if "distill" in kinds and "quantize" in kinds and kinds.index("distill") > kinds.index("quantize"):
             raise ValueError("distill before quantize: a student is trained in full precision, then quantized")
+        if kinds.count("compile") > 1:
+            raise ValueError("a recipe compiles once: keep one `compile` stage")
+        if "compile" in kinds:
+            after = stages[kinds.index("compile") + 1:]
+            if any(s.stage != "benchmark" or s.runtime != "trtllm" for s in after):
+                raise ValueError("compile makes a TensorRT-LLM bundle: only a benchmark with runtime: trtllm can follow "
+                                 "it; put distill, quantize and evaluate before it")
         return stages
 
 
@@ -610,8 +702,9 @@ def _stage_model(node: Any) -> Any:
     if not isinstance(node, dict):
         return None
     if node.get("stage") == "quantize":
-        return {"bnb": BnbQuantize, "gptq": GptqQuantize, "rtn": RtnQuantize}.get(node.get("method"))
-    return {"evaluate": Evaluate, "distill": Distill}.get(node.get("stage"))
+        return {"bnb": BnbQuantize, "gptq": GptqQuantize, "rtn": RtnQuantize,
+                "modelopt": ModeloptQuantize}.get(node.get("method"))
+    return {"evaluate": Evaluate, "distill": Distill, "benchmark": Benchmark, "compile": Compile}.get(node.get("stage"))
 
 
 def _model_of(annotation: Any) -> Any:

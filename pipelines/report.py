@@ -21,6 +21,8 @@ SHOWN = {
     "memory/weights_gb": "{:.4f} GB",
     "memory/compression_ratio": "{:.2f}x",
     "memory/peak_gpu_gb": "{:.2f} GB",
+    "memory/bundle_gb": "{:.4f} GB",
+    "trtllm/built": "{:.0f}",
 }
 
 
@@ -44,6 +46,8 @@ def print_summary(console: Console, summary: RunSummary) -> None:
             from rich.markdown import Markdown
 
             console.print(Markdown(f"**{outcome.name}: base vs candidate** ({name})\n\n" + text))
+        if outcome.note:
+            console.print(f"{outcome.name}: {outcome.note}")
         if "gates/passed" in outcome.metrics:
             verdict = "[green]passed[/]" if not outcome.failed_gates else "[red]FAILED[/]: " + "; ".join(outcome.failed_gates)
             console.print(f"gates ({outcome.name}): {verdict}")

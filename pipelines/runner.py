@@ -23,7 +23,7 @@ from llmopt.cache import Artifact, Cache, Entry, key_config, stage_key
 from llmopt.errors import RecipeError, StageError
 from llmopt.models import hardware_name, quiet_libraries, resolve_base, resolve_device
 from llmopt.recipe import ModelSpec, Recipe, recipe_hash
-from llmopt.stages import Paired, StageContext, benchmark, distill, evaluate, quantize
+from llmopt.stages import Paired, StageContext, benchmark, compile, distill, evaluate, quantize
 from llmopt.tracking import Tracker, environment_lock, flatten, library_versions
 
 log = logging.getLogger("llmopt")
@@ -39,9 +39,10 @@ class StageSpec:
     reads_base: bool = False  # the candidate's run also gets the base model (evaluate: KL from the base)
     uses_teacher: bool = False  # gets the teacher (cfg.teacher, else the current model) as `base`
     resumable: bool = False  # keeps a killed run's partial output (its checkpoints) for the next run
+    optional: tuple[str, ...] = ()  # libraries whose versions enter the key but need not be installed
 
 
-QUANTIZE_LIBRARIES = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum"), "rtn": ()}
+QUANTIZE_LIBRARIES = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum"), "rtn": (), "modelopt": ("modelopt",)}
 
 STAGES: dict[str, StageSpec] = {
     "distill": StageSpec(distill.run, lambda cfg: (), produces_model=True, uses_teacher=True, resumable=True),
@@ -50,10 +51,15 @@ STAGES: dict[str, StageSpec] = {
                           produces_model=False, pair=evaluate.pair, reads_base=True),
     "benchmark": StageSpec(benchmark.run, lambda cfg: ("tensorrt_llm",) if cfg.runtime == "trtllm" else (),
                            produces_model=False, pair=benchmark.pair),
+    # a bundle made where TensorRT-LLM was not reachable is cached like any output: a local
+    # tensorrt_llm's version is in the key, a container's image is in the settings; --force-stage
+    # rebuilds it once TensorRT-LLM is reachable otherwise
+    "compile": StageSpec(compile.run, lambda cfg: ("modelopt", "tensorrt_llm") if cfg.target == "trtllm-engine"
+                         else ("tensorrt_llm",), produces_model=True, optional=("tensorrt_llm",)),
 }
 
 
-EXTRAS = {"bitsandbytes": "bnb", "gptqmodel": "gptq", "optimum": "gptq"}
+EXTRAS = {"bitsandbytes": "bnb", "gptqmodel": "gptq", "optimum": "gptq", "modelopt": "modelopt"}
 
 
 def preflight(recipe: Recipe, path: Path) -> None:
@@ -80,10 +86,24 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             raise RecipeError(f"{path}: stages[{index}].runtime: transformers-compiled over a bitsandbytes model is not "
                               "supported (on an H100, compiling a 7B nf4 model did not finish in 10 minutes); use "
                               "transformers-eager")
-        context = (_local_config(recipe.model) or {}).get("max_position_embeddings")
+        config = _local_config(recipe.model) or {}
+        context = config.get("max_position_embeddings")
         if cfg.stage == "benchmark" and context is not None and cfg.longest_input + cfg.output_tokens > context:
             raise RecipeError(f"{path}: stages[{index}].output_tokens: {cfg.output_tokens} output after "
                               f"{cfg.longest_input} input tokens exceed the model's context of {context} tokens")
+        where = f"{path}: stages[{index}]"
+        modelopt = next((s for s in earlier if s.stage == "quantize" and s.method == "modelopt"), None)
+        if cfg.stage == "benchmark" and cfg.runtime != "trtllm" and modelopt is not None:
+            raise RecipeError(f"{where}.runtime: {cfg.runtime} over a ModelOpt {modelopt.format} model would time "
+                              "ModelOpt's fake quantization, not the format; add a compile stage and benchmark with "
+                              "runtime: trtllm, or benchmark the base model")
+        if cfg.stage == "quantize" and cfg.method == "modelopt" and cfg.format in ("int4_awq", "w4a8_awq"):
+            for field in ("hidden_size", "intermediate_size"):
+                if field in config and config[field] % cfg.group_size:
+                    raise RecipeError(f"{where}.group_size: {cfg.group_size} does not divide the model's {field} "
+                                      f"({config[field]}); TensorRT-LLM's AWQ kernels take 64 or 128")
+        if cfg.stage == "compile":
+            _preflight_compile(cfg, earlier, config, where)
         if cfg.stage == "distill":
             first_model_stage = all(not STAGES[s.stage].produces_model for s in recipe.stages[:index])
             teacher = cfg.teacher or (recipe.model if first_model_stage else None)
@@ -99,7 +119,7 @@ def check_machine(recipe: Recipe, path: Path) -> None:
         raise RecipeError(f"{path}: device: cuda is asked for, but this machine has no CUDA device (use auto or cpu)")
     for index, cfg in enumerate(recipe.stages):
         for library in STAGES[cfg.stage].libraries(cfg):
-            if find_spec(library) is None:
+            if library not in STAGES[cfg.stage].optional and find_spec(library) is None:
                 fix = f"pip install 'llmopt[{EXTRAS[library]}]'" if library in EXTRAS else f"pip install {library}"
                 raise RecipeError(f"{path}: stages[{index}]: {_label(cfg)} needs {library}, which is not installed; {fix}")
         if cfg.stage == "evaluate" and cfg.tasks:
@@ -119,6 +139,44 @@ def check_machine(recipe: Recipe, path: Path) -> None:
                 if wanted >= have:
                     raise RecipeError(f"{path}: stages[{index}].teacher_device: {cfg.teacher_device}, but this machine "
                                       f"has {have} CUDA device(s)")
+
+
+def _preflight_compile(cfg, earlier: list, config: dict, where: str) -> None:
+    """Method x target x GPU compute capability x TensorRT-LLM version, from the table in
+    llmopt.export.support, before any GPU hour is spent."""
+    from llmopt.export import support
+    from llmopt.stages.compile import target_sm
+
+    quantize_cfg = next((s for s in earlier if s.stage == "quantize"), None)
+    if quantize_cfg is None or quantize_cfg.method == "rtn":
+        fmt = "bf16"
+    elif quantize_cfg.method == "modelopt":
+        fmt = quantize_cfg.format
+    elif quantize_cfg.method == "gptq":
+        fmt = "gptq_desc_act" if quantize_cfg.desc_act else "gptq"
+    else:
+        fmt = "bnb"
+    try:
+        sm, gpu = target_sm(cfg)
+    except ValueError as e:
+        raise RecipeError(f"{where}.gpu: {e}") from None
+    version = cfg.trtllm_version or support.DEFAULT_TRTLLM_VERSION
+    verdict = support.check(fmt, cfg.target, sm, version)
+    if not verdict.ok:
+        raise RecipeError(f"{where}.target: {fmt} -> {cfg.target} on {gpu} (sm{sm}) with TensorRT-LLM {version}: "
+                          f"{verdict.message()}")
+    if quantize_cfg is not None and quantize_cfg.method == "modelopt" and quantize_cfg.kv_cache == "fp8" and sm < 89:
+        raise RecipeError(f"{where}.gpu: kv_cache: fp8 needs compute capability 8.9 or newer and {gpu} is "
+                          f"{sm // 10}.{sm % 10}; drop kv_cache from the quantize stage")
+    heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
+    if heads is not None and heads % cfg.tp:
+        raise RecipeError(f"{where}.tp: {cfg.tp} does not divide the model's {heads} key-value heads")
+    layers = config.get("num_hidden_layers")
+    if layers is not None and layers % cfg.pp:
+        raise RecipeError(f"{where}.pp: {cfg.pp} does not divide the model's {layers} layers")
+    context = config.get("max_position_embeddings")
+    if context is not None and cfg.max_seq_len > context:
+        raise RecipeError(f"{where}.max_seq_len: {cfg.max_seq_len} exceeds the model's context of {context} tokens")
 
 
 def _preflight_processes(n: int, device: str, where: str) -> None:
@@ -179,7 +237,10 @@ def _local_config(spec: ModelSpec) -> dict | None:
     if spec.embedded is not None:
         from llmopt.embedded import CONTEXT, EMBEDDED_MODELS
 
-        return {"num_hidden_layers": EMBEDDED_MODELS[spec.embedded].num_hidden_layers, "max_position_embeddings": CONTEXT}
+        fixed = EMBEDDED_MODELS[spec.embedded]
+        return {"num_hidden_layers": fixed.num_hidden_layers, "max_position_embeddings": CONTEXT,
+                "hidden_size": fixed.hidden_size, "intermediate_size": fixed.intermediate_size,
+                "num_attention_heads": fixed.num_attention_heads, "num_key_value_heads": fixed.num_key_value_heads}
     if spec.path is not None:
         return json.loads((spec.path / "config.json").read_text())
     return None
@@ -207,6 +268,7 @@ class StageOutcome:
     run_id: str
     failed_gates: list[str] = field(default_factory=list)
     tables: dict[str, str] = field(default_factory=dict)  # markdown a paired stage prints at the end
+    note: str = ""  # one line the stage wants printed at the end (compile: where the bundle is, built or why not)
 
 
 @dataclass
@@ -307,19 +369,23 @@ def run_recipe(
                               "llmopt.base_key": root_key,
                               # what a measurement ran on (benchmark: GPU, CUDA, driver, versions, runtime)
                               **{f"env.{k}": v for k, v in entry.artifact.info.get("environment", {}).items()},
-                              **verdict},
+                              **entry.artifact.info.get("tags", {}), **verdict},
                     )
                     if failed_gates:
                         tracker.log(parent, tags=verdict)
                         log.warning("stage %s: gates failed: %s", cfg.name, "; ".join(failed_gates))
                     tracker.log_history(child, curves)
                     for role, report in zip(("candidate", "base"), entries, strict=False):
-                        for name in ("artifact.json", "report.json", "lm_eval_results.json"):
+                        for name in ("artifact.json", "report.json", "lm_eval_results.json", "manifest.json",
+                                     "commands.sh", "extra_llm_api_options.yaml"):
                             if (report.artifact.path / name).is_file():
                                 tracker.log_file(child, report.artifact.path / name, role)
+                        for build_log in sorted((report.artifact.path / "logs").glob("*.log")):
+                            tracker.log_file(child, build_log, f"{role}/logs")
                         for sample_file in sorted((report.artifact.path / "samples").glob("*.jsonl")):
                             tracker.log_file(child, sample_file, f"{role}/samples")
-                outcome = StageOutcome(cfg.name, entry.key, entry.hit, seconds, metrics, child, failed_gates, tables)
+                note = entry.artifact.info.get("note", "").format(path=entry.artifact.path)
+                outcome = StageOutcome(cfg.name, entry.key, entry.hit, seconds, metrics, child, failed_gates, tables, note)
                 summary.stages.append(outcome)
                 all_metrics.update({k: v for k, v in metrics.items() if not k.startswith("time/")})
                 log.info("stage %s: key %s, %s, %.1fs", cfg.name, entry.key, "hit" if entry.hit else "built", seconds)

@@ -18,18 +18,22 @@ from pathlib import Path
 from typing import Any
 
 MLRUNS_DIR_ENV = "LLMOPT_MLRUNS_DIR"
-TRACKED_LIBRARIES = ("llmopt", "torch", "transformers", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "mlflow")
+TRACKED_LIBRARIES = ("llmopt", "torch", "transformers", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "modelopt",
+                     "mlflow")
 
 
 def default_mlruns_dir() -> Path:
     return Path(os.environ.get(MLRUNS_DIR_ENV, "mlruns"))
 
 
+DISTRIBUTIONS = {"modelopt": "nvidia-modelopt"}  # import name -> distribution name, where they differ
+
+
 def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, str]:
     versions = {}
     for name in names:
         try:
-            versions[name] = metadata.version(name)
+            versions[name] = metadata.version(DISTRIBUTIONS.get(name, name))
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions

@@ -1,7 +1,9 @@
-"""The quantize stage: bitsandbytes (int8, nf4/fp4), GPTQ via GPTQModel, and round-to-nearest.
+"""The quantize stage: bitsandbytes (int8, nf4/fp4), GPTQ via GPTQModel, round-to-nearest, and
+NVIDIA ModelOpt's TensorRT-LLM formats.
 
-Each method writes an HF checkpoint directory (safetensors + config + tokenizer) that
-`AutoModelForCausalLM.from_pretrained` reloads; `Artifact.info` says how (format, reload kernel).
+Each method writes an HF checkpoint directory (safetensors + config + tokenizer); `Artifact.info`
+says how `load_model` gets the model back (format, reload kernel, or for ModelOpt the source
+model plus the calibrated quantizer state, since transformers cannot reload its exports).
 """
 
 from __future__ import annotations
@@ -16,14 +18,15 @@ from llmopt.cache import Artifact
 from llmopt.data import calibration_windows, load_texts
 from llmopt.models import load_model, load_tokenizer, output_to, torch_dtype, weights_bytes
 from llmopt.progress import progress_bar
-from llmopt.recipe import BnbQuantize, GptqQuantize, RtnQuantize
+from llmopt.recipe import BnbQuantize, GptqQuantize, ModeloptQuantize, RtnQuantize
 from llmopt.stages import StageContext
 
 GPTQ_WORKERS_ENV = "GPTQMODEL_CPU_WORKERS"
 
 
-def run(cfg: BnbQuantize | GptqQuantize | RtnQuantize, src: Artifact, out: Path, ctx: StageContext) -> Artifact:
-    method = {"bnb": _bnb, "gptq": _gptq, "rtn": _rtn}[cfg.method]
+def run(cfg: BnbQuantize | GptqQuantize | RtnQuantize | ModeloptQuantize, src: Artifact, out: Path,
+        ctx: StageContext) -> Artifact:
+    method = {"bnb": _bnb, "gptq": _gptq, "rtn": _rtn, "modelopt": _modelopt}[cfg.method]
     artifact = method(cfg, src, out, ctx)
     stored = weights_bytes(out)
     base = weights_bytes(src.path)
@@ -138,7 +141,40 @@ def _gptq(cfg: GptqQuantize, src: Artifact, out: Path, ctx: StageContext) -> Art
         advance()
     tokenizer.save_pretrained(out)
     backend = cfg.reload_backend or ("triton" if ctx.device == "cuda" else "torch")
-    return Artifact(out, "hf-checkpoint", info={"format": "gptq", "bits": cfg.bits, "reload_backend": f"gptq_{backend}"})
+    return Artifact(out, "hf-checkpoint", info={"format": "gptq", "bits": cfg.bits, "desc_act": cfg.desc_act,
+                                                     "reload_backend": f"gptq_{backend}"})
+
+
+# --- NVIDIA ModelOpt ---------------------------------------------------------------------------
+
+
+def _modelopt(cfg: ModeloptQuantize, src: Artifact, out: Path, ctx: StageContext) -> Artifact:
+    """Calibrate, keep the quantizer state (to rebuild the fake-quantized model for evaluation),
+    then export the unified HF checkpoint for TensorRT-LLM's PyTorch backend (export last: it
+    mutates the model)."""
+    import torch
+    from llmopt.export import modelopt
+
+    tokenizer = load_tokenizer(src.path, ctx.trust_remote_code)
+    cal = cfg.calibration
+    windows = calibration_windows(tokenizer, load_texts(cal.dataset), cal.num_samples, cal.seq_len, cal.seed)
+    batches = [torch.tensor(windows[i:i + cfg.batch_size]) for i in range(0, len(windows), cfg.batch_size)]
+    model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code)
+    before = modelopt.fingerprints(model)
+    torch.manual_seed(cal.seed)
+    # AWQ runs the calibration data twice (statistics, then the scale search)
+    passes = 2 if cfg.format in ("int4_awq", "w4a8_awq") else 1
+    with progress_bar(passes * len(batches), f"modelopt {cfg.format}: calibrate", enabled=ctx.progress) as advance:
+        model = modelopt.quantize(model, cfg.format, cfg.group_size, cfg.kv_cache, batches, on_batch=advance)
+    settings = {"format": cfg.format, "group_size": cfg.group_size, "kv_cache": cfg.kv_cache}
+    modelopt.save_state(model, out / modelopt.STATE_DIR, settings, before)
+    modelopt.export_hf(model, out, getattr(torch, cfg.export_dtype))
+    tokenizer.save_pretrained(out)
+    info = {"format": "modelopt", "modelopt_format": cfg.format, "kv_cache": cfg.kv_cache,
+            **({"group_size": cfg.group_size} if cfg.format in ("int4_awq", "w4a8_awq") else {}),
+            "export_dtype": cfg.export_dtype,
+            "source": {"path": str(Path(src.path).resolve()), "info": src.info}}
+    return Artifact(out, "hf-checkpoint", {"quantize/calibration_windows": float(len(windows))}, info)
 
 
 # --- round-to-nearest -------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Which checkpoint format TensorRT-LLM can serve, on which GPU, through which route and version:
+the table `llmopt validate` checks a recipe against before any GPU hour is spent.
+
+Routes:
+- `trtllm`: the PyTorch backend (TensorRT-LLM 1.x default) loads an HF-format checkpoint directly.
+- `trtllm-engine`: a TensorRT-LLM checkpoint, then `trtllm-build` to `.engine` files; legacy in
+  1.0-1.2.x and removed after 1.2.x.
+
+Sources (read 2026-11):
+[Q]  TensorRT-LLM, features/quantization.md ("Quantization in TensorRT LLM", 1.0 and later):
+     recipes FP4, FP8 per tensor, FP8 KV cache, W4A16/W4A8 GPTQ, W4A16/W4A8 AWQ, run from
+     ModelOpt checkpoints by the default PyTorch backend.
+     https://nvidia.github.io/TensorRT-LLM/features/quantization.html
+[M]  ModelOpt support matrix (GPU generation per format): FP4 Blackwell and later; FP8 Ada and
+     later; INT8 SmoothQuant Ampere and later; W4A16 AWQ Ampere and later; W4A8 AWQ Ada and later.
+     https://nvidia.github.io/Model-Optimizer/guides/0_support_matrix.html
+[E]  TensorRT-LLM checkpoint / trtllm-build (engine workflow; legacy in 1.0-1.2.x, removed after):
+     https://nvidia.github.io/TensorRT-LLM/architecture/checkpoint.html
+     https://nvidia.github.io/TensorRT-LLM/commands/trtllm-build.html
+[SQ] INT8 SmoothQuant is built into engines only (the PyTorch backend has no W8A8 SmoothQuant
+     path), examples/models/core/llama/README.md "SmoothQuant".
+[G]  The engine converter refuses GPTQ checkpoints quantized with act-order (`desc_act: true`):
+     examples/models/core/llama/convert_checkpoint.py, `--quant_ckpt_path` for GPTQ.
+[B]  bitsandbytes is not among TensorRT-LLM's quantization recipes [Q]: its checkpoints do not load.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+TARGETS = ("trtllm", "trtllm-engine")
+# source formats: what the stage before `compile` produced
+FORMATS = ("bf16", "fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "gptq", "gptq_desc_act", "bnb")
+ENGINE_LAST = (1, 2)  # the engine route exists up to 1.2.x [E]
+PYTORCH_FIRST = (1, 0)  # the PyTorch backend is the default from 1.0 [Q]
+DEFAULT_TRTLLM_VERSION = "1.2.0"
+
+# smallest compute capability each format runs on [M]; bf16 needs Ampere
+MIN_SM = {"bf16": 80, "fp8": 89, "int8_sq": 80, "int4_awq": 80, "w4a8_awq": 89, "nvfp4": 100, "gptq": 80,
+          "gptq_desc_act": 80}
+
+# (format, target) -> why not, and the nearest route that works; absent = supported
+UNSUPPORTED = {
+    ("bnb", "trtllm"): ("bitsandbytes checkpoints do not load in TensorRT-LLM [B]",
+                        "quantize with method: modelopt, format: int4_awq (or method: gptq)"),
+    ("bnb", "trtllm-engine"): ("bitsandbytes checkpoints do not load in TensorRT-LLM [B]",
+                               "quantize with method: modelopt, format: int4_awq (or method: gptq)"),
+    ("int8_sq", "trtllm"): ("INT8 SmoothQuant runs only as a TensorRT engine; the PyTorch backend has no W8A8 "
+                            "SmoothQuant path [SQ]",
+                            "target: trtllm-engine with TensorRT-LLM <= 1.2.x, or format: fp8 (SM89+) on target: trtllm"),
+    ("gptq_desc_act", "trtllm-engine"): ("the engine converter refuses GPTQ with desc_act: true [G]",
+                                         "quantize with desc_act: false, or target: trtllm (PyTorch backend)"),
+    # llmopt's own limit, not TensorRT-LLM's: engines are built from ModelOpt's TensorRT-LLM checkpoint
+    # export; GPTQ checkpoints would need TensorRT-LLM's convert_checkpoint.py, which llmopt does not drive
+    ("gptq", "trtllm-engine"): ("llmopt builds engines from ModelOpt's TensorRT-LLM checkpoint, and GPTQ checkpoints "
+                                "are not ModelOpt's",
+                                "target: trtllm (the PyTorch backend loads GPTQ), or method: modelopt, format: int4_awq"),
+}
+
+# GPU names a recipe may use for `compile.gpu`, with their compute capability
+GPUS = {"V100": 70, "T4": 75, "A100": 80, "A30": 80, "A10": 86, "A10G": 86, "A40": 86, "RTX3090": 86, "RTXA6000": 86,
+        "L4": 89, "L40": 89, "L40S": 89, "RTX4090": 89, "RTX6000ADA": 89, "H100": 90, "H200": 90, "GH200": 90,
+        "H20": 90, "B200": 100, "GB200": 100, "B300": 103, "GB300": 103, "RTX5090": 120, "RTXPRO6000": 120}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    ok: bool
+    reason: str = ""
+    alternative: str = ""
+
+    def message(self) -> str:
+        return f"{self.reason}; nearest valid route: {self.alternative}" if not self.ok else "supported"
+
+
+def parse_sm(gpu: str) -> int:
+    """`H100`, `h100-sxm`, `sm90`, `sm_90`, `9.0` -> 90. ValueError for what it cannot read."""
+    text = gpu.strip().upper().replace(" ", "").replace("_", "")
+    if m := re.fullmatch(r"SM(\d{2,3})A?", text):
+        return int(m.group(1))
+    if m := re.fullmatch(r"(\d{1,2})\.(\d)", text):
+        return int(m.group(1)) * 10 + int(m.group(2))
+    name = re.sub(r"[-](SXM|PCIE|NVL|HBM3|\d+GB).*$", "", text.replace("NVIDIA", ""))
+    if name in GPUS:
+        return GPUS[name]
+    raise ValueError(f"unknown GPU {gpu!r}: use a name ({', '.join(sorted(GPUS))}) or a compute capability (sm90, 8.9)")
+
+
+def parse_version(version: str) -> tuple[int, int]:
+    m = re.match(r"^v?(\d+)\.(\d+)", version.strip())
+    if not m:
+        raise ValueError(f"unreadable TensorRT-LLM version {version!r}: use major.minor[.patch], e.g. 1.2.0")
+    return int(m.group(1)), int(m.group(2))
+
+
+def check(fmt: str, target: str, sm: int, trtllm_version: str) -> Verdict:
+    """Can `fmt` be served through `target` on a GPU of compute capability `sm` with TensorRT-LLM
+    `trtllm_version`? The reason and the nearest valid route when not."""
+    if fmt not in FORMATS or target not in TARGETS:
+        raise ValueError(f"unknown format {fmt!r} or target {target!r}")
+    if (fmt, target) in UNSUPPORTED:
+        reason, alternative = UNSUPPORTED[(fmt, target)]
+        return Verdict(False, reason, alternative)
+    version = parse_version(trtllm_version)
+    if target == "trtllm-engine" and version > ENGINE_LAST:
+        return Verdict(False, f"TensorRT-LLM {trtllm_version} has no engine route (trtllm-build was removed after "
+                              "1.2.x) [E]", "target: trtllm (PyTorch backend), or TensorRT-LLM 1.2.x for engines")
+    if target == "trtllm" and version < PYTORCH_FIRST:
+        return Verdict(False, f"TensorRT-LLM {trtllm_version} predates the PyTorch backend as default (1.0) [Q]",
+                       "TensorRT-LLM 1.0 or later, or target: trtllm-engine")
+    need = MIN_SM[fmt]
+    if sm < need:
+        fallback = {"nvfp4": "format: fp8 (SM89+) or int4_awq (SM80+)", "fp8": "format: int4_awq (SM80+)",
+                    "w4a8_awq": "format: int4_awq (SM80+)"}.get(fmt, "a GPU of SM80 or newer")
+        if sm < 80:
+            fallback = "a GPU of SM80 (Ampere) or newer"
+        return Verdict(False, f"{fmt} needs compute capability {need // 10}.{need % 10} or newer and the target GPU is "
+                              f"{sm // 10}.{sm % 10} [M]", fallback)
+    return Verdict(True)
+
+
+def source_format(info: dict) -> str:
+    """The format name of the table for an artifact's `info` (what the quantize stage recorded)."""
+    fmt = info.get("format")
+    if fmt is None or fmt == "rtn":
+        return "bf16"  # a full-precision checkpoint (rtn is saved dequantized)
+    if fmt == "modelopt":
+        return info["modelopt_format"]
+    if fmt == "gptq":
+        return "gptq_desc_act" if info.get("desc_act") else "gptq"
+    return fmt  # bnb
