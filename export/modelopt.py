@@ -16,8 +16,11 @@ nvfp4), kept three ways.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import warnings
 from pathlib import Path
 
 FORMATS = ("fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4")
@@ -26,6 +29,15 @@ STATE_WEIGHTS = "quantizers.safetensors"
 STATE_JSON = "quantizers.json"
 STATE_CHANGED = "changed_weights.safetensors"
 BUFFERS = ("_amax", "_pre_quant_scale")
+
+
+@contextlib.contextmanager
+def quiet():
+    """ModelOpt prints what it inserts and warns about untested transformers versions on every
+    call; callers that keep a log of their own use `output_to` instead."""
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"modelopt\..*")
+        yield
 
 
 def quant_config(fmt: str, group_size: int = 128, kv_cache: str | None = None) -> dict:
@@ -117,7 +129,8 @@ def restore(model, state: Path):
         params[name].data.copy_(tensor)
     cfg = quant_config(settings["format"], settings["group_size"], settings.get("kv_cache"))
     cfg["algorithm"] = None  # structure only: the calibration result is loaded below
-    model = mtq.quantize(model, cfg, None)
+    with quiet():
+        model = mtq.quantize(model, cfg, None)
     quantizers = _quantizers(model)
     if sorted(quantizers) != sorted(settings["enabled"]):
         missing = sorted(set(settings["enabled"]) ^ set(quantizers))[:3]

@@ -496,7 +496,7 @@ class Launcher(Strict):
     run with docker or podman and all GPUs)."""
 
     kind: Literal["local", "container"] = "local"
-    bin_dir: Path | None = None
+    bin_dir: str | None = None  # a directory holding trtllm-build, trtllm-serve and python3
     image: str | None = None
     cli: Literal["docker", "podman"] = "docker"
 
@@ -542,15 +542,25 @@ class Compile(Strict):
             raise ValueError(f"cuda_graph_batch_sizes {too_big} exceed max_batch_size {self.max_batch_size}")
         if "gemm_plugin" in self.model_fields_set and self.target != "trtllm-engine":
             raise ValueError("gemm_plugin is a trtllm-build option: it applies to target: trtllm-engine only")
-        if self.gpu is not None:
-            from llmopt.export.support import parse_sm
-
-            parse_sm(self.gpu)
-        if self.trtllm_version is not None:
-            from llmopt.export.support import parse_version
-
-            parse_version(self.trtllm_version)
         return self
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, value: str | None) -> str | None:
+        from llmopt.export.support import parse_sm
+
+        if value is not None:
+            parse_sm(value)
+        return value
+
+    @field_validator("trtllm_version")
+    @classmethod
+    def _readable_version(cls, value: str | None) -> str | None:
+        from llmopt.export.support import parse_version
+
+        if value is not None:
+            parse_version(value)
+        return value
 
 
 Quantize = Annotated[BnbQuantize | GptqQuantize | RtnQuantize | ModeloptQuantize, Field(discriminator="method")]

@@ -24,7 +24,15 @@ QUANTIZE = {
                  f"      dataset: {{path: {DATA / 'calibration.jsonl'}}}\n      num_samples: 128\n      seq_len: 512\n",
     "bnb-nf4": "method: bnb\n    bits: 4\n    quant_type: nf4\n    compute_dtype: bfloat16\n",
     "bnb-int8": "method: bnb\n    bits: 8\n",
+    "modelopt-fp8": f"method: modelopt\n    format: fp8\n    kv_cache: fp8\n    calibration:\n"
+                    f"      dataset: {{path: {DATA / 'calibration.jsonl'}}}\n      num_samples: 128\n      seq_len: 512\n",
+    "modelopt-int4awq": f"method: modelopt\n    format: int4_awq\n    calibration:\n"
+                        f"      dataset: {{path: {DATA / 'calibration.jsonl'}}}\n      num_samples: 128\n      seq_len: 512\n",
 }
+# ModelOpt cases go on to a TensorRT-LLM bundle for this GPU (TensorRT-LLM is not installed on the
+# GPU machine: the bundle is written and checked, and the run must say it was not built)
+COMPILE = {"modelopt-fp8": "trtllm", "modelopt-int4awq": "trtllm-engine"}
+SHRINK = {"bnb-int8": 1.5, "modelopt-fp8": 1.5, "modelopt-int4awq": 2.0}  # weights at least this much smaller
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,8 @@ def test_stage_runs_on_cuda(name, llama_1b, workdir, tmp_path):
         f"  - stage: evaluate\n    perplexity:\n      dataset: {{path: {DATA / 'validation.jsonl'}}}\n"
         f"      seq_len: 512\n      stride: 512\n      batch_size: 8\n"
         f"    local_tasks: [{TASKS / 'tiny_sums'}, {TASKS / 'tiny_stories_rolling'}]\n    batch_size: 32\n"
+        + (f"  - stage: compile\n    target: {COMPILE[name]}\n    max_input_len: 1024\n    max_seq_len: 2048\n"
+           if name in COMPILE else "")
     )
     assert run_cli(workdir, "run", str(recipe)) == 0
     import mlflow
@@ -55,16 +65,25 @@ def test_stage_runs_on_cuda(name, llama_1b, workdir, tmp_path):
     quant, evaluate = runs["quantize"].data, runs["evaluate"].data
     assert quant.tags["llmopt.hardware"] == torch.cuda.get_device_name()
     weights_gb = quant.metrics["memory/weights_gb"]
-    assert weights_gb < quant.metrics["memory/weights_gb_base"] / (1.5 if name == "bnb-int8" else 2.5)
+    assert weights_gb < quant.metrics["memory/weights_gb_base"] / SHRINK.get(name, 2.5)
     assert evaluate.metrics["memory/peak_gpu_gb"] >= weights_gb, "the quantized weights sit on the GPU"
     assert 1 < evaluate.metrics["quality/ppl"] < 1e6 and evaluate.metrics["quality/eval_tokens"] > 10_000
     assert 0 <= evaluate.metrics["quality/tiny_sums/acc"] <= 1 and "quality/tiny_sums/acc_recovery" in evaluate.metrics
 
+    extra = {}
+    if name in COMPILE:
+        from llmopt.export import manifest
+
+        compiled = runs["compile"].data
+        assert compiled.metrics["trtllm/built"] == 0 and "not" in compiled.tags["trtllm.reason"]
+        bundle = workdir["cache"] / "stages" / compiled.tags["llmopt.cache_key"]
+        assert manifest.verify(bundle).structure == []
+        extra = {"compile_s": compiled.metrics["time/stage_s"], "bundle_gb": compiled.metrics["memory/bundle_gb"]}
     report = os.environ.get("LLMOPT_GPU_REPORT")
     if report:
         with open(report, "a") as f:
             f.write(json.dumps({
-                "case": name, "gpu": torch.cuda.get_device_name(),
+                "case": name, "gpu": torch.cuda.get_device_name(), **extra,
                 "quantize_s": quant.metrics["time/stage_s"], "quantize_peak_gb": quant.metrics["memory/peak_gpu_gb"],
                 "weights_gb": weights_gb, "weights_gb_base": quant.metrics["memory/weights_gb_base"],
                 "evaluate_s": evaluate.metrics["time/stage_s"], "evaluate_peak_gb": evaluate.metrics["memory/peak_gpu_gb"],

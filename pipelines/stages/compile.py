@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from llmopt.cache import Artifact
 from llmopt.export import manifest, support, trtllm
-from llmopt.models import load_model
+from llmopt.models import load_model, output_to
 from llmopt.recipe import Compile
 from llmopt.stages import StageContext
 
@@ -61,7 +61,9 @@ def run(cfg: Compile, src: Artifact, out: Path, ctx: StageContext) -> Artifact:
         from llmopt.export import modelopt
 
         export_dtype = getattr(torch, src.info.get("export_dtype", "bfloat16"))
-        modelopt.export_trtllm(model, out / trtllm.TRTLLM_CHECKPOINT, export_dtype, cfg.tp, cfg.pp)
+        (out / LOGS).mkdir()
+        with output_to(out / LOGS / "export.log"):  # ModelOpt's prints and warnings
+            modelopt.export_trtllm(model, out / trtllm.TRTLLM_CHECKPOINT, export_dtype, cfg.tp, cfg.pp)
         del model
         commands["build"] = trtllm.build_command(cfg, trtllm.TRTLLM_CHECKPOINT, trtllm.ENGINE)
         commands["serve"] = trtllm.serve_command(cfg, trtllm.ENGINE)

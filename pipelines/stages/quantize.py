@@ -164,11 +164,13 @@ def _modelopt(cfg: ModeloptQuantize, src: Artifact, out: Path, ctx: StageContext
     torch.manual_seed(cal.seed)
     # AWQ runs the calibration data twice (statistics, then the scale search)
     passes = 2 if cfg.format in ("int4_awq", "w4a8_awq") else 1
-    with progress_bar(passes * len(batches), f"modelopt {cfg.format}: calibrate", enabled=ctx.progress) as advance:
+    terminal = os.fdopen(os.dup(1), "w")  # ModelOpt's own prints go to modelopt.log, the bar stays here
+    with terminal, progress_bar(passes * len(batches), f"modelopt {cfg.format}: calibrate", enabled=ctx.progress,
+                                file=terminal) as advance, output_to(out / "modelopt.log"):
         model = modelopt.quantize(model, cfg.format, cfg.group_size, cfg.kv_cache, batches, on_batch=advance)
-    settings = {"format": cfg.format, "group_size": cfg.group_size, "kv_cache": cfg.kv_cache}
-    modelopt.save_state(model, out / modelopt.STATE_DIR, settings, before)
-    modelopt.export_hf(model, out, getattr(torch, cfg.export_dtype))
+        settings = {"format": cfg.format, "group_size": cfg.group_size, "kv_cache": cfg.kv_cache}
+        modelopt.save_state(model, out / modelopt.STATE_DIR, settings, before)
+        modelopt.export_hf(model, out, getattr(torch, cfg.export_dtype))
     tokenizer.save_pretrained(out)
     info = {"format": "modelopt", "modelopt_format": cfg.format, "kv_cache": cfg.kv_cache,
             **({"group_size": cfg.group_size} if cfg.format in ("int4_awq", "w4a8_awq") else {}),
