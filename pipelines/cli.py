@@ -1,9 +1,10 @@
-"""`llmopt run | validate | verify`: exit 0 on success, 2 on bad input (nothing written), 1 when a
-stage fails or a bundle does not verify."""
+"""`llmopt run | validate | verify | promote | pull | compare`: exit 0 on success, 2 on bad input
+(nothing written), 1 when a stage fails, a bundle or a download does not verify, or gates fail."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -52,7 +53,97 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("--require-loadable", action="store_true",
                         help="also exit 1 when this machine cannot load the bundle")
     verify.set_defaults(command=_verify)
+
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--mlruns", type=Path, help="local MLflow store (default: $MLFLOW_TRACKING_URI, else "
+                       "$LLMOPT_MLRUNS_DIR or mlruns)")
+    promote = commands.add_parser("promote", parents=[store], help="re-check a registered version's gates and move "
+                                  "an alias to it")
+    promote.add_argument("name")
+    promote.add_argument("version")
+    promote.add_argument("--alias", required=True)
+    promote.add_argument("--force", action="store_true", help="move the alias although gates fail (needs --reason)")
+    promote.add_argument("--reason", help="why the gates are overridden (recorded on the version)")
+    promote.set_defaults(command=_promote)
+
+    pull = commands.add_parser("pull", parents=[store], help="download a registered version (NAME@ALIAS or "
+                               "NAME/VERSION) and verify every file's sha256")
+    pull.add_argument("ref")
+    pull.add_argument("--dest", type=Path, required=True)
+    pull.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    pull.set_defaults(command=_pull)
+
+    compare = commands.add_parser("compare", parents=[store], help="the latest run of each recipe side by side, "
+                                  "and a Pareto plot of quality against latency")
+    compare.add_argument("recipes", nargs="*", help="recipe names (MLflow experiments); default: all")
+    compare.add_argument("--out", type=Path, default=Path("compare"), help="where the table and plot go")
+    compare.set_defaults(command=_compare)
     return parser
+
+
+def _tracker(args: argparse.Namespace):
+    from llmopt.tracking import Tracker, check_reachable
+
+    tracker = Tracker(args.mlruns)
+    try:
+        check_reachable(tracker.uri)
+    except ConnectionError as e:
+        raise RecipeError(str(e)) from None
+    return tracker
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from llmopt import registry
+
+    try:
+        registry.check_alias(args.alias)
+    except ValueError as e:
+        raise RecipeError(f"--alias: {e}") from None
+    if args.force and not args.reason:
+        raise RecipeError("--force needs --reason: say why the gates are overridden (it is recorded on the version)")
+    tracker = _tracker(args)
+    try:
+        registry.resolve(tracker, f"{args.name}/{args.version}")
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    failed = registry.promote_version(tracker, args.name, args.version, args.alias, args.force, args.reason)
+    if failed and not args.force:
+        print(f"not promoted: {args.name} version {args.version} fails its gates: " + "; ".join(failed))
+        return EXIT_STAGE_FAILED
+    forced = f" (forced past: {'; '.join(failed)})" if failed else ""
+    print(f"{args.name}@{args.alias} -> version {args.version}{forced}")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from llmopt import registry
+
+    tracker = _tracker(args)
+    try:
+        mv, problems = registry.pull(tracker, args.ref, args.dest, args.overwrite)
+    except (ValueError, FileExistsError) as e:
+        raise RecipeError(f"pull {args.ref}: {e}") from None
+    if problems:
+        print(f"REFUSED  {args.ref} (version {mv.version}): the download does not match its manifest")
+        for problem in problems:
+            print(f"    {problem}")
+        return EXIT_STAGE_FAILED
+    print(f"{args.ref} -> version {mv.version} in {args.dest}: every file matches its sha256 "
+          f"(card: {args.dest / registry.CARD})")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from llmopt.compare import compare
+
+    tracker = _tracker(args)
+    try:
+        table, plot = compare(tracker, args.recipes, args.out)
+    except ValueError as e:
+        raise RecipeError(f"compare: {e}") from None
+    print(table)
+    print(f"table: {args.out / 'compare.md'}; Pareto plot: {plot}")
+    return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -108,6 +199,13 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     preflight(recipe, path)
+    if args.mlruns is None and os.environ.get("MLFLOW_TRACKING_URI"):  # a server: it must answer before any work
+        from llmopt.tracking import check_reachable
+
+        try:
+            check_reachable(os.environ["MLFLOW_TRACKING_URI"])
+        except ConnectionError as e:
+            raise RecipeError(str(e)) from None
 
     console = Console(stderr=False)
     console.print(f"[bold]llmopt[/] run [cyan]{recipe.name}[/] ({path})")

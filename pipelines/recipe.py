@@ -569,12 +569,41 @@ STAGE_TYPES = ("distill", "quantize", "evaluate", "benchmark", "compile")
 QUANTIZE_METHODS = ("bnb", "gptq", "rtn", "modelopt")
 
 
+class Promote(Strict):
+    """Register the final artifact as a new version of `model_name`; move `alias` to it when every
+    gate passes, else give it the alias `candidate`."""
+
+    model_name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+    alias: str = "production"
+    gates: list[str] = []  # "quality/tiny_sums/acc_recovery >= 0.99", "bench/tpot_ms/bs1 <= 0.8 * base"
+    description: str = ""
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        from llmopt.registry import CANDIDATE, check_alias
+
+        if value == CANDIDATE:
+            raise ValueError(f"alias {CANDIDATE!r} is what a version that fails its gates gets; promote to another alias")
+        return check_alias(value)
+
+    @field_validator("gates")
+    @classmethod
+    def _gates(cls, values: list[str]) -> list[str]:
+        from llmopt.registry import Gate
+
+        for value in values:
+            Gate.parse(value)
+        return values
+
+
 class Recipe(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
     description: str = ""
     model: ModelSpec
     device: Literal["auto", "cpu", "cuda"] = "auto"
     stages: list[Stage] = Field(min_length=1)
+    promote: Promote | None = None
 
     @field_validator("stages")
     @classmethod

@@ -51,6 +51,13 @@ def print_summary(console: Console, summary: RunSummary) -> None:
         if "gates/passed" in outcome.metrics:
             verdict = "[green]passed[/]" if not outcome.failed_gates else "[red]FAILED[/]: " + "; ".join(outcome.failed_gates)
             console.print(f"gates ({outcome.name}): {verdict}")
+    if (reg := summary.registration) is not None:
+        upload = " (same weights as an earlier version: not uploaded again)" if reg.reused_upload else ""
+        if reg.failed:
+            console.print(f"registered [bold]{reg.name}[/] version {reg.version} as [yellow]{reg.alias}[/]{upload}: "
+                          f"promotion gates failed: " + "; ".join(reg.failed))
+        else:
+            console.print(f"registered [bold]{reg.name}[/] version {reg.version}, alias [green]{reg.alias}[/]{upload}")
     hits = sum(s.hit for s in summary.stages)
     console.print(f"{hits}/{len(summary.stages)} stages from cache. MLflow run {summary.run_id} "
                   f"(experiment {summary.recipe!r}): {summary.tracking_hint}. Log: {summary.log_file}")

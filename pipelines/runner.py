@@ -70,7 +70,9 @@ def preflight(recipe: Recipe, path: Path) -> None:
 
 def check_recipe(recipe: Recipe, path: Path) -> None:
     """What the recipe's own models say, where they can be read without a download: layer indices
-    against the teacher's depth, teacher and student tokenizers."""
+    against the teacher's depth, teacher and student tokenizers; promotion gates against the
+    metrics the stages log."""
+    _check_promote(recipe, path)
     for index, cfg in enumerate(recipe.stages):
         if cfg.stage == "evaluate" and cfg.tasks:
             from llmopt.eval.harness import check_standard_tasks
@@ -108,6 +110,16 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             first_model_stage = all(not STAGES[s.stage].produces_model for s in recipe.stages[:index])
             teacher = cfg.teacher or (recipe.model if first_model_stage else None)
             _preflight_distill(cfg, teacher, f"{path}: stages[{index}]")
+
+
+def _check_promote(recipe: Recipe, path: Path) -> None:
+    from llmopt.registry import Gate, check_gates
+
+    if recipe.promote is not None:
+        try:
+            check_gates([Gate.parse(g) for g in recipe.promote.gates], recipe)
+        except ValueError as e:
+            raise RecipeError(f"{path}: promote.gates: {e}") from None
 
 
 def check_machine(recipe: Recipe, path: Path) -> None:
@@ -279,6 +291,7 @@ class RunSummary:
     tracking_hint: str
     log_file: Path
     stages: list[StageOutcome] = field(default_factory=list)
+    registration: Any = None  # llmopt.registry.Registration when the recipe promotes
 
 
 def run_recipe(
@@ -393,12 +406,50 @@ def run_recipe(
                 if spec.produces_model:
                     current, current_key = entry.artifact, entry.key
             tracker.log(parent, metrics=all_metrics, tags={"llmopt.final_key": current_key})
+            if recipe.promote is not None:
+                try:
+                    summary.registration = _register(tracker, recipe, parent, current, all_metrics, tags, root_key,
+                                                     summary)
+                except Exception as e:
+                    log.error("registration failed:\n%s", traceback.format_exc())
+                    raise StageError(f"registering {recipe.promote.model_name} failed: {type(e).__name__}: {e}; "
+                                     "the stage outputs are kept in the cache: the same command resumes") from e
         finally:
             for handler in log.handlers[:]:
                 handler.close()
                 log.removeHandler(handler)
             tracker.log_file(parent, log_file, "logs")
     return summary
+
+
+def _register(tracker: Tracker, recipe: Recipe, parent: str, final: Artifact, metrics: dict[str, float],
+              tags: dict[str, str], root_key: str, summary: RunSummary):
+    """Register the final artifact (a new model version with its card) and move the alias."""
+    from llmopt import registry
+
+    source = recipe.model.id or str(recipe.model.path or f"embedded:{recipe.model.embedded}")
+    def step(cfg) -> str:
+        detail = {"quantize": lambda: f"{cfg.method} {getattr(cfg, 'format', None) or str(getattr(cfg, 'bits', '')) + '-bit'}",
+                  "compile": lambda: cfg.target, "distill": lambda: "student"}[cfg.stage]()
+        return f"{cfg.name} ({detail})"
+
+    steps = [step(cfg) for cfg in recipe.stages if STAGES[cfg.stage].produces_model]
+    lineage = " -> ".join([f"{source}@{recipe.model.revision}" if recipe.model.id else source, *steps])
+    gate_lines, _ = registry.judge([registry.Gate.parse(g) for g in recipe.promote.gates], metrics)
+    card = registry.model_card(recipe, final, metrics, lineage, gate_lines, tags, parent)
+    digest = registry.content_digest(final.path)
+    version_tags = {"llmopt.recipe": recipe.name, "llmopt.recipe_hash": tags["llmopt.recipe_hash"],
+                    "llmopt.run_id": parent, "llmopt.base_model": source,
+                    "llmopt.base_revision": str(recipe.model.revision or ""), "llmopt.base_key": root_key,
+                    "llmopt.lineage": lineage,
+                    "llmopt.cache_keys": json.dumps({s.name: s.key for s in summary.stages}),
+                    "llmopt.hardware": tags["llmopt.hardware"]}
+    result = registry.register(tracker, recipe.promote, parent, final.path, metrics, card, version_tags, digest)
+    verdict = "passed" if not result.failed else "failed: " + "; ".join(result.failed)
+    tracker.log(parent, tags={"llmopt.registered": f"{result.name}/{result.version}", "llmopt.alias": result.alias,
+                              "llmopt.promotion_gates": verdict})
+    log.info("registered %s version %s, alias %s (gates %s)", result.name, result.version, result.alias, verdict)
+    return result
 
 
 def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], base: tuple[str, Artifact],

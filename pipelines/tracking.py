@@ -57,6 +57,24 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def check_reachable(uri: str, timeout: float = 5.0) -> None:
+    """ConnectionError naming the server when an http(s) tracking URI does not answer /health."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            if response.status == 200:
+                return
+            problem = f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as e:
+        problem = str(getattr(e, "reason", e))
+    raise ConnectionError(f"MLflow tracking server {uri} is unreachable ({problem}); start it, or unset "
+                          "MLFLOW_TRACKING_URI to use the local store")
+
+
 class Tracker:
     def __init__(self, mlruns_dir: Path | None = None):
         """A local store in `mlruns_dir` if given, else `MLFLOW_TRACKING_URI` if set, else ./mlruns.
