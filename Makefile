@@ -8,14 +8,23 @@ BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
 .DEFAULT_GOAL := run
-.PHONY: run install test check lint validate ui clean-cache
+.PHONY: run install browser-deps test check lint validate ui clean-cache
 
 run: $(VENV)/.installed
 	$(BIN)/llmopt run $(recipe)
 
 # One command: virtual environment, torch first (so nothing pulls a CUDA build), then the pinned
-# dependencies and the package itself (editable).
-install: $(VENV)/.installed
+# dependencies and the package itself (editable); also the Debian chromium the browser test drives.
+install: browser-deps $(VENV)/.installed
+
+# Headless Chromium and its driver (Debian packages) for tests/test_browser.py; apt-get as root, else
+# through sudo where there is one, else a hint (the browser test then skips).
+browser-deps:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; \
+	elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	else echo "browser-deps: not root and no sudo; install 'chromium chromium-driver' (apt-get) for the browser test"; exit 0; fi; \
+	$$SUDO apt-get update && $$SUDO apt-get install -y --no-install-recommends chromium chromium-driver
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
