@@ -58,11 +58,7 @@ def check_trtllm_config(config: dict) -> list[str]:
         problems.append(f"config.json: mapping.world_size {world} != tp_size {tp} x pp_size {pp}")
     quant = config["quantization"] or {}
     algo = quant.get("quant_algo")
-    if algo is not None and algo not in QUANT_ALGOS:
-        problems.append(f"config.json: quantization.quant_algo {algo!r} is not a TensorRT-LLM QuantAlgo")
-    kv = quant.get("kv_cache_quant_algo")
-    if kv is not None and kv not in KV_CACHE_ALGOS:
-        problems.append(f"config.json: quantization.kv_cache_quant_algo {kv!r} is not one of {sorted(KV_CACHE_ALGOS)}")
+    problems += _check_quantization(quant, "config.json: quantization.")
     if algo in ("W4A16_AWQ", "W4A8_AWQ", "W4A16_GPTQ") and quant.get("group_size") not in (64, 128):
         problems.append(f"config.json: quantization.group_size {quant.get('group_size')!r} for {algo} (64 or 128)")
     return problems
@@ -160,10 +156,16 @@ def check_hf_checkpoint(directory: Path) -> list[str]:
     quant_file = directory / "hf_quant_config.json"
     if quant_file.is_file():
         quant = json.loads(quant_file.read_text()).get("quantization", {})
-        algo = quant.get("quant_algo")
-        if algo is not None and algo not in QUANT_ALGOS:
-            problems.append(f"{directory.name}/hf_quant_config.json: quant_algo {algo!r} is not a TensorRT-LLM QuantAlgo")
-        kv = quant.get("kv_cache_quant_algo")
-        if kv is not None and kv not in KV_CACHE_ALGOS:
-            problems.append(f"{directory.name}/hf_quant_config.json: kv_cache_quant_algo {kv!r} is not known")
+        problems += _check_quantization(quant, f"{directory.name}/hf_quant_config.json: ")
+    return problems
+
+
+def _check_quantization(quant: dict, where: str) -> list[str]:
+    """A quantization block's algorithms against TensorRT-LLM's enums (`where` prefixes each problem)."""
+    problems = []
+    algo, kv = quant.get("quant_algo"), quant.get("kv_cache_quant_algo")
+    if algo is not None and algo not in QUANT_ALGOS:
+        problems.append(f"{where}quant_algo {algo!r} is not a TensorRT-LLM QuantAlgo")
+    if kv is not None and kv not in KV_CACHE_ALGOS:
+        problems.append(f"{where}kv_cache_quant_algo {kv!r} is not one of {sorted(KV_CACHE_ALGOS)}")
     return problems

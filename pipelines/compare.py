@@ -95,14 +95,9 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def pareto_plot(runs: list) -> bytes:
-    import io
+    from llmopt.plots import figure, png
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = figure(7, 4.5)
     placed = []
     for run in runs:
         m = run.data.metrics
@@ -124,9 +119,4 @@ def pareto_plot(runs: list) -> bytes:
     ax.set_xlabel("TPOT ms at the smallest batch (lower is better)")
     ax.set_ylabel("quality: mean recovery vs base (higher is better)")
     ax.set_title("quality vs latency (marker size: weights GB)")
-    ax.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png(fig, ax)

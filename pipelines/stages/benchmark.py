@@ -10,7 +10,6 @@ timed region, device synchronisation, forced output length, medians over repeats
 from __future__ import annotations
 
 import gc
-import io
 import json
 import platform
 from pathlib import Path
@@ -163,12 +162,9 @@ def pair(cfg: Benchmark, candidate: Artifact, base: Artifact) -> Paired:
 
 
 def _plot(cfg: Benchmark, c: dict, b: dict, names: list[str], ylabel: str) -> bytes:
-    import matplotlib
+    from llmopt.plots import figure, png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure()
     for name in names:
         for label, source, style in (("candidate", c, "-o"), ("base", b, "--s")):
             ys = [source.get(f"bench/{name}/bs{bs}") for bs in cfg.batch_sizes]
@@ -177,13 +173,8 @@ def _plot(cfg: Benchmark, c: dict, b: dict, names: list[str], ylabel: str) -> by
     ax.set_ylabel(ylabel)
     ax.set_xscale("log", base=2)
     ax.set_title(f"{cfg.runtime}: {cfg.output_tokens} output tokens")
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png(fig, ax)
 
 
 def table(cfg: Benchmark, metrics: dict[str, float]) -> str:
