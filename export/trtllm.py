@@ -166,8 +166,9 @@ class Launcher:
                 return Reach(False, f"{self.spec.cli} is not installed on this machine (launcher kind: container)")
             probe = subprocess.run([self.spec.cli, "image", "inspect", self.spec.image], capture_output=True, text=True)
             if probe.returncode != 0:
-                return Reach(False, f"container image {self.spec.image} is not present locally "
-                                    f"({self.spec.cli} pull it first)")
+                said = (probe.stderr.strip().splitlines() or ["no output"])[-1]
+                return Reach(False, f"container image {self.spec.image} is not usable here ({self.spec.cli}: {said}); "
+                                    f"{self.spec.cli} pull it first")
         elif self._local(needs) is None:
             where = f"in {self.spec.bin_dir}" if self.spec.bin_dir else "on PATH"
             return Reach(False, f"{needs} is not {where}: TensorRT-LLM is not installed here")
