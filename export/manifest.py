@@ -34,6 +34,30 @@ def file_digests(root: Path) -> dict[str, str]:
             if p.is_file() and str(p.relative_to(root)) not in NOT_BUNDLED}
 
 
+def compare_digests(listed: dict[str, str], root: Path) -> list[str]:
+    """Files under `root` that differ from, are missing from, or are not in `listed` (name -> sha256)."""
+    present = file_digests(root)
+    problems = []
+    for name, digest in sorted(listed.items()):
+        if name not in present:
+            problems.append(f"{name}: listed in the manifest but missing")
+        elif present[name] != digest:
+            problems.append(f"{name}: sha256 does not match the manifest ({present[name][:12]}... against {digest[:12]}...)")
+    problems += [f"{name}: not in the manifest (added after it was written)" for name in sorted(set(present) - set(listed))]
+    return problems
+
+
+def link_or_copy(src: Path, dest: Path) -> None:
+    """A hard link where the file system allows (no second copy of the weights), else a copy."""
+    import shutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.hardlink_to(src)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
 def producer_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in PRODUCERS:
@@ -86,15 +110,8 @@ def verify(root: Path) -> Report:
         return report
     manifest = json.loads(path.read_text())
     listed = manifest.get("files", {})
-    present = file_digests(root)
     report.files = len(listed)
-    for name, digest in listed.items():
-        if name not in present:
-            report.structure.append(f"{name}: listed in the manifest but missing")
-        elif present[name] != digest:
-            report.structure.append(f"{name}: sha256 {present[name][:12]}... does not match the manifest's {digest[:12]}...")
-    for name in sorted(set(present) - set(listed)):
-        report.structure.append(f"{name}: not in the manifest (added after the bundle was made)")
+    report.structure += compare_digests(listed, root)
     if (root / trtllm.TRTLLM_CHECKPOINT).is_dir():
         report.structure += checkpoint.check_trtllm_checkpoint(root / trtllm.TRTLLM_CHECKPOINT)
     if (root / trtllm.CHECKPOINT).is_dir():

@@ -120,13 +120,17 @@ def check(fmt: str, target: str, sm: int, trtllm_version: str) -> Verdict:
     return Verdict(True)
 
 
+def format_of(method: str | None, modelopt_format: str | None = None, desc_act: bool = False) -> str:
+    """The table's format for a quantize method (None: no quantization; rtn is saved dequantized)."""
+    if method is None or method in ("rtn", "rtn-dequantized"):
+        return "bf16"
+    if method == "modelopt":
+        return modelopt_format
+    if method == "gptq":
+        return "gptq_desc_act" if desc_act else "gptq"
+    return method  # bnb
+
+
 def source_format(info: dict) -> str:
-    """The format name of the table for an artifact's `info` (what the quantize stage recorded)."""
-    fmt = info.get("format")
-    if fmt is None or fmt == "rtn":
-        return "bf16"  # a full-precision checkpoint (rtn is saved dequantized)
-    if fmt == "modelopt":
-        return info["modelopt_format"]
-    if fmt == "gptq":
-        return "gptq_desc_act" if info.get("desc_act") else "gptq"
-    return fmt  # bnb
+    """The table's format for an artifact's `info` (what the quantize stage recorded)."""
+    return format_of(info.get("format"), info.get("modelopt_format"), bool(info.get("desc_act")))

@@ -21,6 +21,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmopt.export.manifest import link_or_copy
+
 # the flags each command documents that llmopt uses (tests check every emitted flag against these)
 DOCUMENTED_FLAGS = {
     "trtllm-build": {"--checkpoint_dir", "--output_dir", "--max_batch_size", "--max_input_len", "--max_seq_len",
@@ -51,10 +53,7 @@ def copy_checkpoint(src: Path, dest: Path, patterns: tuple[str, ...] = HF_FILES)
     for pattern in patterns:
         for f in sorted(src.glob(pattern)):
             if f.is_file() and not (dest / f.name).exists():
-                try:
-                    (dest / f.name).hardlink_to(f)
-                except OSError:
-                    shutil.copy2(f, dest / f.name)
+                link_or_copy(f, dest / f.name)
                 copied.append(f.name)
     return copied
 

@@ -169,13 +169,10 @@ def content_digest(path: Path) -> str:
 
 
 def _link_tree(src: Path, dest: Path) -> None:
+    from llmopt.export.manifest import link_or_copy
+
     for file in sorted(p for p in src.rglob("*") if p.is_file()):
-        target = dest / file.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            target.hardlink_to(file)
-        except OSError:
-            shutil.copy2(file, target)
+        link_or_copy(file, dest / file.relative_to(src))
 
 
 def write_package(artifact: Path, card: str, dest: Path, body: dict) -> dict:
@@ -192,18 +189,12 @@ def write_package(artifact: Path, card: str, dest: Path, body: dict) -> dict:
 
 def verify_package(root: Path) -> list[str]:
     """Files that differ from the package manifest (empty: intact)."""
-    from llmopt.export.manifest import file_digests
+    from llmopt.export.manifest import compare_digests
 
     path = root / PACKAGE_MANIFEST
     if not path.is_file():
         return [f"{PACKAGE_MANIFEST} is missing: not an llmopt package"]
-    listed = json.loads(path.read_text()).get("files", {})
-    present = file_digests(root)
-    problems = [f"{name}: sha256 does not match the manifest" for name in sorted(listed)
-                if name in present and present[name] != listed[name]]
-    problems += [f"{name}: listed in the manifest but missing" for name in sorted(set(listed) - set(present))]
-    problems += [f"{name}: not in the manifest" for name in sorted(set(present) - set(listed))]
-    return problems
+    return compare_digests(json.loads(path.read_text()).get("files", {}), root)
 
 
 # --- registration -------------------------------------------------------------------------------------

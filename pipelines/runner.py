@@ -73,6 +73,7 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
     against the teacher's depth, teacher and student tokenizers; promotion gates against the
     metrics the stages log."""
     _check_promote(recipe, path)
+    config = _local_config(recipe.model) or {}
     for index, cfg in enumerate(recipe.stages):
         if cfg.stage == "evaluate" and cfg.tasks:
             from llmopt.eval.harness import check_standard_tasks
@@ -88,7 +89,6 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             raise RecipeError(f"{path}: stages[{index}].runtime: transformers-compiled over a bitsandbytes model is not "
                               "supported (on an H100, compiling a 7B nf4 model did not finish in 10 minutes); use "
                               "transformers-eager")
-        config = _local_config(recipe.model) or {}
         context = config.get("max_position_embeddings")
         if cfg.stage == "benchmark" and context is not None and cfg.longest_input + cfg.output_tokens > context:
             raise RecipeError(f"{path}: stages[{index}].output_tokens: {cfg.output_tokens} output after "
@@ -160,14 +160,8 @@ def _preflight_compile(cfg, earlier: list, config: dict, where: str) -> None:
     from llmopt.stages.compile import target_sm
 
     quantize_cfg = next((s for s in earlier if s.stage == "quantize"), None)
-    if quantize_cfg is None or quantize_cfg.method == "rtn":
-        fmt = "bf16"
-    elif quantize_cfg.method == "modelopt":
-        fmt = quantize_cfg.format
-    elif quantize_cfg.method == "gptq":
-        fmt = "gptq_desc_act" if quantize_cfg.desc_act else "gptq"
-    else:
-        fmt = "bnb"
+    fmt = support.format_of(getattr(quantize_cfg, "method", None), getattr(quantize_cfg, "format", None),
+                            getattr(quantize_cfg, "desc_act", False))
     try:
         sm, gpu = target_sm(cfg)
     except ValueError as e:
