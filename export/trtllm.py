@@ -46,6 +46,31 @@ TOKENIZER_FILES = ("config.json", "generation_config.json", "tokenizer*", "speci
 HF_FILES = (*TOKENIZER_FILES, "*.safetensors", "*.safetensors.index.json", "hf_quant_config.json")
 
 
+@dataclass(frozen=True)
+class Loadable:
+    """What the LLM API loads from a bundle (or from an HF checkpoint, such as the base model)."""
+
+    model: Path  # LLM(model=...)
+    tokenizer: Path | None  # LLM(tokenizer=...): the engine route's tokenizer folder; None: the model's own
+    config: Path  # the folder holding the HF config.json (architecture, vocabulary, context)
+    weights: tuple[Path, ...]  # the files that hold the weights (their size is the weights' size)
+
+
+def loadable(path: Path) -> Loadable:
+    """A `trtllm` bundle's checkpoint/, a built `trtllm-engine` bundle's engine/ with tokenizer/, or an
+    HF checkpoint directory; ValueError for an engine bundle that was never built, or anything else."""
+    if (path / ENGINE).is_dir():
+        return Loadable(path / ENGINE, path / TOKENIZER, path / TOKENIZER, tuple(sorted((path / ENGINE).glob("*.engine"))))
+    if (path / CHECKPOINT).is_dir():
+        return Loadable(path / CHECKPOINT, None, path / CHECKPOINT, tuple(sorted((path / CHECKPOINT).glob("*.safetensors"))))
+    if (path / TRTLLM_CHECKPOINT).is_dir():
+        raise ValueError(f"{path}: a trtllm-engine bundle without {ENGINE}/: trtllm-build did not run here (manifest.json "
+                         f"build.reason says why); build it with commands.sh where TensorRT-LLM is installed")
+    if (path / "config.json").is_file():
+        return Loadable(path, None, path, tuple(sorted(path.glob("*.safetensors"))))
+    raise ValueError(f"{path}: neither a TensorRT-LLM bundle ({CHECKPOINT}/ or {ENGINE}/) nor an HF checkpoint (config.json)")
+
+
 def copy_checkpoint(src: Path, dest: Path, patterns: tuple[str, ...] = HF_FILES) -> list[str]:
     """The HF checkpoint's serving files (hard links where the file system allows: no second copy)."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ leaves at most a `.tmp` directory, which the next run discards and rebuilds.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -45,13 +46,66 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV, ".cache/llmopt"))
 
 
-def stage_key(parent: str, stage: str, config: dict, libraries: dict[str, str], hardware: str) -> str:
-    """Hash of everything that decides a stage's output."""
+def stage_key(parent: str, stage: str, config: dict, libraries: dict[str, str], hardware: str,
+              code: dict[str, str]) -> str:
+    """Hash of everything that decides a stage's output; `code`: `stage_code` of the stage's module."""
     blob = json.dumps(
-        {"parent": parent, "stage": stage, "config": config, "libraries": libraries, "hardware": hardware},
+        {"parent": parent, "stage": stage, "config": config, "libraries": libraries, "hardware": hardware, "code": code},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+# modules that keep records, check settings or show progress: the settings enter a key by value
+NOT_OUTPUT = frozenset({"cache", "errors", "plots", "progress", "recipe", "registry", "tracking"})
+
+
+@functools.cache
+def stage_code(module: str) -> dict[str, str]:
+    """Which llmopt computes a stage: the installed llmopt's version and `source_digest` of the
+    stage's module, so that a fix to the perplexity or benchmark code is a cache miss. Once per process."""
+    from importlib import metadata
+
+    return {"llmopt": metadata.version("llmopt"), "sources": source_digest(module)}
+
+
+@functools.cache
+def source_digest(module: str) -> str:
+    """sha256 over the source files of `module` and of every module of its package it imports,
+    directly or through another (imports inside functions too; not NOT_OUTPUT)."""
+    total = hashlib.sha256()
+    for name, path in sorted(code_sources(module).items()):
+        total.update(f"{name}\0{file_sha256(path)}\n".encode())
+    return total.hexdigest()[:24]
+
+
+def code_sources(module: str) -> dict[str, Path]:
+    """`module` and the modules of its package it imports, transitively: name -> source file."""
+    import ast
+    from importlib.util import find_spec, resolve_name
+
+    package = module.partition(".")[0]
+    skipped = {f"{package}.{name}" for name in NOT_OUTPUT}
+    found: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in found or name in skipped:
+            continue
+        spec = find_spec(name)
+        found[name] = Path(spec.origin)
+        here = name if spec.submodule_search_locations is not None else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(found[name].read_text(), str(spec.origin))):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names if alias.name.partition(".")[0] == package]
+            elif isinstance(node, ast.ImportFrom):
+                base = resolve_name("." * node.level + (node.module or ""), here) if node.level else node.module
+                if base.partition(".")[0] != package:
+                    continue
+                todo.append(base)  # and each imported name that is a module of its own
+                if find_spec(base).submodule_search_locations is not None:
+                    todo += [f"{base}.{alias.name}" for alias in node.names if find_spec(f"{base}.{alias.name}")]
+    return found
 
 
 class Cache:
@@ -125,6 +179,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Build a directory under a private temporary name and rename it into place only when the block
+    completes: readers see the whole directory or none. Concurrent builders each use their own
+    temporary directory; the first to finish wins and the others discard theirs."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if final.exists():  # another process finished first: identical content by construction
+            shutil.rmtree(tmp)
+        else:
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def key_config(config: Any) -> Any:
     """A (JSON-dumped) config for hashing: local data files enter by content, not by path."""
     if isinstance(config, dict):
@@ -157,11 +232,29 @@ def directory_digest(path: Path, memo_file: Path | None = None) -> str:
             memo[str(file.resolve())] = cached
         total.update(f"{file.relative_to(path)}\0{cached['sha256']}\n".encode())
     if memo_file is not None:
-        memo_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_file)
+        _save_memo(memo_file, memo)
     return total.hexdigest()[:24]
+
+
+def file_digest(path: Path, memo_file: Path) -> str:
+    """sha256 of one file, memoised by (size, mtime) like `directory_digest`."""
+    memo = json.loads(memo_file.read_text()) if memo_file.is_file() else {}
+    stat = path.stat()
+    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+    cached = memo.get(str(path.resolve()))
+    if cached is not None and cached["stamp"] == stamp:
+        return cached["sha256"]
+    digest = file_sha256(path)
+    memo[str(path.resolve())] = {"stamp": stamp, "sha256": digest}
+    _save_memo(memo_file, memo)
+    return digest
+
+
+def _save_memo(memo_file: Path, memo: dict) -> None:
+    memo_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_file)
 
 
 def file_sha256(path: Path) -> str:

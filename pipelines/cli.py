@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 
 from llmopt.errors import RecipeError, StageError
@@ -22,12 +23,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except StageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" + (f" (log: {e.log_file})" if e.log_file else ""), file=sys.stderr)
         return EXIT_STAGE_FAILED
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmopt", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {metadata.version('llmopt')}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a recipe (name in recipes/ or a path to a YAML file)")
@@ -96,7 +98,7 @@ def _promote(args: argparse.Namespace) -> int:
     from llmopt import registry
 
     try:
-        registry.check_alias(args.alias)
+        registry.check_promotion_alias(args.alias)
     except ValueError as e:
         raise RecipeError(f"--alias: {e}") from None
     if args.force and not args.reason:
@@ -171,17 +173,32 @@ def _validate(args: argparse.Namespace) -> int:
     paths = [find_recipe(r) for r in args.recipes] or sorted(default_recipes_dir().glob("*.yaml"))
     if not paths:
         raise RecipeError(f"no recipes found in {default_recipes_dir()}")
-    from llmopt.runner import check_machine, check_recipe
+    from llmopt.runner import check_machine, check_recipe, offline_models
 
     for path in paths:
         recipe = load_recipe(path)
         check_recipe(recipe, path)
         print(f"ok  {path}  ({recipe.name}: {' -> '.join(s.name for s in recipe.stages)})")
-        try:  # a recipe written for another machine (GPUs, extras) is valid, just not runnable here
+        notes = offline_models(recipe)
+        try:  # a recipe written for another machine (GPUs, extras, the hub) is valid, just not runnable here
             check_machine(recipe, path)
         except RecipeError as e:
-            print(f"    not runnable on this machine: {str(e).removeprefix(f'{path}: ')}")
+            notes.insert(0, str(e).removeprefix(f"{path}: "))
+        for note in notes:
+            print(f"    not runnable on this machine: {note}")
     return 0
+
+
+NOT_A_TERMINAL_WIDTH = 1000  # columns for output to a file or pipe: tables keep one row per line
+
+
+def run_console():
+    """rich's console for `run`'s output: a terminal's own width; written to a file or a pipe (CI logs,
+    `| tee`), $COLUMNS if set, else wide enough that no table wraps (rich would take 80)."""
+    from rich.console import Console
+
+    columns = os.environ.get("COLUMNS", "")
+    return Console(width=None if sys.stdout.isatty() or columns.isdigit() else NOT_A_TERMINAL_WIDTH)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -196,7 +213,6 @@ def _run(args: argparse.Namespace) -> int:
 
     from llmopt.report import print_stage, print_summary
     from llmopt.runner import preflight, run_recipe
-    from rich.console import Console
 
     preflight(recipe, path)
     if args.mlruns is None and os.environ.get("MLFLOW_TRACKING_URI"):  # a server: it must answer before any work
@@ -207,7 +223,7 @@ def _run(args: argparse.Namespace) -> int:
         except ConnectionError as e:
             raise RecipeError(str(e)) from None
 
-    console = Console(stderr=False)
+    console = run_console()
     console.print(f"[bold]llmopt[/] run [cyan]{recipe.name}[/] ({path})")
     summary = run_recipe(
         recipe, path, args.cache_dir or default_cache_dir(), args.mlruns, force=args.force,

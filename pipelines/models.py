@@ -18,21 +18,21 @@ HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.t
 def resolve_base(spec: ModelSpec, cache_root: Path, progress: bool = True) -> tuple[str, Artifact]:
     """The base model as a local directory, and its root cache key.
 
-    Root key: hub id + resolved commit, a content hash of a local directory, or the spec hash of
-    an embedded model (which is trained here on first use and cached).
+    Root key: hub id + resolved commit, a content hash of a local directory, or an embedded model's
+    content hash (converted on first use and cached). `info["revision"]` is that commit or hash.
     """
     if spec.embedded is not None:
-        from llmopt.embedded import EMBEDDED_MODELS, build_tiny_llama
+        from llmopt.embedded import EMBEDDED_MODELS
 
         embedded = EMBEDDED_MODELS[spec.embedded]
-        path = cache_root / "embedded" / embedded.key()
-        if not (path / "config.json").is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            build_tiny_llama(embedded, path, progress=progress)
-        return f"embedded:{embedded.key()}", Artifact(path, "hf-checkpoint", info={"source": f"embedded:{spec.embedded}"})
+        revision = embedded.revision(cache_root)
+        path = embedded.checkpoint(cache_root, progress)
+        info = {"source": f"embedded:{spec.embedded}", "revision": revision, "upstream": embedded.upstream,
+                "license": embedded.license}
+        return f"embedded:{spec.embedded}@{revision}", Artifact(path, "hf-checkpoint", info=info)
     if spec.path is not None:
         digest = directory_digest(spec.path, cache_root / "digests.json")
-        return f"local:{digest}", Artifact(spec.path, "hf-checkpoint", info={"source": str(spec.path)})
+        return f"local:{digest}", Artifact(spec.path, "hf-checkpoint", info={"source": str(spec.path), "revision": digest})
     from huggingface_hub import snapshot_download
 
     patterns = HUB_PATTERNS + (["*.py"] if spec.trust_remote_code else [])
@@ -40,7 +40,7 @@ def resolve_base(spec: ModelSpec, cache_root: Path, progress: bool = True) -> tu
     if not any(path.glob("*.safetensors")):
         raise ValueError(f"{spec.id}@{spec.revision} has no safetensors weights; llmopt does not load pickled weights")
     commit = path.name  # snapshot folders are named by the resolved commit
-    return f"hub:{spec.id}@{commit}", Artifact(path, "hf-checkpoint", info={"source": f"{spec.id}@{commit}"})
+    return f"hub:{spec.id}@{commit}", Artifact(path, "hf-checkpoint", info={"source": f"{spec.id}@{commit}", "revision": commit})
 
 
 def resolve_device(requested: str) -> str:

@@ -115,7 +115,7 @@ class ModelSpec(Strict):
     id: str | None = None
     revision: str = "main"
     path: Path | None = None
-    embedded: Literal["tiny-llama"] | None = None
+    embedded: Literal["smollm2-135m", "tiny-llama"] | None = None
     trust_remote_code: StrictBool = False
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
@@ -581,11 +581,9 @@ class Promote(Strict):
     @field_validator("alias")
     @classmethod
     def _alias(cls, value: str) -> str:
-        from llmopt.registry import CANDIDATE, check_alias
+        from llmopt.registry import check_promotion_alias
 
-        if value == CANDIDATE:
-            raise ValueError(f"alias {CANDIDATE!r} is what a version that fails its gates gets; promote to another alias")
-        return check_alias(value)
+        return check_promotion_alias(value)
 
     @field_validator("gates")
     @classmethod
@@ -632,16 +630,26 @@ class Recipe(Strict):
 
 
 def find_recipe(name_or_path: str, recipes_dir: Path | None = None) -> Path:
+    """A path to a YAML file, or a name in the recipes folder (`tiny-int4`: recipes/tiny-int4.yaml).
+    A bare file name that is not in the current folder is the recipes folder's file of that name
+    (`tiny-int4.yaml`), as a recipe's name is its file name; `run` and `validate` print the path."""
+    recipes_dir = recipes_dir or default_recipes_dir()
     candidate = Path(name_or_path)
     if candidate.suffix in (".yaml", ".yml") or candidate.exists():
-        if not candidate.is_file():
-            raise RecipeError(f"recipe file {candidate} does not exist")
-        return candidate
-    recipes_dir = recipes_dir or default_recipes_dir()
+        if candidate.is_file():
+            return candidate
+        bare = name_or_path == candidate.name
+        if bare and (recipes_dir / candidate.name).is_file():
+            return recipes_dir / candidate.name
+        folder = recipes_dir if bare else candidate.parent
+        files = sorted(p.name for p in folder.glob("*") if p.suffix in (".yaml", ".yml"))
+        close = [str(folder / name) for name in difflib.get_close_matches(candidate.name, files, n=3)]
+        raise RecipeError(f"recipe file {candidate} does not exist" + (f"; did you mean {', '.join(close)}?" if close else ""))
     path = recipes_dir / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in recipes_dir.glob("*.yaml"))) or "none"
-        raise RecipeError(f"no recipe named {name_or_path!r}: {path} does not exist (available: {known})")
+        known = sorted(p.stem for p in recipes_dir.glob("*.yaml"))
+        raise RecipeError(f"no recipe named {name_or_path!r}: {path} does not exist{_did_you_mean(name_or_path, known)} "
+                          f"(available: {', '.join(known) or 'none'})")
     return path
 
 

@@ -8,7 +8,8 @@ A registered version's source is a package in the run's artifact store:
     model/            the final artifact: a TensorRT-LLM bundle, or a checkpoint
 
 Packages are keyed by the artifact's content hash: the same weights registered twice are uploaded
-once (the second version points at the first upload). Aliases move only after the package is
+once (the second version points at the first upload), and registered under the same gates with
+the same verdict they reuse their version instead of making one. Aliases move only after the package is
 uploaded and the version exists, one `set_registered_model_alias` call each.
 """
 
@@ -40,6 +41,13 @@ def check_alias(alias: str) -> str:
         raise ValueError(f"alias {alias!r}: use letters, digits, '-' and '_', starting with a letter "
                          "('latest' and v<number> are reserved by MLflow)")
     return alias
+
+
+def check_promotion_alias(alias: str) -> str:
+    """An alias a recipe or `llmopt promote` may move: valid, and not the reserved `candidate`."""
+    if alias == CANDIDATE:
+        raise ValueError(f"alias {CANDIDATE!r} is what a version that fails its gates gets; promote to another alias")
+    return check_alias(alias)
 
 
 # --- gates ---------------------------------------------------------------------------------------
@@ -207,6 +215,8 @@ class Registration:
     alias: str  # the alias this version got: the recipe's, or `candidate`
     failed: list[str]
     reused_upload: bool
+    reused_version: bool = False  # the same content under the same gates, with the same verdict: no new version
+    note: str = ""  # why a version was reused, or why the same content got a new one; empty for new content
 
 
 def _retry(call, attempts: int = 8):
@@ -226,7 +236,9 @@ def _retry(call, attempts: int = 8):
 def register(tracker, promote, run_id: str, artifact: Path, metrics: dict[str, float], card: str, tags: dict[str, str],
              digest: str) -> Registration:
     """Upload the package (once per content), create the version with its tags, then move the
-    alias: the recipe's when every gate passes, else `candidate`."""
+    alias: the recipe's when every gate passes, else `candidate`. A version that already holds this
+    content under the same gates with the same verdict (a warm re-run) is reused: it gets this run
+    as `llmopt.last_run_id` and the alias, and no new version is made."""
     from mlflow.exceptions import MlflowException
 
     client = tracker.client
@@ -237,8 +249,27 @@ def register(tracker, promote, run_id: str, artifact: Path, metrics: dict[str, f
     except MlflowException as e:
         if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
             raise
-    existing = [v for v in _retry(lambda: client.search_model_versions(f"name = '{promote.model_name}'"))
-                if v.tags.get("llmopt.content_sha256") == digest]
+    existing = sorted((v for v in _retry(lambda: client.search_model_versions(f"name = '{promote.model_name}'"))
+                       if v.tags.get("llmopt.content_sha256") == digest), key=lambda v: int(v.version))
+    alias = promote.alias if not failed else CANDIDATE
+    passed = str(not failed).lower()
+    same = [v for v in existing if _gate_specs(v) == promote.gates and v.tags.get("llmopt.gates_passed") == passed]
+    if same:  # a warm re-run: the version that holds this content under these gates, with this verdict
+        version = same[-1]
+        registrations = int(version.tags.get("llmopt.registrations", "1")) + 1
+        _retry(lambda: client.set_model_version_tag(promote.model_name, version.version, "llmopt.last_run_id", run_id))
+        _retry(lambda: client.set_model_version_tag(promote.model_name, version.version, "llmopt.registrations",
+                                                    str(registrations)))
+        _retry(lambda: client.set_registered_model_alias(promote.model_name, alias, version.version))
+        note = f"reused version {version.version}: same content (sha256 {digest[:12]}) and gates, no new version"
+        return Registration(promote.model_name, str(version.version), alias, failed, True, True, note)
+    note = ""
+    if existing:  # the same weights judged by other gates, or judged otherwise now: a version of its own
+        newest = existing[-1]
+        why = ("this recipe's gates differ from that version's" if _gate_specs(newest) != promote.gates else
+               f"its gates {'passed' if newest.tags.get('llmopt.gates_passed') == 'true' else 'failed'} there and "
+               f"{'pass' if not failed else 'fail'} with this run's metrics")
+        note = f"new version: same content as version {newest.version} (not uploaded again), but {why}"
     reused = bool(existing)
     if existing:
         source = existing[0].source  # the same weights: no second upload
@@ -256,9 +287,12 @@ def register(tracker, promote, run_id: str, artifact: Path, metrics: dict[str, f
         if client.get_model_version(promote.model_name, version.version).status == "READY":
             break
         time.sleep(0.1)
-    alias = promote.alias if not failed else CANDIDATE
     _retry(lambda: client.set_registered_model_alias(promote.model_name, alias, version.version))
-    return Registration(promote.model_name, str(version.version), alias, failed, reused)
+    return Registration(promote.model_name, str(version.version), alias, failed, reused, False, note)
+
+
+def _gate_specs(version) -> list[str] | None:
+    return json.loads(version.tags["llmopt.gate_specs"]) if "llmopt.gate_specs" in version.tags else None
 
 
 def promote_version(tracker, name: str, version: str, alias: str, force: bool, reason: str | None) -> list[str]:
@@ -337,12 +371,15 @@ def _fmt(value: float | None) -> str:
 
 
 def model_card(recipe, artifact, metrics: dict[str, float], lineage: str, gate_lines: list[str], run_tags: dict[str, str],
-               run_id: str) -> str:
+               run_id: str, base: dict | None = None) -> str:
     """Markdown: what was done, quality and performance base vs optimized, hardware, versions, how
     to serve it, known limits."""
     lines = [f"# {recipe.promote.model_name}", "", recipe.description or recipe.promote.description or "", "",
              "## What was done", "", f"Recipe `{recipe.name}` (sha256 {run_tags.get('llmopt.recipe_hash', '?')}), "
              f"MLflow run `{run_id}`.", "", f"Lineage: {lineage}", ""]
+    if base:  # where the weights come from, and under which license
+        lines += [f"Base model: {base.get('upstream') or base['source']}, revision `{base['revision']}`"
+                  + (f"; license {base['license']}" if base.get("license") else ""), ""]
     quality = sorted({k.removesuffix("_base") for k in metrics
                       if k.startswith("quality/") and k.endswith("_base") and k.removesuffix("_base") in metrics})
     if quality:

@@ -44,15 +44,18 @@ def print_summary(console: Console, summary: RunSummary) -> None:
     for outcome in summary.stages:
         for name, text in outcome.tables.items():
             from rich.markdown import Markdown
+            from rich.text import Text
 
-            console.print(Markdown(f"**{outcome.name}: base vs candidate** ({name})\n\n" + text))
+            # the heading as text, not a Markdown paragraph (rich pads those to the console's full width)
+            console.print(Text.assemble((f"{outcome.name}: base vs candidate", "bold"), f" ({name})"))
+            console.print(Markdown(text))
         if outcome.note:
             console.print(f"{outcome.name}: {outcome.note}")
         if "gates/passed" in outcome.metrics:
             verdict = "[green]passed[/]" if not outcome.failed_gates else "[red]FAILED[/]: " + "; ".join(outcome.failed_gates)
             console.print(f"gates ({outcome.name}): {verdict}")
     if (reg := summary.registration) is not None:
-        upload = " (same weights as an earlier version: not uploaded again)" if reg.reused_upload else ""
+        upload = f" ({reg.note})" if reg.note else ""
         if reg.failed:
             console.print(f"registered [bold]{reg.name}[/] version {reg.version} as [yellow]{reg.alias}[/]{upload}: "
                           f"promotion gates failed: " + "; ".join(reg.failed))

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from llmopt.cache import Artifact, Cache, Entry, key_config, stage_key
+from llmopt.cache import Artifact, Cache, Entry, default_cache_dir, key_config, stage_code, stage_key
 from llmopt.errors import RecipeError, StageError
 from llmopt.models import hardware_name, quiet_libraries, resolve_base, resolve_device
 from llmopt.recipe import ModelSpec, Recipe, recipe_hash
@@ -153,6 +153,40 @@ def check_machine(recipe: Recipe, path: Path) -> None:
                                       f"has {have} CUDA device(s)")
 
 
+def offline_models(recipe: Recipe) -> list[str]:
+    """Hub models the recipe loads that this machine cannot get: it is offline (HF_HUB_OFFLINE) and
+    they are not in the local Hugging Face cache (with safetensors weights). `validate` notes each;
+    `run` finds out when it loads the model (exit 1)."""
+    import os
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "")
+    if offline.upper() not in ("1", "ON", "YES", "TRUE"):
+        return []
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from llmopt.models import HUB_PATTERNS
+
+    specs = [("model", recipe.model)]
+    for index, cfg in enumerate(recipe.stages):
+        if cfg.stage == "distill":
+            specs += [(f"stages[{index}].teacher", cfg.teacher), (f"stages[{index}].student.model", cfg.student.model)]
+    notes = []
+    for where, spec in specs:
+        if spec is None or spec.id is None:
+            continue
+        try:
+            folder = Path(snapshot_download(spec.id, revision=spec.revision, allow_patterns=HUB_PATTERNS,
+                                            local_files_only=True))
+            cached = any(folder.glob("*.safetensors"))
+        except LocalEntryNotFoundError:
+            cached = False
+        if not cached:
+            notes.append(f"{where}: {spec.id}@{spec.revision} is not in the local Hugging Face cache, and "
+                         f"HF_HUB_OFFLINE={offline} forbids downloading it; run where the hub is reachable, or fill the "
+                         "cache first")
+    return notes
+
+
 def _preflight_compile(cfg, earlier: list, config: dict, where: str) -> None:
     """Method x target x GPU compute capability x TensorRT-LLM version, from the table in
     llmopt.export.support, before any GPU hour is spent."""
@@ -224,12 +258,14 @@ def _preflight_distill(cfg, teacher: ModelSpec | None, where: str) -> None:
 
 
 def _local_tokenizer(spec: ModelSpec):
-    """The model's tokenizer where it can be had without a download (an embedded model's is
-    retrained in memory: a second or two, deterministic); None for a hub model."""
+    """The model's tokenizer where it can be had without a download or a conversion (the shipped
+    tiny model's, a converted embedded model's, a local directory's); None otherwise."""
     if spec.embedded is not None:
-        from llmopt.embedded import EMBEDDED_MODELS, stories, train_tokenizer
+        from llmopt.embedded import EMBEDDED_MODELS
+        from llmopt.models import load_tokenizer
 
-        return train_tokenizer(stories("train"), EMBEDDED_MODELS[spec.embedded].vocab_size)
+        folder = EMBEDDED_MODELS[spec.embedded].local_tokenizer_dir(default_cache_dir().resolve())
+        return load_tokenizer(folder) if folder is not None else None
     if spec.path is not None:
         from llmopt.models import load_tokenizer
 
@@ -241,12 +277,9 @@ def _local_config(spec: ModelSpec) -> dict | None:
     """The model's config where it can be read without a download or a build (for an embedded
     model, the fields its spec fixes); None for a hub model."""
     if spec.embedded is not None:
-        from llmopt.embedded import CONTEXT, EMBEDDED_MODELS
+        from llmopt.embedded import EMBEDDED_MODELS
 
-        fixed = EMBEDDED_MODELS[spec.embedded]
-        return {"num_hidden_layers": fixed.num_hidden_layers, "max_position_embeddings": CONTEXT,
-                "hidden_size": fixed.hidden_size, "intermediate_size": fixed.intermediate_size,
-                "num_attention_heads": fixed.num_attention_heads, "num_key_value_heads": fixed.num_key_value_heads}
+        return dict(EMBEDDED_MODELS[spec.embedded].config)
     if spec.path is not None:
         return json.loads((spec.path / "config.json").read_text())
     return None
@@ -320,6 +353,7 @@ def run_recipe(
     forced_from = 0 if force else next((i for i, s in enumerate(recipe.stages) if s.name == force_stage), None)
     with tracker.run(experiment_id, recipe.name, tags) as parent:
         summary = RunSummary(recipe.name, parent, experiment_id, tracker.run_url_hint(parent, experiment_id), log_file)
+        doing = "the run"  # what the one-line error names if something fails
         try:
             tracker.log(parent, params={f"model.{k}": v for k, v in flatten(recipe.model.model_dump(mode="json")).items()})
             tracker.log_file(parent, recipe_path)
@@ -330,11 +364,12 @@ def run_recipe(
             except Exception as e:
                 log.error("base model failed:\n%s", traceback.format_exc())
                 source = recipe.model.id or recipe.model.path or recipe.model.embedded
-                raise StageError(f"base model {source} could not be loaded: {type(e).__name__}: {e}") from e
-            tracker.log(parent, tags={"llmopt.root_key": root_key})
+                raise StageError(f"base model {source} could not be loaded: {_error_line(e)}", log_file) from e
+            tracker.log(parent, tags={"llmopt.root_key": root_key, "llmopt.base_revision": base.info["revision"]})
             current, current_key = base, root_key
             all_metrics: dict[str, float] = {}
             for index, cfg in enumerate(recipe.stages):
+                doing = f"stage {cfg.name!r} ({_label(cfg)})"
                 spec = STAGES[cfg.stage]
                 forced = forced_from is not None and index >= forced_from
                 stage_tags = {**tags, "llmopt.stage": cfg.stage, "llmopt.parent_key": current_key}
@@ -345,7 +380,7 @@ def run_recipe(
                                            forced)
                     except Exception as e:
                         log.error("stage %s failed:\n%s", cfg.name, traceback.format_exc())
-                        raise StageError(f"stage {cfg.name!r} ({_label(cfg)}) failed: {type(e).__name__}: {e}") from e
+                        raise StageError(f"{doing} failed: {_error_line(e)}", log_file) from e
                     seconds = time.perf_counter() - started
                     entry = entries[0]
                     metrics = dict(entry.artifact.metrics)
@@ -399,27 +434,33 @@ def run_recipe(
                 on_stage(outcome)
                 if spec.produces_model:
                     current, current_key = entry.artifact, entry.key
+            doing = "the run"
             tracker.log(parent, metrics=all_metrics, tags={"llmopt.final_key": current_key})
             if recipe.promote is not None:
                 try:
-                    summary.registration = _register(tracker, recipe, parent, current, all_metrics, tags, root_key,
-                                                     summary)
+                    summary.registration = _register(tracker, recipe, parent, current, all_metrics, tags,
+                                                     (root_key, base), summary)
                 except Exception as e:
                     log.error("registration failed:\n%s", traceback.format_exc())
-                    raise StageError(f"registering {recipe.promote.model_name} failed: {type(e).__name__}: {e}; "
-                                     "the stage outputs are kept in the cache: the same command resumes") from e
+                    raise StageError(f"registering {recipe.promote.model_name} failed: {_error_line(e)}; "
+                                     "the stage outputs are kept in the cache: the same command resumes", log_file) from e
+        except StageError:
+            raise
+        except (Exception, SystemExit) as e:  # after a stage's work (pairing, gates, logging), or a library's exit()
+            log.error("%s failed:\n%s", doing, traceback.format_exc())
+            raise StageError(f"{doing} failed: {_error_line(e)}", log_file) from e
         finally:
-            for handler in log.handlers[:]:
-                handler.close()
-                log.removeHandler(handler)
+            _stop_log()
             tracker.log_file(parent, log_file, "logs")
     return summary
 
 
 def _register(tracker: Tracker, recipe: Recipe, parent: str, final: Artifact, metrics: dict[str, float],
-              tags: dict[str, str], root_key: str, summary: RunSummary):
+              tags: dict[str, str], root: tuple[str, Artifact], summary: RunSummary):
     """Register the final artifact (a new model version with its card) and move the alias."""
     from llmopt import registry
+
+    root_key, base = root
 
     source = recipe.model.id or str(recipe.model.path or f"embedded:{recipe.model.embedded}")
     def step(cfg) -> str:
@@ -430,19 +471,20 @@ def _register(tracker: Tracker, recipe: Recipe, parent: str, final: Artifact, me
     steps = [step(cfg) for cfg in recipe.stages if STAGES[cfg.stage].produces_model]
     lineage = " -> ".join([f"{source}@{recipe.model.revision}" if recipe.model.id else source, *steps])
     gate_lines, _ = registry.judge([registry.Gate.parse(g) for g in recipe.promote.gates], metrics)
-    card = registry.model_card(recipe, final, metrics, lineage, gate_lines, tags, parent)
+    card = registry.model_card(recipe, final, metrics, lineage, gate_lines, tags, parent, base.info)
     digest = registry.content_digest(final.path)
     version_tags = {"llmopt.recipe": recipe.name, "llmopt.recipe_hash": tags["llmopt.recipe_hash"],
                     "llmopt.run_id": parent, "llmopt.base_model": source,
-                    "llmopt.base_revision": str(recipe.model.revision or ""), "llmopt.base_key": root_key,
+                    "llmopt.base_revision": base.info["revision"], "llmopt.base_key": root_key,
                     "llmopt.lineage": lineage,
                     "llmopt.cache_keys": json.dumps({s.name: s.key for s in summary.stages}),
                     "llmopt.hardware": tags["llmopt.hardware"]}
     result = registry.register(tracker, recipe.promote, parent, final.path, metrics, card, version_tags, digest)
     verdict = "passed" if not result.failed else "failed: " + "; ".join(result.failed)
     tracker.log(parent, tags={"llmopt.registered": f"{result.name}/{result.version}", "llmopt.alias": result.alias,
-                              "llmopt.promotion_gates": verdict})
-    log.info("registered %s version %s, alias %s (gates %s)", result.name, result.version, result.alias, verdict)
+                              "llmopt.promotion_gates": verdict, "llmopt.registration": result.note or "new version"})
+    log.info("registered %s version %s, alias %s (gates %s; %s)", result.name, result.version, result.alias, verdict,
+             result.note or "new version")
     return result
 
 
@@ -472,7 +514,8 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
     # gates judge a stage's output and do not change it: a new threshold re-judges the cached result
     config = {"stage": key_config(cfg.model_dump(mode="json", exclude={"name", "gates"})), "dtype": ctx.dtype,
               "trust_remote_code": ctx.trust_remote_code, "reference": reference[0] if reference else None}
-    key = stage_key(parent_key, cfg.stage, config, libraries, hardware)
+    code = stage_code(spec.run.__module__)  # llmopt's version and the stage's own source: a code fix is a miss
+    key = stage_key(parent_key, cfg.stage, config, libraries, hardware, code)
     if forced:
         cache.invalidate(key)
     elif (found := cache.lookup(key)) is not None:
@@ -493,13 +536,37 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
 
     record: dict[str, Any] = {
         "stage": cfg.stage, "parent_key": parent_key, "config": config, "libraries": libraries,
-        "hardware": hardware, "source": str(src.path), "created": datetime.now(UTC).isoformat(),
+        "code": code, "hardware": hardware, "source": str(src.path), "created": datetime.now(UTC).isoformat(),
     }
     return cache.build(key, record, produce, resumable=spec.resumable)
 
 
 def _label(cfg) -> str:
     return f"{cfg.stage} {cfg.method}" if cfg.stage == "quantize" else cfg.stage
+
+
+def _error_line(e: BaseException) -> str:
+    """`Type: message` on one line: the message's first line (the log has all of it)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    more = " [...]" if len(lines) > 1 else ""
+    return f"{type(e).__name__}: {lines[0]}{more}" if lines else type(e).__name__
+
+
+# Library loggers whose warnings go to the run's log rather than the console: torch's "hit
+# config.recompile_limit" notices (GPTQModel's CPU kernel recompiles per layer), ten lines each.
+LOG_ONLY_WARNINGS = ("torch._dynamo.convert_frame",)
+
+
+class _IntoRunLog(logging.Filter):
+    """On a library logger: every record goes to the run's log; only errors also reach the console."""
+
+    def __init__(self, handler: logging.Handler):
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.handler.handle(record)
+        return record.levelno >= logging.ERROR
 
 
 def _start_log(cache_root: Path, recipe_name: str) -> Path:
@@ -511,7 +578,20 @@ def _start_log(cache_root: Path, recipe_name: str) -> Path:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # the console gets rich's lines; the file gets the details
+    for name in LOG_ONLY_WARNINGS:
+        logging.getLogger(name).addFilter(_IntoRunLog(handler))
     return path
+
+
+def _stop_log() -> None:
+    """Close the run's log; library warnings reach the console again."""
+    for name in LOG_ONLY_WARNINGS:
+        library = logging.getLogger(name)
+        for into_log in [f for f in library.filters if isinstance(f, _IntoRunLog)]:
+            library.removeFilter(into_log)
+    for handler in log.handlers[:]:
+        handler.close()
+        log.removeHandler(handler)
 
 
 def _git_sha() -> str:

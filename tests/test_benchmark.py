@@ -47,6 +47,51 @@ def test_metrics_are_consistent_with_each_other(tiny_model, tmp_path):
     assert (tmp_path / "cache" / benchmark.BANDWIDTH_FILE).is_file(), "measured once per device, then reused"
 
 
+class WholeCallsOnly(bench.EagerRuntime):
+    """A runtime that gets whole-call times only (as a non-streaming API would): the eager runtime
+    timed without its per-token stamps, declaring the request metrics alone."""
+
+    measures = bench.REQUEST_METRICS
+
+    def run(self, batch, output_tokens, stamped=True):
+        return super().run(batch, output_tokens, stamped=False)
+
+
+def test_a_runtime_that_times_whole_calls_reports_no_token_metrics(tiny_model, tmp_path, monkeypatch):
+    """No TTFT, ITL, TPOT or roofline from a runtime that did not see tokens arrive: in the metrics,
+    report.json, and the table and plots `pair` makes."""
+    monkeypatch.setattr(bench, "make_runtime", lambda name, model, path, device: WholeCallsOnly(model, device))
+    ctx = StageContext("cpu", "float32", False, progress=False, cache_root=tmp_path / "cache")
+    cfg = _cfg()
+    artifact = benchmark.run(cfg, Artifact(tiny_model, "hf-checkpoint"), tmp_path, ctx)
+    for bs in (1, 3):
+        logged = {k.split("/")[1] for k in artifact.metrics if k.startswith("bench/") and k.endswith(f"/bs{bs}")}
+        assert logged == {*bench.REQUEST_METRICS, "usd_per_1m_output_tokens"} | ({"overhead_pct"} if bs == 1 else set())
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["not_measured"] == list(bench.TOKEN_METRICS) and "ttft_ms" not in report["batches"]["1"]
+    paired = benchmark.pair(cfg, artifact, artifact)
+    header = paired.files["benchmark.md"].decode().splitlines()[0]
+    assert header == "| batch | output_tok_s (base) | e2e_ms (base) | usd_per_1m_output_tokens (base) |"
+    assert not any("ttft" in k or "tpot" in k or "roofline" in k for k in paired.metrics)
+
+
+def test_one_output_token_has_no_decode_step_to_time(tiny_model, tmp_path):
+    """One output token: TTFT is the whole call; no ITL, TPOT or roofline (nothing divides by zero)."""
+    ctx = StageContext("cpu", "float32", False, progress=False, cache_root=tmp_path / "cache")
+    m = benchmark.run(_cfg(output_tokens=1, batch_sizes=[2]), Artifact(tiny_model, "hf-checkpoint"), tmp_path, ctx).metrics
+    logged = {k.split("/")[1] for k in m if k.startswith("bench/") and k.endswith("/bs2")}
+    assert logged == {*bench.REQUEST_METRICS, "ttft_ms", "ttft_ms_p90", "ttft_ms_p99", "usd_per_1m_output_tokens",
+                      "overhead_pct"}
+    assert m["bench/ttft_ms/bs2"] == m["bench/e2e_ms/bs2"]
+
+
+def test_summarize_refuses_per_token_metrics_without_per_token_stamps():
+    whole = [bench.Sample(0.0, [0.5], 8), bench.Sample(0.0, [0.6], 8)]
+    assert set(bench.summarize(whole, 1, 4, 8, bench.REQUEST_METRICS)) == set(bench.REQUEST_METRICS)
+    with pytest.raises(ValueError, match=r"one stamp per token: \[1, 1\] stamps for 8 tokens"):
+        bench.summarize(whole, 1, 4, 8, bench.REQUEST_METRICS + bench.TOKEN_METRICS)
+
+
 def test_output_length_is_forced_past_eos(tiny_model):
     """A model that always prefers EOS still generates the asked-for number of tokens."""
     model = load_model(Artifact(tiny_model, "hf-checkpoint"), "cpu", "float32")

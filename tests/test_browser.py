@@ -152,7 +152,8 @@ def assert_png(path: Path) -> None:
     assert len(data) > 20_000, f"{path} is only {len(data)} bytes: a blank page?"
 
 
-def test_mlflow_ui_shows_runs_and_registered_model(tiny_workdir, browser):
+def test_mlflow_ui_shows_runs_and_registered_model(tiny_int4_workdir, browser):
+    tiny_workdir = tiny_int4_workdir
     from mlflow.tracking import MlflowClient
 
     SHOTS.mkdir(parents=True, exist_ok=True)
@@ -250,3 +251,25 @@ def test_mlflow_ui_shows_runs_and_registered_model(tiny_workdir, browser):
 
     for path in shots:
         assert_png(path)
+
+
+def test_the_link_a_run_prints_opens_the_runs_table(tmp_path, browser):
+    """MLflow 3.17 opens an experiment on its GenAI overview unless the URL (or the sidebar switch the
+    browser remembers) says machine learning; the experiment link llmopt prints lands on the runs table."""
+    from llmopt.tracking import Tracker, experiment_url
+
+    tracker = Tracker(tmp_path / "mlruns")
+    experiment_id = tracker.experiment("linked")
+    with tracker.run(experiment_id, "the-run", {}) as run_id:
+        pass
+    assert experiment_url("http://127.0.0.1:5000", experiment_id) in tracker.run_url_hint(run_id, experiment_id)
+
+    with mlflow_server(tmp_path / "mlruns", tmp_path / "mlflow-server.log") as url:
+        browser.get(experiment_url(url, experiment_id))
+        wait_for(
+            browser,
+            "the run in the runs table",
+            lambda d: d.find_element(By.CSS_SELECTOR, f'[row-id="{run_id}"] {RUN_NAME_CELL} a').text == "the-run",
+        )
+        assert f"/experiments/{experiment_id}/runs" in browser.current_url
+        assert "/overview" not in browser.current_url

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from llmopt.cache import Artifact, Cache, directory_digest, stage_key
+from llmopt.cache import Artifact, Cache, code_sources, directory_digest, source_digest, stage_code, stage_key
 
 
 def _produce(files: dict[str, str], calls: list):
@@ -62,12 +62,56 @@ def test_stage_must_write_into_its_own_directory(tmp_path):
 
 
 def test_key_changes_with_everything_that_decides_the_output():
-    args = dict(parent="root", stage="quantize", config={"bits": 4}, libraries={"torch": "2.13"}, hardware="cpu")
+    args = dict(parent="root", stage="quantize", config={"bits": 4}, libraries={"torch": "2.13"}, hardware="cpu",
+                code={"llmopt": "0.1.0", "sources": "a" * 24})
     key = stage_key(**args)
-    assert key == stage_key(**args)
+    assert key == stage_key(**{**args, "code": dict(args["code"])})
     for change in ({"parent": "other"}, {"config": {"bits": 8}}, {"libraries": {"torch": "2.11"}},
-                   {"hardware": "NVIDIA H100"}):
+                   {"hardware": "NVIDIA H100"}, {"code": {"llmopt": "0.1.1", "sources": "a" * 24}},
+                   {"code": {"llmopt": "0.1.0", "sources": "b" * 24}}):
         assert stage_key(**{**args, **change}) != key, change
+
+
+def test_stage_code_is_llmopt_version_and_the_sources_a_stage_imports():
+    from importlib import metadata
+
+    code = stage_code("llmopt.stages.evaluate")
+    assert code == {"llmopt": metadata.version("llmopt"), "sources": source_digest("llmopt.stages.evaluate")}
+    assert stage_code("llmopt.stages.evaluate") == code, "stable within a process"
+    evaluate = code_sources("llmopt.stages.evaluate")
+    assert {"llmopt.stages.evaluate", "llmopt.eval.perplexity", "llmopt.eval.harness", "llmopt.models"} <= set(evaluate)
+    assert evaluate["llmopt.eval.perplexity"].name == "perplexity.py" and evaluate["llmopt.eval.perplexity"].is_file()
+    assert {"llmopt.stages.benchmark", "llmopt.eval.bench"} <= set(code_sources("llmopt.stages.benchmark"))
+    quantize = code_sources("llmopt.stages.quantize")
+    assert "llmopt.stages.quantize" in quantize and "llmopt.eval.perplexity" not in quantize
+    assert not {"llmopt.cache", "llmopt.tracking", "llmopt.recipe", "llmopt.registry"} & (set(evaluate) | set(quantize))
+    assert stage_code("llmopt.stages.quantize")["sources"] != code["sources"]
+
+
+def test_source_digest_follows_the_code_a_stage_imports_and_nothing_else(tmp_path, monkeypatch):
+    """A stand-in package: its stage imports eval.perplexity at the top and progress inside a function."""
+    pkg = tmp_path / "fakeopt"
+    for folder in (pkg, pkg / "stages", pkg / "eval"):
+        folder.mkdir(exist_ok=True)
+        (folder / "__init__.py").write_text("")
+    (pkg / "stages" / "evaluate.py").write_text("from fakeopt.eval import perplexity\n\n\ndef run():\n"
+                                                "    from fakeopt.progress import bar\n")
+    (pkg / "eval" / "perplexity.py").write_text("WINDOW = 128\n")
+    (pkg / "eval" / "bench.py").write_text("RUNS = 1\n")
+    (pkg / "progress.py").write_text("bar = print\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = "fakeopt.stages.evaluate"
+    assert sorted(code_sources(module)) == ["fakeopt.eval", "fakeopt.eval.perplexity", module]
+    first = source_digest(module)
+    (pkg / "eval" / "bench.py").write_text("RUNS = 2\n")  # not imported by the stage
+    (pkg / "progress.py").write_text("bar = repr\n")  # shows progress only
+    source_digest.cache_clear()
+    assert source_digest(module) == first
+    (pkg / "eval" / "perplexity.py").write_text("WINDOW = 256\n")
+    assert source_digest(module) == first, "hashed once per process"
+    source_digest.cache_clear()
+    assert source_digest(module) != first
+    source_digest.cache_clear()
 
 
 def test_directory_digest_follows_content_and_uses_the_memo(tmp_path):

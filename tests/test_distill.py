@@ -160,7 +160,7 @@ def _worker_pids() -> list[int]:
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-def test_killed_training_resumes_from_its_checkpoint_on_the_same_trajectory(processes, tiny_workdir, tmp_path):
+def test_killed_training_resumes_from_its_checkpoint_on_the_same_trajectory(processes, tiny_workdir, tiny_model, tmp_path):
     """kill -9 of the pipeline mid-training; the same command resumes. With 2 processes (DDP on
     gloo), the workers die with the pipeline rather than writing on into the folder."""
     recipe = tmp_path / "d.yaml"
@@ -168,15 +168,15 @@ def test_killed_training_resumes_from_its_checkpoint_on_the_same_trajectory(proc
         "name: d\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: distill\n    student: {keep_layers: every_other}\n"
         f"    data: {{dataset: {{embedded: tiny-stories}}, max_samples: 2000, seq_len: 128,\n"
         f"           eval_dataset: {{path: {DATA / 'validation.jsonl'}}}}}\n"
-        f"    train: {{steps: 80, micro_batch_size: {16 // processes}, learning_rate: 2.0e-3, save_every: 20,\n"
-        "            eval_every: 40, eval_batches: 4}\n"
+        f"    train: {{steps: 40, micro_batch_size: {16 // processes}, learning_rate: 2.0e-3, save_every: 10,\n"
+        "            eval_every: 20, eval_batches: 4}\n"
         f"    distributed: {{num_processes: {processes}}}\n")
     command = [sys.executable, "-m", "llmopt.cli", "run", str(recipe), "--cache-dir", str(tiny_workdir["cache"]),
                "--mlruns", str(tiny_workdir["mlruns"]), "--no-progress"]
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ)
     stages = tiny_workdir["cache"] / "stages"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(stages.glob("*.tmp/checkpoints/step-00000040")):
+    while time.time() < deadline and not list(stages.glob("*.tmp/checkpoints/step-00000020")):
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -186,7 +186,7 @@ def test_killed_training_resumes_from_its_checkpoint_on_the_same_trajectory(proc
     assert not _worker_pids(), "distillation workers outlived the killed pipeline"
     (checkpoint,) = stages.glob("*.tmp/checkpoints/step-*")
     resumed_at = int(checkpoint.name.split("-")[1])
-    assert 40 <= resumed_at < 80, "killed before the end, with a checkpoint to resume from"
+    assert 20 <= resumed_at < 40, "killed before the end, with a checkpoint to resume from"
 
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -194,15 +194,15 @@ def test_killed_training_resumes_from_its_checkpoint_on_the_same_trajectory(proc
     record = json.loads((entry / "artifact.json").read_text())
     assert record["artifact"]["metrics"]["distill/resumed_from_step"] == resumed_at
     resumed = [json.loads(line) for line in (entry / distill.HISTORY).read_text().splitlines()]
-    assert [r["step"] for r in resumed] == list(range(1, 81)), "history survives the crash"
+    assert [r["step"] for r in resumed] == list(range(1, 41)), "history survives the crash"
     import mlflow
 
     client = mlflow.MlflowClient(f"sqlite:///{tiny_workdir['mlruns'] / 'mlflow.db'}")
     (child,) = client.search_runs([client.get_experiment_by_name("d").experiment_id],
                                   filter_string="attributes.status = 'FINISHED' and tags.llmopt.stage = 'distill'")
     curve = client.get_metric_history(child.info.run_id, "distill/loss_total")
-    assert sorted(m.step for m in curve) == list(range(1, 81)), "the loss curve is in the stage's run, per step"
-    assert [m.step for m in client.get_metric_history(child.info.run_id, "distill/eval_ppl_student")] == [40, 80]
+    assert sorted(m.step for m in curve) == list(range(1, 41)), "the loss curve is in the stage's run, per step"
+    assert [m.step for m in client.get_metric_history(child.info.run_id, "distill/eval_ppl_student")] == [20, 40]
 
     # the same training without the crash follows the same trajectory: the batch of each step is a
     # function of (seed, step), and optimizer and scheduler state come back from the checkpoint
@@ -211,8 +211,7 @@ def test_killed_training_resumes_from_its_checkpoint_on_the_same_trajectory(proc
     from llmopt.recipe import load_recipe
 
     cfg = load_recipe(recipe).stages[0]
-    tiny = next((tiny_workdir["cache"] / "embedded").iterdir())
-    distill.run(cfg, Artifact(tiny, "hf-checkpoint"), out, CPU)
+    distill.run(cfg, Artifact(tiny_model, "hf-checkpoint"), out, CPU)
     clean = [json.loads(line) for line in (out / distill.HISTORY).read_text().splitlines()]
     for a, b in zip(resumed[resumed_at:], clean[resumed_at:], strict=True):
         assert a["distill/loss_total"] == pytest.approx(b["distill/loss_total"], rel=1e-4), a["step"]

@@ -3,6 +3,7 @@ and nothing written (no cache entry, no MLflow store)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -149,3 +150,62 @@ def test_recipe_for_another_machine_validates_with_a_note_but_does_not_run_here(
     assert capsys.readouterr().err.strip() == (f"error: {path}: device: cuda is asked for, but this machine has no "
                                                "CUDA device (use auto or cpu)")
     assert not workdir["mlruns"].exists() and not workdir["cache"].exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_validate_notes_a_gpu_recipe_and_a_hub_model_it_cannot_get_offline(bad_recipe, monkeypatch, capsys):
+    """Valid (exit 0), with a note each: the shipped 13B recipes ask for CUDA; a hub model that is
+    not in the local cache cannot be had with HF_HUB_OFFLINE set."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = bad_recipe("name: hub\nmodel: {id: example-org/not-cached-anywhere}\nstages:\n"
+                      "  - {stage: quantize, method: bnb, bits: 8}\n")
+    gpu = RECIPES / "llama13b-nf4.yaml"
+    assert main(["validate", str(path), str(gpu)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == [f"ok  {path}  (hub: quantize)",
+                       "    not runnable on this machine: model: example-org/not-cached-anywhere@main is not in the local "
+                       "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it; run where the hub is reachable, "
+                       "or fill the cache first"]
+    assert out[2:4] == [f"ok  {gpu}  (llama13b-nf4: quantize -> evaluate)",
+                        "    not runnable on this machine: device: cuda is asked for, but this machine has no CUDA device "
+                        "(use auto or cpu)"]
+    # online, the model would be downloaded: no note (and validate asks the hub nothing)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert main(["validate", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"ok  {path}  (hub: quantize)"]
+
+
+def test_a_misspelled_recipe_name_suggests_the_close_one():
+    """`make recipe=tiny-in4`: the closest recipe names first."""
+    with pytest.raises(RecipeError, match=r"^no recipe named 'tiny-in4': \S+ does not exist; did you mean tiny-int4(, \S+)*\? "
+                                          r"\(available: .*\)$"):
+        find_recipe("tiny-in4", RECIPES)
+    with pytest.raises(RecipeError) as far_off:
+        find_recipe("quantize-everything", RECIPES)
+    assert "did you mean" not in str(far_off.value)
+
+
+def test_a_bare_recipe_file_name_is_the_recipes_folders_file(tmp_path, monkeypatch, capsys):
+    """`llmopt run tiny-int4.yaml` from a folder without that file runs recipes/tiny-int4.yaml (a
+    recipe's name is its file name) and says which file it uses; a file there comes first."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLMOPT_RECIPES_DIR", str(RECIPES))
+    assert find_recipe("tiny-int4.yaml") == RECIPES / "tiny-int4.yaml"
+    assert main(["validate", "tiny-int4.yaml"]) == 0
+    assert capsys.readouterr().out.startswith(f"ok  {RECIPES / 'tiny-int4.yaml'}  (tiny-int4: ")
+    with pytest.raises(RecipeError, match=rf"^recipe file tiny-in4.yaml does not exist; did you mean "
+                                          rf"{re.escape(str(RECIPES / 'tiny-int4.yaml'))}(, \S+)*\?$"):
+        find_recipe("tiny-in4.yaml")
+    with pytest.raises(RecipeError, match=r"^recipe file elsewhere/tiny-int4.yaml does not exist$"):
+        find_recipe("elsewhere/tiny-int4.yaml")  # a path with a folder is taken as written
+    (tmp_path / "tiny-int4.yaml").write_text((RECIPES / "tiny-nf4.yaml").read_text())
+    assert find_recipe("tiny-int4.yaml") == Path("tiny-int4.yaml")
+
+
+def test_version(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out == f"llmopt {metadata.version('llmopt')}\n"

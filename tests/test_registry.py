@@ -17,7 +17,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from conftest import RECIPES, run_cli
+from conftest import RECIPES, run_cli, seed_cache
 from llmopt import registry
 from llmopt.cli import main
 from llmopt.recipe import load_recipe
@@ -40,12 +40,11 @@ def _client(workdir) -> mlflow.MlflowClient:
 
 
 @pytest.fixture(scope="module")
-def registered(embedded_cache, tmp_path_factory):
+def registered(tmp_path_factory, tiny_int4_stages):
     """tiny-int4 (gates pass) then a sibling recipe with an impossible gate, into one store."""
     work = tmp_path_factory.mktemp("registry")
     dirs = {"cache": work / "cache", "mlruns": work / "mlruns", "tmp": work}
-    dirs["cache"].mkdir()
-    (dirs["cache"] / "embedded").symlink_to(embedded_cache / "embedded")
+    seed_cache(dirs["cache"], tiny_int4_stages)
     assert run_cli(dirs, "run", str(RECIPES / "tiny-int4.yaml")) == 0
     assert run_cli(dirs, "run", str(_recipe(work, "tiny-int4-strict", IMPOSSIBLE))) == 0
     return dirs
@@ -64,8 +63,8 @@ def test_passing_gates_move_the_alias_and_a_failing_gate_gives_candidate(registe
     assert set(keys) == {"quantize", "evaluate", "benchmark"}
     parent = client.get_run(second.run_id)
     assert parent.data.tags["llmopt.alias"] == "candidate"
-    assert "quality/tiny_sums/acc_recovery = 0.98" in parent.data.tags["llmopt.promotion_gates"]
-    assert "NOT >= 1.5" in parent.data.tags["llmopt.promotion_gates"]
+    recovery = parent.data.metrics["quality/tiny_sums/acc_recovery"]
+    assert f"quality/tiny_sums/acc_recovery = {recovery:.6g} NOT >= 1.5" in parent.data.tags["llmopt.promotion_gates"]
 
 
 def test_same_weights_are_uploaded_once(registered):
@@ -82,6 +81,13 @@ def test_the_model_card_says_what_was_done(registered, tmp_path):
                  str(registered["mlruns"])]) == 0
     card = (tmp_path / "p" / registry.CARD).read_text()
     assert "Lineage: embedded:tiny-llama -> quantize (gptq 4-bit)" in card
+    from llmopt.embedded import EMBEDDED_MODELS
+
+    version = _client(registered).get_model_version("tiny-llama-int4", "1")
+    revision = EMBEDDED_MODELS["tiny-llama"].revision(registered["cache"])
+    assert version.tags["llmopt.base_revision"] == revision and revision.startswith("sha256:")
+    assert (f"Base model: {EMBEDDED_MODELS['tiny-llama'].upstream}, revision `{revision}`; license Apache-2.0"
+            in card.splitlines())
     row = next(line for line in card.splitlines() if line.startswith("| tiny_sums/acc |"))
     base, optimized, stderr, recovery = (float(c) for c in row.strip("|").split("|")[1:5])
     assert recovery == pytest.approx(optimized / base, rel=1e-3) and 0 < stderr < 0.1
@@ -130,7 +136,43 @@ def test_bad_registry_commands_exit_2(args, words, registered, tmp_path, capsys)
     assert not (tmp_path / "d").exists()
 
 
-def test_pull_into_a_non_empty_directory_needs_overwrite(registered, tmp_path, capsys):
+def test_promote_refuses_the_reserved_candidate_alias(registered, capsys):
+    client = _client(registered)
+    before = client.get_registered_model("tiny-llama-int4").aliases
+    assert main(["promote", "tiny-llama-int4", "1", "--alias", "candidate", "--mlruns", str(registered["mlruns"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --alias: alias 'candidate' is what a version that fails its gates gets; promote to another alias"
+    assert client.get_registered_model("tiny-llama-int4").aliases == before and before["candidate"] == 2
+
+
+def test_a_warm_rerun_reuses_its_version_and_says_so(registered, tmp_path, capsys):
+    """The same recipe twice into one store, every stage a hit: one version, the second run reuses it."""
+    dirs = {"cache": registered["cache"], "mlruns": tmp_path / "mlruns", "tmp": tmp_path}
+    assert run_cli(dirs, "run", str(RECIPES / "tiny-int4.yaml")) == 0
+    first = " ".join(capsys.readouterr().out.split())
+    assert run_cli(dirs, "run", str(RECIPES / "tiny-int4.yaml")) == 0
+    second = " ".join(capsys.readouterr().out.split())
+    assert "registered tiny-llama-int4 version 1, alias production" in first and "reused" not in first
+    assert "3/3 stages from cache" in second
+    assert "registered tiny-llama-int4 version 1, alias production (reused version 1: same content (sha256 " in second
+    assert "and gates, no new version)" in second
+    client = _client(dirs)
+    (version,) = client.search_model_versions("name = 'tiny-llama-int4'")
+    assert str(version.version) == "1" and client.get_registered_model("tiny-llama-int4").aliases == {"production": 1}
+    found = client.search_runs([client.get_experiment_by_name("tiny-int4").experiment_id],
+                               order_by=["attributes.start_time ASC"])
+    one, two = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
+    assert version.run_id == one.info.run_id and version.tags["llmopt.last_run_id"] == two.info.run_id
+    assert version.tags["llmopt.registrations"] == "2"
+    assert one.data.tags["llmopt.registration"] == "new version"
+    assert two.data.tags["llmopt.registration"].startswith("reused version 1: same content (sha256 ")
+    assert two.data.tags["llmopt.registered"] == "tiny-llama-int4/1" and two.data.tags["llmopt.alias"] == "production"
+    assert len(list((dirs["mlruns"] / "artifacts").rglob("registry/*/model/model.safetensors"))) == 1
+    # the same weights under other gates (the fixture's strict sibling) get a version of their own, and say why
+    store = _client(registered)
+    strict = store.get_run(store.get_model_version("tiny-llama-int4", "2").run_id)
+    assert strict.data.tags["llmopt.registration"] == ("new version: same content as version 1 (not uploaded again), "
+                                                       "but this recipe's gates differ from that version's")
     dest = tmp_path / "busy"
     dest.mkdir()
     (dest / "keep.txt").write_text("mine")
@@ -290,7 +332,8 @@ def server(tmp_path):
             process.wait(30)
 
 
-def test_everything_against_a_real_tracking_server(server, tiny_workdir, tmp_path, monkeypatch, capsys):
+def test_everything_against_a_real_tracking_server(server, tiny_int4_workdir, tmp_path, monkeypatch, capsys):
+    tiny_workdir = tiny_int4_workdir
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     recipe = _recipe(tmp_path, "tiny-int4-remote", '    - "quality/ppl_delta_pct <= 2.0"\n')
     cache = ["--cache-dir", str(tiny_workdir["cache"]), "--no-progress"]

@@ -173,12 +173,10 @@ def test_command_lines_use_documented_flags_only(target):
 
 
 @pytest.fixture(scope="module")
-def bundles(embedded_cache, tmp_path_factory) -> dict[str, Path]:
+def bundles(tmp_path_factory) -> dict[str, Path]:
     """tiny-fp8-trtllm and tiny-int4awq-trtllm run once (no TensorRT-LLM here): their bundle paths."""
     work = tmp_path_factory.mktemp("trtllm")
     dirs = {"cache": work / "cache", "mlruns": work / "mlruns"}
-    dirs["cache"].mkdir()
-    (dirs["cache"] / "embedded").symlink_to(embedded_cache / "embedded")
     out = {"mlruns": dirs["mlruns"]}
     for name in ("tiny-fp8-trtllm", "tiny-int4awq-trtllm"):
         assert run_cli(dirs, "run", str(RECIPES / f"{name}.yaml")) == 0
@@ -246,6 +244,52 @@ def test_verify_passes_a_fresh_bundle_and_catches_a_flipped_byte(bundles, tmp_pa
     assert main(["verify", str(tmp_path / "absent")]) == 2
 
 
+def _header_flipped(raw: bytes) -> bytes:
+    """One bit flipped inside the JSON header (the quote before the first `dtype`): invalid JSON."""
+    (length,) = struct.unpack("<Q", raw[:8])
+    at = 8 + raw[8:8 + length].index(b'"dtype"')
+    assert at < 8 + length
+    return raw[:at] + bytes([raw[at] ^ 0x01]) + raw[at + 1:]
+
+
+CORRUPT = {
+    "flipped header byte": _header_flipped,
+    "truncated in the header": lambda raw: raw[:8 + struct.unpack("<Q", raw[:8])[0] // 2],
+    "absurd header length": lambda raw: struct.pack("<Q", 2**62) + raw[8:],
+}
+
+
+@pytest.mark.parametrize("corrupt", sorted(CORRUPT), ids=str)
+@pytest.mark.parametrize(("recipe", "shard"), [("tiny-int4awq-trtllm", "trtllm-checkpoint/rank0.safetensors"),
+                                               ("tiny-fp8-trtllm", "checkpoint/model.safetensors")], ids=["engine", "pytorch"])
+def test_verify_reports_a_corrupt_safetensors_header_as_damage(recipe, shard, corrupt, bundles, tmp_path, capsys):
+    """A header that does not parse is a finding naming the file (exit 1), not a traceback."""
+    from llmopt.cli import main
+
+    bundle = _copy(bundles[recipe], tmp_path)
+    path = bundle / shard
+    path.write_bytes(CORRUPT[corrupt](path.read_bytes()))
+    assert main(["verify", str(bundle)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"DAMAGED  {bundle}"
+    assert f"    {shard}: sha256 does not match the manifest" in "\n".join(out)
+    (finding,) = [line for line in out if "not a readable safetensors file" in line]
+    assert finding.startswith(f"    {shard}: not a readable safetensors file (Error while deserializing header")
+    assert not any("is missing" in line for line in out), "an unreadable shard is reported once, not per tensor"
+
+
+@pytest.mark.parametrize("name", ["trtllm-checkpoint/config.json", manifest.MANIFEST])
+def test_verify_reports_corrupt_json_as_damage(name, bundles, tmp_path, capsys):
+    from llmopt.cli import main
+
+    bundle = _copy(bundles["tiny-int4awq-trtllm"], tmp_path)
+    raw = (bundle / name).read_bytes()
+    (bundle / name).write_bytes(raw[:1] + bytes([raw[1] ^ 0x80]) + raw[2:])  # not UTF-8 any more
+    assert main(["verify", str(bundle)]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith(f"DAMAGED  {bundle}\n") and f"    {name}: not valid JSON (" in out
+
+
 def test_verify_reports_added_and_missing_files(bundles, tmp_path):
     bundle = _copy(bundles["tiny-fp8-trtllm"], tmp_path)
     (bundle / "extra.txt").write_text("x")
@@ -266,14 +310,16 @@ def test_schema_catches_a_wrong_quant_algo(bundles, tmp_path):
 
 
 def _drop_tensor(path: Path, name: str) -> None:
-    """Rewrite a safetensors file's header without one entry (the data stays; only the header is read)."""
-    raw = path.read_bytes()
-    (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8:8 + length])
-    del header[name]
-    blob = json.dumps(header).encode()
-    blob += b" " * (-len(blob) % 8)
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + length:])
+    """Rewrite a safetensors file without one tensor: a well-formed file (header and data agree), as
+    an export that left the tensor out would write."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    del tensors[name]
+    save_file(tensors, path, metadata)
 
 
 def test_schema_catches_a_missing_tensor_and_a_wrong_shape(bundles, tmp_path):
@@ -335,3 +381,111 @@ def test_mocked_launcher_runs_our_build_and_smoke_commands(smoke_tokens, tiny_wo
     else:
         assert stage.data.metrics["trtllm/built"] == 0
         assert stage.data.tags["trtllm.reason"] == "the smoke test generated 3 tokens, not 8"
+
+
+# --- FAKE TensorRT-LLM LLM API: the benchmark's bookkeeping only, never TensorRT-LLM ---------------
+
+
+class FakeSamplingParams:
+    """FAKE of tensorrt_llm.SamplingParams: keeps the arguments llmopt passes."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+
+class FakeLLM:
+    """FAKE of tensorrt_llm.LLM, to test llmopt's bookkeeping around the LLM API (which folders it
+    loads, how it times streamed tokens, which metrics it reports), not TensorRT-LLM. The first token
+    comes after PREFILL_S, then one every STEP_S; a streamed update brings up to two tokens, with
+    cumulative `outputs[0].token_ids` as the real RequestOutput has them."""
+
+    PREFILL_S, STEP_S = 0.03, 0.004
+    loaded: list[dict] = []
+
+    def __init__(self, model, tokenizer=None):
+        FakeLLM.loaded.append({"model": model, "tokenizer": tokenizer})
+
+    @staticmethod
+    def _output(tokens: int):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(range(tokens)))])
+
+    def generate(self, inputs, sampling_params, use_tqdm=True):
+        import time
+
+        time.sleep(self.PREFILL_S + self.STEP_S * (sampling_params.max_tokens - 1))
+        return [self._output(sampling_params.max_tokens) for _ in inputs]
+
+    async def _stream(self, tokens: int):
+        import asyncio
+
+        await asyncio.sleep(self.PREFILL_S)
+        yield self._output(1)
+        for have in range(3, tokens + 2, 2):  # 1, 3, 5, ...: two tokens an update
+            await asyncio.sleep(2 * self.STEP_S)
+            yield self._output(min(have, tokens))
+
+    def generate_async(self, inputs, sampling_params, streaming=False):
+        assert streaming and set(inputs) == {"prompt_token_ids"}
+        return self._stream(sampling_params.max_tokens)
+
+
+@pytest.fixture
+def fake_tensorrt_llm(monkeypatch):
+    """A FAKE `tensorrt_llm` module (FakeLLM, FakeSamplingParams) in sys.modules: not TensorRT-LLM."""
+    import sys
+    from types import ModuleType
+
+    module = ModuleType("tensorrt_llm")
+    module.LLM, module.SamplingParams, module.__version__ = FakeLLM, FakeSamplingParams, "0.0.0-fake"
+    monkeypatch.setitem(sys.modules, "tensorrt_llm", module)
+    monkeypatch.setattr(FakeLLM, "loaded", [])
+    return module
+
+
+def _bench_trtllm(bundle: Path, out: Path, output_tokens: int = 8):
+    from llmopt.recipe import Benchmark
+    from llmopt.stages import StageContext, benchmark
+
+    cfg = Benchmark.model_validate({"stage": "benchmark", "runtime": "trtllm", "batch_sizes": [1, 2], "input_tokens": 16,
+                                    "output_tokens": output_tokens, "warmup": 1, "repeats": 3, "gpu_hourly_usd": 2.5})
+    out.mkdir()
+    ctx = StageContext("cpu", "float32", False, progress=False, cache_root=out.parent / "cache")
+    return benchmark.run(cfg, Artifact(bundle, "trtllm-bundle"), out, ctx)
+
+
+@pytest.mark.parametrize("route", ["trtllm", "trtllm-engine"])
+def test_fake_llm_api_benchmark_loads_the_bundle_model_and_reports_what_it_measures(route, fake_tensorrt_llm, bundles,
+                                                                                   tmp_path):
+    """FAKE LLM API: the bundle's model folder is what loads, per-token times come from the stream
+    (TTFT before the end), and the metrics are exactly the runtime's declared ones plus those derived
+    from them."""
+    from llmopt.eval import bench
+
+    if route == "trtllm":
+        bundle = bundles["tiny-fp8-trtllm"]
+        model, tokenizer, weights = bundle / trtllm.CHECKPOINT, None, bundle / trtllm.CHECKPOINT / "model.safetensors"
+    else:
+        bundle = _copy(bundles["tiny-int4awq-trtllm"], tmp_path)
+        with pytest.raises(ValueError, match="a trtllm-engine bundle without engine/: trtllm-build did not run"):
+            _bench_trtllm(bundle, tmp_path / "unbuilt")
+        (bundle / trtllm.ENGINE).mkdir()  # what trtllm-build would have written (placeholder bytes)
+        weights = bundle / trtllm.ENGINE / "rank0.engine"
+        weights.write_bytes(b"FAKE ENGINE " * 1000)
+        model, tokenizer = bundle / trtllm.ENGINE, str(bundle / trtllm.TOKENIZER)
+    artifact = _bench_trtllm(bundle, tmp_path / "out")
+    assert FakeLLM.loaded == [{"model": str(model), "tokenizer": tokenizer}]
+    m = artifact.metrics
+    assert m["memory/weights_gb"] == weights.stat().st_size / 1e9
+    derived = {"decode_bandwidth_gb_s", "roofline_fraction", "usd_per_1m_output_tokens"}
+    for bs in (1, 2):
+        logged = {k.split("/")[1] for k in m if k.startswith("bench/") and k.endswith(f"/bs{bs}")}
+        assert logged == set(bench.TrtllmRuntime.measures) | derived | ({"overhead_pct"} if bs == 1 else set())
+        b = {name: m[f"bench/{name}/bs{bs}"] for name in logged}
+        assert FakeLLM.PREFILL_S * 1000 <= b["ttft_ms"] < b["e2e_ms"]
+        assert b["ttft_ms"] + 7 * b["tpot_ms"] == pytest.approx(b["e2e_ms"], rel=0.25)
+        assert b["tpot_ms"] >= FakeLLM.STEP_S * 1000 * 0.9 and b["roofline_fraction"] > 0
+        assert b["itl_ms"] <= b["itl_ms_p90"] <= b["itl_ms_p99"] and b["ttft_ms"] <= b["ttft_ms_p90"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["measures"] == list(bench.TrtllmRuntime.measures) and report["not_measured"] == []

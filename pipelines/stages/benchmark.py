@@ -16,6 +16,7 @@ from pathlib import Path
 
 from llmopt.cache import Artifact
 from llmopt.eval import bench, nvml
+from llmopt.export import trtllm
 from llmopt.models import load_model, weights_bytes
 from llmopt.recipe import Benchmark
 from llmopt.stages import Paired, StageContext
@@ -29,13 +30,15 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
 
     torch.manual_seed(cfg.seed)
     model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code) if cfg.runtime != "trtllm" else None
-    config = model.config if model is not None else _config(src.path)
+    # the LLM API loads a bundle's checkpoint/ (or engine/ with tokenizer/), or an HF checkpoint (the base model)
+    found = trtllm.loadable(src.path) if model is None else None
+    config = model.config if model is not None else _config(found.config)
     context = getattr(config, "max_position_embeddings", None)
     if context is not None and cfg.longest_input + cfg.output_tokens > context:  # a hub model: not known before
         raise ValueError(f"output_tokens: {cfg.output_tokens} output after {cfg.longest_input} input tokens exceed "
                          f"the model's context of {context} tokens")
     runtime = bench.make_runtime(cfg.runtime, model, src.path, ctx.device)
-    stored = weights_bytes(src.path)
+    stored = weights_bytes(src.path) if found is None else sum(f.stat().st_size for f in found.weights)
     dtype_bytes = torch.finfo(torch_dtype_of(model)).bits // 8 if model is not None else 2
     kv_per_token = bench.kv_bytes_per_token(config, dtype_bytes)
     bandwidth = device_bandwidth(ctx)
@@ -49,7 +52,9 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     if budget is not None:
         metrics["memory/budget_gb"] = budget / 1e9
         metrics["memory/kv_tokens_in_budget"] = float(max(0, budget - stored) // kv_per_token)
-    report = {"runtime": cfg.runtime, "device": ctx.device, "batches": {}}
+    # only what the runtime measures is reported: a runtime that times whole calls has no TTFT, TPOT or roofline
+    report = {"runtime": cfg.runtime, "device": ctx.device, "measures": list(runtime.measures),
+              "not_measured": [n for n in bench.TOKEN_METRICS if n not in runtime.measures], "batches": {}}
     in_memory = _in_memory_bytes(model) if model is not None else stored
     gpu = nvml.open_gpu(ctx.device)  # power and energy where the driver counts them
     with progress_bar(len(cfg.batch_sizes), f"benchmark {cfg.runtime}", enabled=ctx.progress) as advance:
@@ -60,17 +65,18 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             samples = bench.measure(runtime, batch, cfg.output_tokens, cfg.warmup, cfg.repeats, gpu=gpu)
-            row = bench.summarize(samples, bs, round(mean_in), cfg.output_tokens)
+            row = bench.summarize(samples, bs, round(mean_in), cfg.output_tokens, runtime.measures)
             if ctx.device.startswith("cuda"):
                 row["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
                 row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
-            # bytes one decode step reads: the weights, and the KV cache of every request so far (mean context)
-            step_bytes = in_memory + bs * (mean_in + cfg.output_tokens / 2) * kv_per_token
-            row["decode_bandwidth_gb_s"] = step_bytes / (row["tpot_ms"] / 1000) / 1e9
-            row["roofline_fraction"] = row["decode_bandwidth_gb_s"] * 1e9 / bandwidth
+            if row.get("tpot_ms", 0.0) > 0:  # a measured decode step (none for one output token)
+                # bytes one decode step reads: the weights, and the KV cache of every request so far (mean context)
+                step_bytes = in_memory + bs * (mean_in + cfg.output_tokens / 2) * kv_per_token
+                row["decode_bandwidth_gb_s"] = step_bytes / (row["tpot_ms"] / 1000) / 1e9
+                row["roofline_fraction"] = row["decode_bandwidth_gb_s"] * 1e9 / bandwidth
             if cfg.gpu_hourly_usd is not None:
                 row["usd_per_1m_output_tokens"] = cfg.gpu_hourly_usd / 3600 / row["output_tok_s"] * 1e6
-            if index == 0 and cfg.runtime != "trtllm":
+            if index == 0:  # trtllm: streamed (timed) against one plain `generate` (bare)
                 bare = bench.bare_loop(runtime, batch, cfg.output_tokens, cfg.repeats, ctx.device)
                 row["overhead_pct"] = 100 * (row["e2e_ms"] / 1000 / bare - 1)
             report["batches"][bs] = {**row, "samples_s": [s.stamps[-1] for s in samples]}
@@ -155,7 +161,8 @@ def pair(cfg: Benchmark, candidate: Artifact, base: Artifact) -> Paired:
         if name.startswith("bench/") and "/bs" in name and name in b:
             metrics[f"{name}_base"] = b[name]
     metrics["memory/weights_gb_base"] = b["memory/weights_gb"]
-    files = {"plots/latency_vs_batch.png": _plot(cfg, c, b, ["e2e_ms", "ttft_ms", "tpot_ms"], "latency (ms)"),
+    latencies = [n for n in ("e2e_ms", "ttft_ms", "tpot_ms") if any(f"bench/{n}/bs{bs}" in c for bs in cfg.batch_sizes)]
+    files = {"plots/latency_vs_batch.png": _plot(cfg, c, b, latencies, "latency (ms)"),
              "plots/throughput_vs_batch.png": _plot(cfg, c, b, ["output_tok_s"], "output tokens/s"),
              "benchmark.md": table(cfg, metrics).encode()}
     return Paired(metrics, [], files)
