@@ -44,7 +44,7 @@ test: $(VENV)/.installed
 check: lint validate
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check pipelines eval export tests
+	$(BIN)/ruff check pipelines eval export tests benchmarks
 
 validate: $(VENV)/.installed
 	$(BIN)/llmopt validate

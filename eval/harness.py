@@ -27,12 +27,17 @@ def task_files(path: Path) -> list[Path]:
 
 def load_local_task(file: Path, resolve_functions: bool = True) -> dict[str, Any]:
     """One task config; `data_files` resolved against the YAML's folder and checked to exist.
-    `resolve_functions=False` parses without importing `!function` code (validation)."""
+    `resolve_functions=False` parses without importing `!function` code and without importing
+    lm-eval (validation); True uses lm-eval's own loader (the run)."""
     import yaml
-    from lm_eval.tasks._yaml_loader import load_yaml
 
     try:
-        config = load_yaml(file, resolve_func=resolve_functions)
+        if resolve_functions:
+            from lm_eval.tasks._yaml_loader import load_yaml
+
+            config = load_yaml(file, resolve_func=True)
+        else:
+            config = task_yaml(file)
     except (yaml.YAMLError, ValueError, OSError) as e:
         raise ValueError(f"{file}: task YAML does not parse: {' '.join(str(e).split())}") from None
     if "task" not in config:
@@ -47,6 +52,25 @@ def load_local_task(file: Path, resolve_functions: bool = True) -> dict[str, Any
             resolved[split] = str(data)
         config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": resolved}
     return config
+
+
+def task_yaml(file: Path) -> dict[str, Any]:
+    """A task YAML as lm-eval reads it without resolving code: `!function x.y` stays a path string,
+    and `include:` files (relative to the YAML) are merged underneath, the including file winning."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: str(file.parent / loader.construct_scalar(node)))
+    config = yaml.load(file.read_text(encoding="utf-8"), Loader=Loader) or {}
+    if not isinstance(config, dict):
+        raise ValueError("a task YAML is a mapping")
+    included = config.pop("include", None) or []
+    merged: dict[str, Any] = {}
+    for name in [included] if isinstance(included, str) else included:
+        merged.update(task_yaml(Path(name) if Path(name).is_absolute() else file.parent / name))
+    return {**merged, **config}
 
 
 def local_task_metrics(path: Path) -> dict[str, set[str]]:
@@ -76,26 +100,36 @@ def _task_manager():
     return TaskManager()
 
 
-def check_standard_tasks(names: list[str], gated_metrics: list[str]) -> None:
+def standard_tasks(cache_root: Path) -> dict[str, str | None]:
+    """lm-eval's standard task names -> their YAML file (None for a group or a Python task). Built
+    from lm-eval's TaskManager once per lm-eval version (seconds) and kept as JSON in the cache,
+    so that validation neither imports lm-eval nor rebuilds its index."""
+    from importlib import metadata
+
+    from llmopt.cache import Cache
+
+    def build() -> dict[str, str | None]:
+        return {name: (str(entry.yaml_path) if entry.yaml_path else None) for name, entry in _task_manager().task_index.items()}
+
+    return Cache(cache_root).remembered("lm-eval-tasks", metadata.version("lm_eval"), build)
+
+
+def check_standard_tasks(names: list[str], gated_metrics: list[str], cache_root: Path) -> None:
     """Each name is a task, group or tag lm-eval knows (else close matches are listed), and each
     gated `task/metric` of a standard task is one the task reports."""
     import difflib
 
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    manager = _task_manager()
-    known = set(manager.all_tasks)
-    for index, name in enumerate(names):
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=5, cutoff=0.6)
-            raise ValueError(f"tasks[{index}]: {name!r} is not an lm-eval task"
+    index = standard_tasks(cache_root)
+    for position, name in enumerate(names):
+        if name not in index:
+            close = difflib.get_close_matches(name, sorted(index), n=5, cutoff=0.6)
+            raise ValueError(f"tasks[{position}]: {name!r} is not an lm-eval task"
                              + (f"; close matches: {', '.join(close)}" if close else ""))
     for gated in gated_metrics:
         task, _, metric = gated.partition("/")
-        entry = manager.task_index[task]
-        if entry.yaml_path is None:
+        if index[task] is None:
             continue  # a group or a Python task: its metrics are only known once it is built
-        produced = produced_metrics(load_yaml(entry.yaml_path, resolve_func=False))
+        produced = produced_metrics(task_yaml(Path(index[task])))
         if metric not in produced:
             raise ValueError(f"gates.metrics: {task} reports {', '.join(sorted(produced))}, not {metric!r}")
 

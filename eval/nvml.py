@@ -1,6 +1,7 @@
-"""GPU power and energy through NVML, read with ctypes from the driver's own library
-(`libnvidia-ml.so.1`), so no Python binding has to be installed. Where NVML is missing (no NVIDIA
-driver, CPU machines) `open_gpu` returns None and callers leave the figures out.
+"""GPU energy (the benchmark's energy per token and mean power) and the driver version through NVML,
+read with NVIDIA's own binding (`nvidia-ml-py`: the `pynvml` module, pure Python over the driver's
+`libnvidia-ml.so.1`). Where NVML is missing or does not start (no NVIDIA driver, CPU machines)
+`open_gpu` and `driver_version` return None and callers leave the figures out.
 
 Energy comes from `nvmlDeviceGetTotalEnergyConsumption` (millijoules since the driver loaded,
 Volta and newer): the difference over a timed region is the energy the board drew in it.
@@ -8,63 +9,52 @@ Volta and newer): the difference over a timed region is the energy the board dre
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
-NVML_SUCCESS = 0
+import pynvml
 
 
-def _library():
+def _started() -> bool:
+    """Whether NVML is loaded and initialised (each call initialises it once more, as NVML counts)."""
     try:
-        lib = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return None
-    return lib if lib.nvmlInit_v2() == NVML_SUCCESS else None
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:  # no driver library, or a driver that does not answer: no NVML figures
+        return False
+    return True
 
 
 @dataclass
 class Gpu:
-    lib: ctypes.CDLL
-    handle: ctypes.c_void_p
+    handle: pynvml.c_nvmlDevice_t
 
     def energy_j(self) -> float | None:
         """Joules drawn since the driver loaded; None where the board does not count energy."""
-        value = ctypes.c_ulonglong()
-        if self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(value)) != NVML_SUCCESS:
+        try:
+            return pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1000
+        except pynvml.NVMLError:
             return None
-        return value.value / 1000
-
-    def power_w(self) -> float | None:
-        value = ctypes.c_uint()
-        if self.lib.nvmlDeviceGetPowerUsage(self.handle, ctypes.byref(value)) != NVML_SUCCESS:
-            return None
-        return value.value / 1000
 
 
 def driver_version() -> str | None:
-    lib = _library()
-    if lib is None:
+    if not _started():
         return None
-    buffer = ctypes.create_string_buffer(96)
-    if lib.nvmlSystemGetDriverVersion(buffer, ctypes.c_uint(len(buffer))) != NVML_SUCCESS:
+    try:
+        return pynvml.nvmlSystemGetDriverVersion()
+    except pynvml.NVMLError:
         return None
-    return buffer.value.decode()
 
 
 def open_gpu(device: str) -> Gpu | None:
     """NVML's handle for a torch CUDA device, found by PCI bus id (so CUDA_VISIBLE_DEVICES and
     NVML's own numbering cannot disagree); None without NVML or off CUDA."""
-    if not device.startswith("cuda"):
-        return None
-    lib = _library()
-    if lib is None:
+    if not device.startswith("cuda") or not _started():
         return None
     import torch
 
     index = torch.device(device).index
     props = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)
-    bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0".encode()
-    handle = ctypes.c_void_p()
-    if lib.nvmlDeviceGetHandleByPciBusId_v2(ctypes.c_char_p(bus_id), ctypes.byref(handle)) != NVML_SUCCESS:
+    bus_id = f"{props.pci_domain_id:08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+    try:
+        return Gpu(pynvml.nvmlDeviceGetHandleByPciBusId(bus_id))
+    except pynvml.NVMLError:
         return None
-    return Gpu(lib, handle)

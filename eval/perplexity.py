@@ -32,19 +32,17 @@ def perplexity(model, token_ids: list[int], seq_len: int, stride: int, batch_siz
             # Windows of one batch share a length (only the last window may be shorter).
             for group in _same_length(batch):
                 inputs = torch.stack([ids[b:e] for b, e, _ in group])
-                logprobs = _next_token_logprobs(model, inputs)
-                token_nll = -logprobs.gather(-1, inputs[:, 1:].unsqueeze(-1)).squeeze(-1)
+                # a window scores its tokens from its first scored one on; those before are context only
+                scored = torch.stack([torch.arange(b, e, device=device) >= first for b, e, first in group])
+                logprobs = next_token_logprobs(model(input_ids=inputs).logits)
+                nll, count = scored_nll(logprobs, inputs, scored)
+                total_nll += nll
+                total_tokens += count
                 if reference is not None:
-                    ref = _next_token_logprobs(reference, inputs.to(next(reference.parameters()).device))
+                    ref = next_token_logprobs(reference(input_ids=inputs.to(next(reference.parameters()).device)).logits)
                     ref = ref.to(logprobs.device)
                     token_kl = (ref.exp() * (ref - logprobs)).sum(-1)
-                for row, (begin, end, first_scored) in enumerate(group):
-                    # position p in the window predicts token begin + p + 1
-                    scored = slice(first_scored - begin - 1, end - begin - 1)
-                    total_nll += token_nll[row, scored].double().sum().item()
-                    total_tokens += end - first_scored
-                    if reference is not None:
-                        total_kl += token_kl[row, scored].double().sum().item()
+                    total_kl += token_kl[scored[:, 1:]].double().sum().item()
             advance(ppl=f"{math.exp(total_nll / max(total_tokens, 1)):.3f}")
     if total_tokens != len(token_ids) - 1:
         raise AssertionError(f"scored {total_tokens} tokens, expected {len(token_ids) - 1}")
@@ -55,10 +53,21 @@ def perplexity(model, token_ids: list[int], seq_len: int, stride: int, batch_siz
     return result
 
 
-def _next_token_logprobs(model, inputs):
+def next_token_logprobs(logits):
+    """Log-probabilities of the next token: position p of the result predicts token p + 1."""
     import torch
 
-    return torch.log_softmax(model(input_ids=inputs).logits[:, :-1].float(), dim=-1)
+    return torch.log_softmax(logits[:, :-1].float(), dim=-1)
+
+
+def scored_nll(logprobs, ids, scored) -> tuple[float, int]:
+    """(summed negative log-likelihood, count) of the tokens of `ids` where `scored` is true, under
+    `logprobs` from next_token_logprobs; a row's first token has no prediction and never counts.
+    The perplexity over them is exp(nll / count). Also the distill stage's held-out perplexity
+    (its padding not scored)."""
+    targets = scored[:, 1:].bool()
+    token_nll = -logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return token_nll[targets].double().sum().item(), int(targets.sum())
 
 
 def _windows(n_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:

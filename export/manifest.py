@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from llmopt.cache import write_atomically
+
 MANIFEST = "manifest.json"
 # the stage cache's own record of the output, written after the bundle: not part of it
 NOT_BUNDLED = {MANIFEST, "artifact.json"}
@@ -21,11 +23,8 @@ PRODUCERS = ("llmopt", "torch", "transformers", "nvidia-modelopt", "tensorrt_llm
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def file_digests(root: Path) -> dict[str, str]:
@@ -86,9 +85,7 @@ def write(root: Path, body: dict) -> dict:
     """Checksum every file and write the manifest last (atomically)."""
     manifest = {"schema": SCHEMA, **body, "producer": {"versions": producer_versions(), "machine": machine()},
                 "files": file_digests(root)}
-    tmp = root / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    tmp.replace(root / MANIFEST)
+    write_atomically(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
     return manifest
 
 

@@ -74,6 +74,19 @@ class Verdict:
         return f"{self.reason}; nearest valid route: {self.alternative}" if not self.ok else "supported"
 
 
+def target_sm(gpu: str | None) -> tuple[int, str]:
+    """The compute capability a bundle is for, and the GPU's name: the recipe's `gpu`, else this
+    machine's first GPU (read through NVML: no torch)."""
+    if gpu is not None:
+        return parse_sm(gpu), gpu
+    from llmopt.machine import gpus
+
+    if not gpus():
+        raise ValueError("gpu: not given and this machine has no CUDA device; name the GPU the bundle is for "
+                         "(H100, L40S, A100, sm90, ...)")
+    return gpus()[0].sm, gpus()[0].name
+
+
 def parse_sm(gpu: str) -> int:
     """`H100`, `h100-sxm`, `sm90`, `sm_90`, `9.0` -> 90. ValueError for what it cannot read."""
     text = gpu.strip().upper().replace(" ", "").replace("_", "")

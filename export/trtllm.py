@@ -152,7 +152,7 @@ def smoke_command(cfg, model: str, tokenizer: str | None) -> list[str]:
 
 
 def shell_line(command: list[str]) -> str:
-    return " ".join(shlex.quote(c) for c in command)
+    return shlex.join(command)
 
 
 # --- launcher -----------------------------------------------------------------------------------

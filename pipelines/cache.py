@@ -152,6 +152,30 @@ class Cache:
         with self._lock(key):
             shutil.rmtree(self.stages / key, ignore_errors=True)
 
+    # What outlives a stage's output beside it (converted models, teacher logits, measured device
+    # bandwidth, file digests, lm-eval's task index): the same lock per name, the same atomic commit.
+
+    def folder(self, kind: str, name: str, build: Callable[[Path], None]) -> Path:
+        """`<root>/<kind>/<name>/`, built once by `build(tmp_dir)` under the lock and renamed into
+        place when complete: a folder that exists is whole."""
+        final = self.root / kind / name
+        with self._lock(f"{kind}-{name}"):
+            if not final.is_dir():
+                with atomic_dir(final) as tmp:
+                    build(tmp)
+        return final
+
+    def remembered(self, name: str, key: str, compute: Callable[[], Any]) -> Any:
+        """`compute()`'s value for `key` in the JSON file `<root>/<name>.json`, computed once
+        (under the lock) and kept for later runs."""
+        path = self.root / f"{name}.json"
+        with self._lock(name):
+            known = json.loads(path.read_text()) if path.is_file() else {}
+            if key not in known:
+                known[key] = compute()
+                write_atomically(path, json.dumps(known, indent=1, sort_keys=True))
+        return known[key]
+
     @contextmanager
     def _lock(self, key: str) -> Iterator[None]:
         """One builder per key across processes; a second waits, then finds the entry."""
@@ -169,6 +193,26 @@ def _write_durably(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A name private to this process to write `path`'s new content to; renamed over `path` when
+    the block completes, so a reader sees the old file or the new one, never a part. The one
+    write-then-rename for files (`atomic_dir` is the one for directories)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomically(path: Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        _write_durably(tmp, text)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -251,10 +295,7 @@ def file_digest(path: Path, memo_file: Path) -> str:
 
 
 def _save_memo(memo_file: Path, memo: dict) -> None:
-    memo_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_file.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_file)
+    write_atomically(memo_file, json.dumps(memo))
 
 
 def file_sha256(path: Path) -> str:

@@ -19,8 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.command(args)
-    except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except RecipeError as e:  # one line per problem (a recipe's schema errors all at once)
+        print("\n".join(f"error: {line}" for line in str(e).splitlines()), file=sys.stderr)
         return EXIT_BAD_INPUT
     except StageError as e:
         print(f"error: {e}" + (f" (log: {e.log_file})" if e.log_file else ""), file=sys.stderr)
@@ -173,7 +173,7 @@ def _validate(args: argparse.Namespace) -> int:
     paths = [find_recipe(r) for r in args.recipes] or sorted(default_recipes_dir().glob("*.yaml"))
     if not paths:
         raise RecipeError(f"no recipes found in {default_recipes_dir()}")
-    from llmopt.runner import check_machine, check_recipe, offline_models
+    from llmopt.validate import check_machine, check_recipe, offline_models
 
     for path in paths:
         recipe = load_recipe(path)
@@ -212,7 +212,8 @@ def _run(args: argparse.Namespace) -> int:
         raise RecipeError(f"{path}: --force-stage {args.force_stage!r} is not a stage of this recipe (stages: {names})")
 
     from llmopt.report import print_stage, print_summary
-    from llmopt.runner import preflight, run_recipe
+    from llmopt.runner import run_recipe
+    from llmopt.validate import preflight
 
     preflight(recipe, path)
     if args.mlruns is None and os.environ.get("MLFLOW_TRACKING_URI"):  # a server: it must answer before any work

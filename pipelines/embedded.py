@@ -185,16 +185,15 @@ class SmolLM2(EmbeddedModel):
         return cache_root / "embedded" / f"{self.name}-{self.revision(cache_root).removeprefix('sha256:')[:16]}"
 
     def checkpoint(self, cache_root: Path, progress: bool = True) -> Path:
-        from llmopt.cache import atomic_dir
+        from llmopt.cache import Cache
 
-        out = self._dir(cache_root)
-        if not (out / EMBEDDED_RECORD).is_file():
-            with atomic_dir(out) as tmp:
-                convert_gguf(self.gguf(), tmp, progress)
-                (tmp / EMBEDDED_RECORD).write_text(json.dumps(
-                    {"name": self.name, "upstream": self.upstream, "license": self.license,
-                     "source": f"{SMOLLM2_WHEEL}: {SMOLLM2_GGUF}", "revision": self.revision(cache_root)}, indent=2))
-        return out
+        def convert(tmp: Path) -> None:
+            convert_gguf(self.gguf(), tmp, progress)
+            (tmp / EMBEDDED_RECORD).write_text(json.dumps(
+                {"name": self.name, "upstream": self.upstream, "license": self.license,
+                 "source": f"{SMOLLM2_WHEEL}: {SMOLLM2_GGUF}", "revision": self.revision(cache_root)}, indent=2))
+
+        return Cache(cache_root).folder("embedded", self._dir(cache_root).name, convert)
 
     def local_tokenizer_dir(self, cache_root: Path) -> Path | None:
         out = self._dir(cache_root)

@@ -1,8 +1,8 @@
 """MLflow tracking: one parent run per recipe execution, one nested run per stage.
 
-The only module that imports mlflow. Default store: `sqlite:///mlruns/mlflow.db` with artifacts
-under `mlruns/artifacts` (MLflow 3.13+ refuses the old `./mlruns` file store);
-`MLFLOW_TRACKING_URI` points it at a real server instead.
+With `llmopt.registry.store`, the only module that imports mlflow (tests/test_imports.py checks).
+Default store: `sqlite:///mlruns/mlflow.db` with artifacts under `mlruns/artifacts` (MLflow 3.13+
+refuses the old `./mlruns` file store); `MLFLOW_TRACKING_URI` points it at a real server instead.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +21,10 @@ LOCAL_UI = "http://127.0.0.1:5000"  # `make ui`
 # An experiment of runs and models, not of GenAI traces: what MLflow UIs that read the kind from
 # the experiment take it from (3.17's does not: see experiment_url)
 EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-TRACKED_LIBRARIES = ("llmopt", "torch", "transformers", "accelerate", "bitsandbytes", "gptqmodel", "optimum", "modelopt",
-                     "mlflow")
 
 
 def default_mlruns_dir() -> Path:
     return Path(os.environ.get(MLRUNS_DIR_ENV, "mlruns"))
-
-
-DISTRIBUTIONS = {"modelopt": "nvidia-modelopt"}  # import name -> distribution name, where they differ
-
-
-def library_versions(names: tuple[str, ...] = TRACKED_LIBRARIES) -> dict[str, str]:
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(DISTRIBUTIONS.get(name, name))
-        except metadata.PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
-
-
-def environment_lock() -> str:
-    """`pip freeze`-style list of every installed distribution (names and versions only)."""
-    dists = {(d.metadata["Name"] or "?").lower(): d.version for d in metadata.distributions()}
-    return "".join(f"{name}=={version}\n" for name, version in sorted(dists.items()))
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:

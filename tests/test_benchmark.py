@@ -44,7 +44,7 @@ def test_metrics_are_consistent_with_each_other(tiny_model, tmp_path):
     assert "bench/overhead_pct/bs1" in m and "bench/overhead_pct/bs3" not in m
     report = json.loads((tmp_path / "report.json").read_text())
     assert sorted(report["batches"]) == ["1", "3"] and len(report["batches"]["1"]["samples_s"]) == 3
-    assert (tmp_path / "cache" / benchmark.BANDWIDTH_FILE).is_file(), "measured once per device, then reused"
+    assert (tmp_path / "cache" / f"{benchmark.BANDWIDTH}.json").is_file(), "measured once per device, then reused"
 
 
 class WholeCallsOnly(bench.EagerRuntime):
@@ -117,8 +117,11 @@ def test_a_short_generation_is_refused():
         bench.measure(Short(), [[1, 2]], 8, warmup=0, repeats=2)
 
 
-def test_energy_per_token_is_the_energy_of_the_timed_calls_only():
-    """Energy is read around each timed call (warm-up excluded): per output token and as mean power."""
+def test_energy_per_token_is_the_energy_of_the_timed_calls_only(monkeypatch):
+    """Energy is read around each timed call (warm-up excluded): per output token and as mean power.
+    The meter is llmopt's NVML reader over a board whose counter (millijoules) the calls advance."""
+    import pynvml
+    from llmopt.eval import nvml
 
     class Steady:  # each call takes 2 s and the board draws 300 W, so 600 J per call
         name = "steady"
@@ -131,11 +134,8 @@ def test_energy_per_token_is_the_energy_of_the_timed_calls_only():
             Steady.joules += 600.0
             return bench.Sample(0.0, [2.0 * (i + 1) / output_tokens for i in range(output_tokens)], output_tokens)
 
-    class Meter:
-        def energy_j(self):
-            return Steady.joules
-
-    samples = bench.measure(Steady(), [[1, 2]] * 4, 10, warmup=2, repeats=3, gpu=Meter())
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", lambda handle: round(Steady.joules * 1000))
+    samples = bench.measure(Steady(), [[1, 2]] * 4, 10, warmup=2, repeats=3, gpu=nvml.Gpu(pynvml.c_nvmlDevice_t()))
     assert [s.extra["energy_j"] for s in samples] == [600.0] * 3
     row = bench.summarize(samples, 4, 2, 10)
     assert row["energy_j_per_output_token"] == pytest.approx(600 / 40)
@@ -147,6 +147,44 @@ def test_no_nvml_figures_off_cuda():
     from llmopt.eval import nvml
 
     assert nvml.open_gpu("cpu") is None
+
+
+def test_no_nvml_figures_without_the_driver_library(monkeypatch):
+    """No libnvidia-ml (CPU machines, CI): no GPU handle, no driver version, and so no energy figures."""
+    import pynvml
+    from llmopt.eval import nvml
+
+    def missing():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", missing)
+    assert nvml.open_gpu("cuda") is None and nvml.open_gpu("cuda:0") is None
+    assert nvml.driver_version() is None
+
+
+def test_a_board_that_does_not_count_energy_gives_no_energy_figures(monkeypatch):
+    import pynvml
+    from llmopt.eval import nvml
+
+    def not_supported(handle):
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetTotalEnergyConsumption", not_supported)
+    gpu = nvml.Gpu(pynvml.c_nvmlDevice_t())
+    assert gpu.energy_j() is None
+
+    class OneToken:
+        name = "one-token"
+
+        def prepare(self, batch, output_tokens):
+            pass
+
+        def run(self, batch, output_tokens, stamped=True):
+            return bench.Sample(0.0, [1.0], output_tokens)
+
+    samples = bench.measure(OneToken(), [[1]], 1, warmup=0, repeats=2, gpu=gpu)
+    assert all("energy_j" not in s.extra for s in samples)
+    assert "energy_j_per_output_token" not in bench.summarize(samples, 1, 1, 1)
 
 
 def test_percentiles():

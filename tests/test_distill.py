@@ -17,10 +17,10 @@ import pytest
 import torch
 from conftest import DATA, ROOT, run_cli
 from llmopt.cache import Artifact
+from llmopt.machine import usable_cpus
 from llmopt.models import load_tokenizer
 from llmopt.recipe import Distill
 from llmopt.stages import StageContext, distill
-from llmopt.stages.distill_parallel import usable_cpus
 
 CPU = StageContext(device="cpu", dtype="float32", trust_remote_code=False, progress=False)
 
@@ -152,7 +152,7 @@ def _worker_pids() -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"llmopt.stages.distill_parallel" in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and b"llmopt.stages.distill.parallel" in (proc / "cmdline").read_bytes():
                 found.append(int(proc.name))
         except OSError:
             continue
@@ -293,7 +293,7 @@ def test_other_optimizers_train_and_resume_with_gradient_checkpointing(optimizer
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={
         "optimizer": optimizer, "learning_rate": 1e-2 if optimizer == "sgd" else 2e-3, "gradient_checkpointing": True,
         "save_every": 4, "eval_every": 8, "eval_batches": 2})})
-    monkeypatch.setattr(distill, "drop_checkpoints", lambda root: None)
+    monkeypatch.setattr(distill.checkpoint, "drop_checkpoints", lambda root: None)
     (tmp_path / "whole").mkdir()
     distill.run(cfg, Artifact(tiny_model, "hf-checkpoint"), tmp_path / "whole", CPU)
     monkeypatch.undo()
@@ -311,7 +311,7 @@ def test_fsdp_resumes_from_a_checkpoint_a_single_process_wrote(tiny_model, tmp_p
     cfg = config(6, kd_weight=1.0, hidden_weight=1.0)
     cfg = cfg.model_copy(update={"student": cfg.student.model_copy(update={"hidden_size": 32, "intermediate_size": 64}),
                                  "train": cfg.train.model_copy(update={"eval_every": 3, "eval_batches": 2, "save_every": 3})})
-    monkeypatch.setattr(distill, "drop_checkpoints", lambda root: None)
+    monkeypatch.setattr(distill.checkpoint, "drop_checkpoints", lambda root: None)
     (tmp_path / "single").mkdir()
     distill.run(cfg, Artifact(tiny_model, "hf-checkpoint"), tmp_path / "single", CPU)
     monkeypatch.undo()

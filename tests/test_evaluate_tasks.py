@@ -8,6 +8,7 @@ import json
 import math
 import re
 import shutil
+from importlib import metadata
 
 import pytest
 import torch
@@ -96,12 +97,14 @@ def test_destroyed_model_fails_the_gates_and_the_base_passes(tiny_model, tmp_pat
     assert f"| tiny_sums/acc | {base.metrics['quality/tiny_sums/acc']:.4f} |" in table and table.count("\n") == 2 + 6
 
 
-def test_standard_task_names_resolve_and_are_refused_offline(monkeypatch):
+def test_standard_task_names_resolve_and_are_refused_offline(monkeypatch, tmp_path):
     assert "hellaswag" in harness._task_manager().all_tasks
     with pytest.raises(ValueError, match=r"'hellaswg' is not an lm-eval task; close matches: hellaswag"):
-        harness.check_standard_tasks(["hellaswg"], [])
+        harness.check_standard_tasks(["hellaswg"], [], tmp_path)
+    (index,) = tmp_path.glob("lm-eval-tasks.json")  # kept for validation, which then imports no lm-eval
+    assert json.loads(index.read_text())[metadata.version("lm_eval")]["hellaswag"].endswith("hellaswag.yaml")
     with pytest.raises(ValueError, match=r"hellaswag reports acc, acc_norm, not 'accuracy'"):
-        harness.check_standard_tasks(["hellaswag"], ["hellaswag/accuracy"])
+        harness.check_standard_tasks(["hellaswag"], ["hellaswag/accuracy"], tmp_path)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     assert "hellaswag: the task data comes from the hub, and this run is offline" in harness.offline_blockers(["hellaswag"])
     monkeypatch.delenv("HF_DATASETS_OFFLINE")

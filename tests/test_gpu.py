@@ -38,7 +38,7 @@ SHRINK = {"bnb-int8": 1.5, "modelopt-fp8": 1.5, "modelopt-int4awq": 2.0}  # weig
 @pytest.fixture(scope="module")
 def llama_1b(tmp_path_factory) -> Path:
     """TinyLlama-1.1B's shape with random bf16 weights and the embedded tokenizer."""
-    from llmopt.eval.reference_7b import random_llama
+    from llmopt.eval.random_llama import random_llama
 
     return random_llama(tmp_path_factory.mktemp("llama-1b"), hidden_size=2048, intermediate_size=5632,
                         num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048)

@@ -209,3 +209,26 @@ def test_version(capsys):
         main(["--version"])
     assert done.value.code == 0
     assert capsys.readouterr().out == f"llmopt {metadata.version('llmopt')}\n"
+
+
+def test_every_schema_error_is_reported_at_once_each_with_its_line(bad_recipe, capsys):
+    path = bad_recipe("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n    method: gptq\n"
+                      "    bits: 3\n    group_sise: 32\n    calibration: {dataset: {embedded: tiny-stories}}\n"
+                      "  - stage: evaluate\n    perplexity: {dataset: {embedded: tiny-stories}, seq_len: 0}\n")
+    assert main(["validate", str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {path}:6: stages[0].bits: Input should be 4 or 8 (got 3)",
+        f"error: {path}:7: stages[0].group_sise: unknown key (misspelled?); did you mean `group_size`?",
+        f"error: {path}:10: stages[1].perplexity.seq_len: Input should be greater than 0 (got 0)",
+    ]
+
+
+def test_validate_imports_no_torch_lm_eval_transformers_or_mlflow():
+    """`llmopt validate` over every shipped recipe, in a fresh process: the schema, the checks and
+    the machine's GPUs (NVML) without the heavy libraries, which is what keeps it under a second
+    (measured in the README with `python -X importtime`; no wall-clock bound in a unit test)."""
+    code = ("import sys\nfrom llmopt.cli import main\nassert main(['validate']) == 0\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'lm_eval', 'mlflow', 'datasets') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=RECIPES.parent, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1] == "[]"

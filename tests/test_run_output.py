@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -33,7 +32,7 @@ def last_error(capsys) -> tuple[str, Path]:
 def test_a_failing_stage_names_itself_and_the_runs_log(workdir, tmp_path, monkeypatch, capsys):
     """Exit 1 and one line naming the stage and the run's log (which has the traceback): when the
     stage's work fails, and when what follows it in the runner does (pairing, gates, logging)."""
-    from llmopt import runner
+    from llmopt.stages import evaluate
 
     assert run_cli(workdir, "run", str(ppl_recipe(tmp_path, 4096))) == 1  # valid; the model's context is 512
     line, log_file = last_error(capsys)
@@ -44,7 +43,7 @@ def test_a_failing_stage_names_itself_and_the_runs_log(workdir, tmp_path, monkey
     def broken_pair(*args):
         raise RuntimeError("pairing broke\nwith a second line")
 
-    monkeypatch.setitem(runner.STAGES, "evaluate", replace(runner.STAGES["evaluate"], pair=broken_pair))
+    monkeypatch.setattr(evaluate, "pair", broken_pair)
     assert run_cli(workdir, "run", str(ppl_recipe(tmp_path, 64))) == 1
     line, log_file = last_error(capsys)
     assert line == f"error: stage 'ppl' (evaluate) failed: RuntimeError: pairing broke [...] (log: {log_file})"
@@ -53,7 +52,7 @@ def test_a_failing_stage_names_itself_and_the_runs_log(workdir, tmp_path, monkey
     def exits(*args):
         raise SystemExit(3)  # a library that calls exit() inside a stage
 
-    monkeypatch.setitem(runner.STAGES, "evaluate", replace(runner.STAGES["evaluate"], pair=exits))
+    monkeypatch.setattr(evaluate, "pair", exits)
     assert run_cli(workdir, "run", str(ppl_recipe(tmp_path, 64))) == 1
     line, log_file = last_error(capsys)
     assert line == f"error: stage 'ppl' (evaluate) failed: SystemExit: 3 (log: {log_file})"

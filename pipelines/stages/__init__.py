@@ -1,7 +1,9 @@
-"""Stages: plain functions `run(cfg, src, out, ctx) -> Artifact`; the registry is in llmopt.runner."""
+"""Stages: plain functions `run(cfg, src, out, ctx) -> Artifact`; the list of them is llmopt.stages.catalog."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
+
+HISTORY = "history.jsonl"  # per-step curves a stage writes into its output (distill), logged as metric histories
 
 
 @dataclass(frozen=True)

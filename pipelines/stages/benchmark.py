@@ -14,14 +14,14 @@ import json
 import platform
 from pathlib import Path
 
-from llmopt.cache import Artifact
+from llmopt.cache import Artifact, Cache
 from llmopt.eval import bench, nvml
 from llmopt.export import trtllm
 from llmopt.models import load_model, weights_bytes
 from llmopt.recipe import Benchmark
 from llmopt.stages import Paired, StageContext
 
-BANDWIDTH_FILE = "device-bandwidth.json"
+BANDWIDTH = "device-bandwidth"  # <cache root>/device-bandwidth.json: bytes/s per device and torch version
 
 
 def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact:
@@ -126,16 +126,8 @@ def device_bandwidth(ctx: StageContext) -> float:
     from llmopt.models import hardware_name
 
     key = f"{hardware_name(ctx.device.split(':')[0])}|torch {torch.__version__}"
-    path = ctx.cache_dir() / BANDWIDTH_FILE
-    known = json.loads(path.read_text()) if path.is_file() else {}
-    if key not in known:
-        size = 1 << 30 if ctx.device.startswith("cuda") else 1 << 28
-        known[key] = bench.copy_bandwidth(ctx.device, size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(known, indent=1))
-        tmp.replace(path)
-    return known[key]
+    size = 1 << 30 if ctx.device.startswith("cuda") else 1 << 28
+    return Cache(ctx.cache_dir()).remembered(BANDWIDTH, key, lambda: bench.copy_bandwidth(ctx.device, size))
 
 
 def environment(device: str) -> dict[str, str]:

@@ -27,24 +27,11 @@ from llmopt.stages import StageContext
 LOGS = "logs"
 
 
-def target_sm(cfg: Compile) -> tuple[int, str]:
-    """The compute capability the bundle is for, and the GPU's name: the recipe's, else this machine's."""
-    if cfg.gpu is not None:
-        return support.parse_sm(cfg.gpu), cfg.gpu
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ValueError("gpu: not given and this machine has no CUDA device; name the GPU the bundle is for "
-                         "(H100, L40S, A100, sm90, ...)")
-    major, minor = torch.cuda.get_device_capability()
-    return major * 10 + minor, torch.cuda.get_device_name()
-
-
 def run(cfg: Compile, src: Artifact, out: Path, ctx: StageContext) -> Artifact:
     import torch
 
     fmt = support.source_format(src.info)
-    sm, gpu = target_sm(cfg)
+    sm, gpu = support.target_sm(cfg.gpu)
     engine = cfg.target == "trtllm-engine"
     launcher = trtllm.Launcher(cfg.launcher)
     reach = launcher.reach("trtllm-build" if engine else "trtllm-serve")

@@ -8,7 +8,7 @@ held-out perplexities are reduced over all ranks, so an N-process run follows th
 trajectory for `micro_batch_size * N` rows, up to floating-point reduction order.
 
 The launcher: the parent (the pipeline) writes `launch.json` into the stage's output folder and
-runs `python -m torch.distributed.run --standalone --nproc-per-node N -m llmopt.stages.distill_parallel
+runs `python -m torch.distributed.run --standalone --nproc-per-node N -m llmopt.stages.distill.parallel
 <out>`; worker output goes to `workers.log` there; a failing rank writes `error-rank<R>.txt`,
 which becomes the stage's error. Workers die with the pipeline (PR_SET_PDEATHSIG), so a killed
 run leaves no process writing into the folder the next run resumes from.
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from llmopt.cache import Artifact
+from llmopt.machine import usable_cpus
 from llmopt.recipe import Distill
 from llmopt.stages import StageContext
 
@@ -127,10 +128,6 @@ class Trainee(torch.nn.Module):
 # --- the parent side ----------------------------------------------------------------------------
 
 
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def launch(cfg: Distill, teacher: Artifact, student: Artifact | None, topk: Path | None, out: Path,
            ctx: StageContext) -> Artifact:
     """Run the distillation in `cfg.distributed.num_processes` processes and return rank 0's result."""
@@ -150,7 +147,7 @@ def launch(cfg: Distill, teacher: Artifact, student: Artifact | None, topk: Path
     if ctx.device == "cpu":  # n processes share the cores; oversubscribed OpenMP threads slow everything down
         env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // n))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               "-m", "llmopt.stages.distill_parallel", str(out)]
+               "-m", "llmopt.stages.distill.parallel", str(out)]
     with open(out / WORKERS_LOG, "a") as log:
         returncode = subprocess.run(command, stderr=log, env=env,
                                     preexec_fn=lambda: _die_with_parent(signal.SIGTERM)).returncode
@@ -177,7 +174,7 @@ def _die_with_parent(sig: int) -> None:
 
 def main(out: Path) -> None:
     _die_with_parent(signal.SIGKILL)
-    from llmopt.stages import distill
+    from llmopt.stages.distill.train import train
 
     spec = json.loads((out / LAUNCH).read_text())
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -197,7 +194,7 @@ def main(out: Path) -> None:
         student = spec["student"] and Artifact(Path(spec["student"]["path"]), spec["student"]["kind"],
                                                info=spec["student"]["info"])
         topk = Path(spec["topk"]) if spec["topk"] else None
-        artifact = distill.train(cfg, teacher, student, topk, out, ctx, ranks)
+        artifact = train(cfg, teacher, student, topk, out, ctx, ranks)
         if ranks.main:
             (out / RESULT).write_text(json.dumps({"metrics": artifact.metrics, "info": artifact.info}))
     except Exception as e:

@@ -1,7 +1,8 @@
 """The README's GPU benchmark: a Llama-shaped 7B with random bf16 weights, and its bnb nf4 and GPTQ
 4-bit versions made by the pipeline, through the benchmark stage (not a test: figures, not asserts).
+Run from the repository root, with llmopt installed:
 
-    python -m llmopt.eval.reference_7b WORKDIR [bf16-compiled bf16-eager nf4-eager gptq-eager ...]
+    python benchmarks/reference_7b.py WORKDIR [bf16-compiled bf16-eager nf4-eager gptq-eager ...]
 
 Writes the model once under WORKDIR, runs one recipe per case with a shared cache and MLflow
 store there, and prints one JSON line of metrics per case.
@@ -13,6 +14,10 @@ import json
 import sys
 from pathlib import Path
 
+from llmopt.eval.random_llama import random_llama
+
+# the repository's calibration file (this script lives in the repository, not in the package)
+CALIBRATION = Path(__file__).resolve().parent.parent / "eval" / "data" / "tiny-stories" / "calibration.jsonl"
 WORKLOAD = "    input_tokens: 128\n    output_tokens: 256\n    gpu_hourly_usd: 2.5\n"
 CASES = {
     "bf16-compiled": ("", "transformers-compiled", "[1, 8, 32]", 2, 5),
@@ -31,25 +36,6 @@ CASES = {
 }
 
 
-def random_llama(path: Path, **shape) -> Path:
-    """A Llama of the given shape with random bf16 weights (seed 0) and the embedded tokenizer,
-    saved to `path` unless it is there already; GPU memory is released afterwards."""
-    import torch
-    from llmopt.embedded import stories, train_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if (path / "config.json").is_file():
-        return path
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, **shape)).to(torch.bfloat16)
-    model.save_pretrained(path)
-    train_tokenizer(stories("train")[:2000], 1024).save_pretrained(path)
-    del model
-    torch.cuda.empty_cache()  # later work (the cases, in child processes) needs the GPU
-    return path
-
-
 def build_7b(path: Path) -> Path:
     return random_llama(path, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                         num_key_value_heads=32, max_position_embeddings=4096)
@@ -62,14 +48,11 @@ def main(workdir: Path, cases: list[str]) -> None:
     import mlflow
 
     model = build_7b(workdir / "llama-7b")
-    # the calibration file of the repository (run from its root when llmopt is installed, not editable)
-    data = next(p for p in (Path(__file__).resolve().parent / "data", Path.cwd() / "eval" / "data")
-                if (p / "tiny-stories" / "calibration.jsonl").is_file()) / "tiny-stories" / "calibration.jsonl"
     for case in cases:
         quantize, runtime, batches, warmup, repeats = CASES[case]
         recipe = workdir / f"{case}.yaml"
         recipe.write_text(f"name: ref7b-{case}\nmodel: {{path: {model}, dtype: bfloat16}}\ndevice: cuda\nstages:\n"
-                          + quantize.format(data=data) +
+                          + quantize.format(data=CALIBRATION) +
                           f"  - stage: benchmark\n    runtime: {runtime}\n    batch_sizes: {batches}\n"
                           f"    warmup: {warmup}\n    repeats: {repeats}\n" + WORKLOAD)
         code = subprocess.run([sys.executable, "-m", "llmopt.cli", "run", str(recipe), "--cache-dir",
