@@ -6,14 +6,13 @@ the files against it and says whether this machine can load the bundle, and why 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from llmopt.cache import write_atomically
+from llmopt.cache import file_sha256, write_atomically
 
 MANIFEST = "manifest.json"
 # the stage cache's own record of the output, written after the bundle: not part of it
@@ -22,14 +21,9 @@ SCHEMA = 1
 PRODUCERS = ("llmopt", "torch", "transformers", "nvidia-modelopt", "tensorrt_llm", "tensorrt", "safetensors")
 
 
-def sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def file_digests(root: Path) -> dict[str, str]:
     """sha256 of every file under `root` but the manifest (and the cache's record), by path relative to `root`."""
-    return {str(p.relative_to(root)): sha256(p) for p in sorted(root.rglob("*"))
+    return {str(p.relative_to(root)): file_sha256(p) for p in sorted(root.rglob("*"))
             if p.is_file() and str(p.relative_to(root)) not in NOT_BUNDLED}
 
 

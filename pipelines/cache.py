@@ -299,8 +299,6 @@ def _save_memo(memo_file: Path, memo: dict) -> None:
 
 
 def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+    """The one file digest: stage keys, model directories, manifests, the shipped tiny model."""
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -27,6 +27,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from llmopt.cache import file_sha256
+
 NAMES = [
     ("Anna", "she", "her"), ("Ben", "he", "his"), ("Cara", "she", "her"), ("Dan", "he", "his"),
     ("Eva", "she", "her"), ("Finn", "he", "his"), ("Gina", "she", "her"), ("Hugo", "he", "his"),
@@ -147,7 +149,7 @@ class TinyLlama(EmbeddedModel):
             path = TINY_LLAMA_DIR / name
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing; the tiny-llama asset ships with llmopt (reinstall it)")
-            if _file_sha256(path) != expected:
+            if file_sha256(path) != expected:
                 raise ValueError(f"{path} does not match its sha256 in llmopt.embedded.TINY_LLAMA_SHA256; "
                                  "restore it (git checkout) or rebuild with `python -m llmopt.embedded build-tiny-llama`")
         return TINY_LLAMA_DIR
@@ -263,10 +265,6 @@ def _no_tqdm():
             os.environ["TQDM_DISABLE"] = saved
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _combined(digests: dict[str, str]) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
 
@@ -359,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args[1])
     build_tiny_llama(TinyLlamaSpec(), out)
-    print(json.dumps({p.name: _file_sha256(p) for p in sorted(out.iterdir()) if p.name in SHIPPED}, indent=4))
+    print(json.dumps({p.name: file_sha256(p) for p in sorted(out.iterdir()) if p.name in SHIPPED}, indent=4))
     return 0
 
 
