@@ -134,7 +134,7 @@ def check_standard_tasks(names: list[str], gated_metrics: list[str], cache_root:
             raise ValueError(f"gates.metrics: {task} reports {', '.join(sorted(produced))}, not {metric!r}")
 
 
-def offline_blockers(names: list[str]) -> str | None:
+def offline_blockers(names: list[str], cache_root: Path) -> str | None:
     """Why standard tasks cannot run on this machine: their datasets come from the hub, and this
     run is offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) without them in the local datasets cache."""
     import os
@@ -145,21 +145,18 @@ def offline_blockers(names: list[str]) -> str | None:
     from datasets import config
 
     cached = {p.name for p in Path(config.HF_DATASETS_CACHE).glob("*")} if Path(config.HF_DATASETS_CACHE).is_dir() else set()
-    missing = [n for n in names if not any(c.startswith(_dataset_cache_prefix(n)) for c in cached)]
+    missing = [n for n in names if not any(c.startswith(_dataset_cache_prefix(n, cache_root)) for c in cached)]
     if missing:
         return (f"{', '.join(missing)}: the task data comes from the hub, and this run is offline ({offline[0]}=1) "
                 "without it in the local datasets cache; use local_tasks, or run where the hub is reachable")
     return None
 
 
-def _dataset_cache_prefix(task: str) -> str:
+def _dataset_cache_prefix(task: str, cache_root: Path) -> str:
     """The datasets-cache folder prefix of a standard task's dataset (org___name), or a prefix no
-    folder has when the task is a group."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    entry = _task_manager().task_index.get(task)
-    path = getattr(entry, "yaml_path", None)
-    dataset = load_yaml(path, resolve_func=False).get("dataset_path") if path else None
+    folder has when the task is a group: from the cached task index, as `check_standard_tasks` reads it."""
+    path = standard_tasks(cache_root).get(task)
+    dataset = task_yaml(Path(path)).get("dataset_path") if path else None
     return dataset.replace("/", "___") if dataset else "\0"
 
 

@@ -97,7 +97,7 @@ def check_machine(recipe: Recipe, path: Path) -> None:
         if cfg.stage == "evaluate" and cfg.tasks:
             from llmopt.eval.harness import offline_blockers
 
-            if blocked := offline_blockers(cfg.tasks):
+            if blocked := offline_blockers(cfg.tasks, default_cache_dir().resolve()):
                 raise RecipeError(f"{path}: stages[{index}].tasks: {blocked}")
         cuda_only = cfg.stage == "benchmark" and cfg.runtime in ("transformers-compiled", "trtllm")
         if cuda_only and (recipe.device == "cpu" or not gpu_count()):

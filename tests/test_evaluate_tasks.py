@@ -106,10 +106,11 @@ def test_standard_task_names_resolve_and_are_refused_offline(monkeypatch, tmp_pa
     with pytest.raises(ValueError, match=r"hellaswag reports acc, acc_norm, not 'accuracy'"):
         harness.check_standard_tasks(["hellaswag"], ["hellaswag/accuracy"], tmp_path)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    assert "hellaswag: the task data comes from the hub, and this run is offline" in harness.offline_blockers(["hellaswag"])
+    blocked = harness.offline_blockers(["hellaswag"], tmp_path)
+    assert "hellaswag: the task data comes from the hub, and this run is offline" in blocked
     monkeypatch.delenv("HF_DATASETS_OFFLINE")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    assert harness.offline_blockers(["hellaswag"]) is None
+    assert harness.offline_blockers(["hellaswag"], tmp_path) is None
 
 
 BAD = {
