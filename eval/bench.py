@@ -8,18 +8,12 @@ the one synchronisation at the end, so timing adds no synchronisation per token.
 (compilation, CUDA graph capture, allocator growth) run before the timed ones, with the same
 shapes.
 
-Runtimes:
-- `transformers-eager`: `model.generate` with the dynamic cache.
-- `transformers-compiled`: a static KV cache, the prefill run eagerly, and a one-token decode step
-  compiled with `torch.compile(mode="reduce-overhead")` (CUDA graphs) in a lean loop, so the
-  decode has no per-token Python overhead beyond one graph replay. CUDA only.
-- `trtllm`: the TensorRT-LLM LLM API, where `tensorrt_llm` is importable: every request of the batch
-  streamed at once (`generate_async(..., streaming=True)`), each token timed on the host clock when it
-  reaches this process (client-side times: they include the executor's hand-off, not device events).
+The runtimes are one module each in llmopt.eval.runtimes (transformers-eager, transformers-compiled,
+trtllm); this module holds what they share: the sample, the prompts, the clock, the statistics.
 
 Each runtime declares the metrics it measures (`measures`): `REQUEST_METRICS` (whole-call times and
 throughput) always, `TOKEN_METRICS` (TTFT, ITL, TPOT) only where it sees each token arrive. Only the
-declared ones are computed and reported; the roofline needs a measured TPOT.
+declared ones are computed and reported; the roofline needs a measured TPOT (`reported_metrics`).
 """
 
 from __future__ import annotations
@@ -29,11 +23,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-RUNTIMES = ("transformers-eager", "transformers-compiled", "trtllm")
-CUDA_ONLY = ("transformers-compiled", "trtllm")
 # what `summarize` computes: from the time each whole call took, and from the time each token arrived
 REQUEST_METRICS = ("e2e_ms", "e2e_ms_p90", "e2e_ms_p99", "output_tok_s", "total_tok_s", "requests_s", "e2e_spread_pct")
 TOKEN_METRICS = ("ttft_ms", "ttft_ms_p90", "ttft_ms_p99", "itl_ms", "itl_ms_p90", "itl_ms_p99", "tpot_ms")
+# what the benchmark stage adds per batch: from a measured TPOT, on CUDA, with a price, on the first batch
+FROM_TPOT = ("decode_bandwidth_gb_s", "roofline_fraction")
+ALWAYS = ("usd_per_1m_output_tokens", "peak_allocated_gb", "peak_reserved_gb", "energy_j_per_output_token", "power_w",
+          "overhead_pct")
+
+
+def reported_metrics(measures: tuple[str, ...]) -> tuple[str, ...]:
+    """The per-batch metric names a runtime with these `measures` can report (`bench/<name>/bs<n>`)."""
+    return (*measures, *(FROM_TPOT if "tpot_ms" in measures else ()), *ALWAYS)
 
 
 @dataclass
@@ -77,196 +78,6 @@ def _on_host_clock(origin, events, ended: float) -> list[float]:
     clock so that the last one falls at `ended` (seconds since the call started, after the sync)."""
     offsets = [origin.elapsed_time(e) / 1000 for e in events]
     return [o + ended - offsets[-1] for o in offsets]
-
-
-class EagerRuntime:
-    """`generate` with the dynamic cache, greedy, EOS suppressed until the forced length."""
-
-    name = "transformers-eager"
-    measures = REQUEST_METRICS + TOKEN_METRICS
-
-    def __init__(self, model, device: str):
-        self.model, self.device = model, device
-
-    def prepare(self, batch: list[list[int]], output_tokens: int) -> None:
-        pass
-
-    def run(self, batch: list[list[int]], output_tokens: int, stamped: bool = True) -> Sample:
-        import torch
-
-        pad = self.model.config.pad_token_id
-        pad = pad if pad is not None else 0
-        ids, mask = _left_padded(batch, pad, self.device)
-        cuda = self.device.startswith("cuda")
-        marks: list = []  # per new token: a CUDA event recorded on the stream (no synchronisation), or a host time
-
-        from transformers import LogitsProcessor, LogitsProcessorList
-
-        class Stamp(LogitsProcessor):
-            """Called once per new token, after that step's forward, with the scores still on the
-            device (a streamer would get them copied to the host: a synchronisation per token)."""
-
-            def __call__(self, input_ids, scores):
-                if cuda:
-                    event = torch.cuda.Event(enable_timing=True)
-                    event.record()
-                    marks.append(event)
-                else:
-                    marks.append(time.perf_counter())
-                return scores
-
-        sync(self.device)
-        started = time.perf_counter()
-        if cuda:
-            origin = torch.cuda.Event(enable_timing=True)
-            origin.record()
-        with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=output_tokens, min_new_tokens=output_tokens,
-                do_sample=False, pad_token_id=pad, logits_processor=LogitsProcessorList([Stamp()] if stamped else []))
-        sync(self.device)
-        ended = time.perf_counter() - started
-        if not stamped:
-            stamps = [ended]
-        elif cuda:
-            stamps = _on_host_clock(origin, marks, ended)
-        else:
-            stamps = [m - started for m in marks]
-        stamps[-1] = max(stamps[-1], ended)
-        return Sample(started, stamps, out.shape[1] - ids.shape[1])
-
-
-class CompiledRuntime:
-    """Static cache; eager prefill; compiled one-token decode step (CUDA graphs) in a lean loop,
-    timed with CUDA events recorded after each step (one synchronisation at the end)."""
-
-    name = "transformers-compiled"
-    measures = REQUEST_METRICS + TOKEN_METRICS
-
-    def __init__(self, model, device: str):
-        if not device.startswith("cuda"):
-            raise ValueError("transformers-compiled needs CUDA (CUDA graphs)")
-        self.model, self.device = model, device
-        self._shape = None
-
-    def prepare(self, batch: list[list[int]], output_tokens: int) -> None:
-        """(Re)build the static cache and the compiled step for this batch shape."""
-        import torch
-        from transformers import StaticCache
-
-        shape = (len(batch), max(len(p) for p in batch), output_tokens)
-        if shape == self._shape:
-            return
-        self._shape = shape
-        bs, width, out = shape
-        self.cache = StaticCache(config=self.model.config, max_cache_len=width + out)
-        model = self.model
-
-        def step(token, position_ids, cache_position, mask):
-            logits = model(input_ids=token, position_ids=position_ids, cache_position=cache_position,
-                           attention_mask=mask, past_key_values=self.cache, use_cache=True).logits
-            return logits[:, -1].argmax(-1, keepdim=True)
-
-        torch._dynamo.reset()
-        self.step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-
-    def run(self, batch: list[list[int]], output_tokens: int, stamped: bool = True) -> Sample:
-        import torch
-
-        bs, width, out = self._shape
-        pad = self.model.config.pad_token_id or 0
-        ids, prompt_mask = _left_padded(batch, pad, self.device)
-        with torch.no_grad():
-            self.cache.reset()
-        mask = torch.ones(bs, width + out, dtype=torch.long, device=self.device)
-        mask[:, :width] = prompt_mask
-        lengths = prompt_mask.sum(-1, keepdim=True)
-        prefill_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
-        decode_positions = [lengths + i for i in range(out)]  # made before the clock starts
-        cache_positions = [torch.tensor([width + i], device=self.device) for i in range(out)]
-        tokens = torch.empty(out, bs, 1, dtype=torch.long, device=self.device)  # step i's input is tokens[i - 1]
-        events = [torch.cuda.Event(enable_timing=True) for _ in range(out + 1)]
-        sync(self.device)
-        started = time.perf_counter()
-        events[0].record()
-        with torch.no_grad():  # not inference_mode: the static cache's tensors are reset in place between calls
-            logits = self.model(input_ids=ids, attention_mask=mask[:, :width], position_ids=prefill_positions,
-                                cache_position=torch.arange(width, device=self.device), past_key_values=self.cache,
-                                use_cache=True).logits
-            tokens[0] = logits[:, -1].argmax(-1, keepdim=True)
-            events[1].record()
-            for i in range(1, out):
-                # the graph's output buffer is reused by the next replay: copy each token out at once
-                torch.compiler.cudagraph_mark_step_begin()
-                tokens[i] = self.step(tokens[i - 1], decode_positions[i - 1], cache_positions[i - 1], mask)
-                events[i + 1].record()
-        sync(self.device)
-        ended = time.perf_counter() - started
-        return Sample(started, _on_host_clock(events[0], events[1:], ended), tokens.shape[0])
-
-
-class TrtllmRuntime:
-    """TensorRT-LLM's LLM API on a bundle's model (`llmopt.export.trtllm.loadable`: checkpoint/, or
-    engine/ with tokenizer/) or an HF checkpoint. A timed call submits every request of the batch with
-    `generate_async(..., streaming=True)` and reads the host clock each time a request's output grows
-    (`outputs[0].token_ids` is cumulative; one update may bring several tokens): a token's stamp is
-    when the last request of the batch had it, as the runtimes above stamp a batch's step. A bare
-    call (`stamped=False`) is one non-streaming `generate` of the batch."""
-
-    name = "trtllm"
-    measures = REQUEST_METRICS + TOKEN_METRICS
-
-    def __init__(self, path, device: str):
-        import asyncio
-        from pathlib import Path
-
-        from llmopt.export.trtllm import loadable
-        from tensorrt_llm import LLM
-
-        found = loadable(Path(path))
-        self.llm = LLM(model=str(found.model), **({"tokenizer": str(found.tokenizer)} if found.tokenizer else {}))
-        self.loop = asyncio.new_event_loop()  # one loop for every call: the requests' result queues live on it
-
-    def prepare(self, batch, output_tokens: int) -> None:
-        pass
-
-    def run(self, batch: list[list[int]], output_tokens: int, stamped: bool = True) -> Sample:
-        import asyncio
-
-        from tensorrt_llm import SamplingParams
-
-        params = SamplingParams(max_tokens=output_tokens, min_tokens=output_tokens, ignore_eos=True, temperature=0)
-        prompts = [{"prompt_token_ids": p} for p in batch]
-        if not stamped:
-            started = time.perf_counter()
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-            ended = time.perf_counter() - started
-            return Sample(started, [ended], min(len(o.outputs[0].token_ids) for o in outputs))
-        arrived: list[list[float]] = [[] for _ in batch]  # per request: when each of its tokens arrived
-
-        async def stream(i: int) -> None:
-            async for output in self.llm.generate_async(prompts[i], params, streaming=True):
-                now = time.perf_counter() - started
-                arrived[i] += [now] * (len(output.outputs[0].token_ids) - len(arrived[i]))
-
-        async def together() -> None:
-            await asyncio.gather(*(stream(i) for i in range(len(batch))))
-
-        started = time.perf_counter()
-        self.loop.run_until_complete(together())
-        ended = time.perf_counter() - started
-        produced = min(len(a) for a in arrived)
-        stamps = [max(a[k] for a in arrived) for k in range(produced)] or [ended]
-        stamps[-1] = max(stamps[-1], ended)
-        return Sample(started, stamps, produced)
-
-
-def make_runtime(name: str, model, path, device: str):
-    if name == "transformers-eager":
-        return EagerRuntime(model, device)
-    if name == "transformers-compiled":
-        return CompiledRuntime(model, device)
-    return TrtllmRuntime(path, device)
 
 
 # --- statistics ---------------------------------------------------------------------------------

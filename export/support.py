@@ -29,34 +29,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from llmopt import methods
+from llmopt.methods import Serving
+
 TARGETS = ("trtllm", "trtllm-engine")
-# source formats: what the stage before `compile` produced
-FORMATS = ("bf16", "fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "gptq", "gptq_desc_act", "bnb")
 ENGINE_LAST = (1, 2)  # the engine route exists up to 1.2.x [E]
 PYTORCH_FIRST = (1, 0)  # the PyTorch backend is the default from 1.0 [Q]
 DEFAULT_TRTLLM_VERSION = "1.2.0"
 
-# smallest compute capability each format runs on [M]; bf16 needs Ampere
-MIN_SM = {"bf16": 80, "fp8": 89, "int8_sq": 80, "int4_awq": 80, "w4a8_awq": 89, "nvfp4": 100, "gptq": 80,
-          "gptq_desc_act": 80}
-
+# The rows come from the quantization methods' declarations (`Method.serving`, llmopt.methods):
+# format -> Serving(smallest compute capability, nearest choice below it, refused targets).
+# bf16 (no quantization, or weights saved dequantized) needs Ampere.
+ROWS = {"bf16": Serving(80)} | {fmt: row for method in methods.discover().values() for fmt, row in method.serving.items()}
+FORMATS = tuple(ROWS)  # source formats: what the stage before `compile` produced
+MIN_SM = {fmt: row.min_sm for fmt, row in ROWS.items() if row.min_sm is not None}
 # (format, target) -> why not, and the nearest route that works; absent = supported
-UNSUPPORTED = {
-    ("bnb", "trtllm"): ("bitsandbytes checkpoints do not load in TensorRT-LLM [B]",
-                        "quantize with method: modelopt, format: int4_awq (or method: gptq)"),
-    ("bnb", "trtllm-engine"): ("bitsandbytes checkpoints do not load in TensorRT-LLM [B]",
-                               "quantize with method: modelopt, format: int4_awq (or method: gptq)"),
-    ("int8_sq", "trtllm"): ("INT8 SmoothQuant runs only as a TensorRT engine; the PyTorch backend has no W8A8 "
-                            "SmoothQuant path [SQ]",
-                            "target: trtllm-engine with TensorRT-LLM <= 1.2.x, or format: fp8 (SM89+) on target: trtllm"),
-    ("gptq_desc_act", "trtllm-engine"): ("the engine converter refuses GPTQ with desc_act: true [G]",
-                                         "quantize with desc_act: false, or target: trtllm (PyTorch backend)"),
-    # llmopt's own limit, not TensorRT-LLM's: engines are built from ModelOpt's TensorRT-LLM checkpoint
-    # export; GPTQ checkpoints would need TensorRT-LLM's convert_checkpoint.py, which llmopt does not drive
-    ("gptq", "trtllm-engine"): ("llmopt builds engines from ModelOpt's TensorRT-LLM checkpoint, and GPTQ checkpoints "
-                                "are not ModelOpt's",
-                                "target: trtllm (the PyTorch backend loads GPTQ), or method: modelopt, format: int4_awq"),
-}
+UNSUPPORTED = {(fmt, target): why for fmt, row in ROWS.items() for target, why in row.refused.items()}
 
 # GPU names a recipe may use for `compile.gpu`, with their compute capability
 GPUS = {"V100": 70, "T4": 75, "A100": 80, "A30": 80, "A10": 86, "A10G": 86, "A40": 86, "RTX3090": 86, "RTXA6000": 86,
@@ -124,8 +112,7 @@ def check(fmt: str, target: str, sm: int, trtllm_version: str) -> Verdict:
                        "TensorRT-LLM 1.0 or later, or target: trtllm-engine")
     need = MIN_SM[fmt]
     if sm < need:
-        fallback = {"nvfp4": "format: fp8 (SM89+) or int4_awq (SM80+)", "fp8": "format: int4_awq (SM80+)",
-                    "w4a8_awq": "format: int4_awq (SM80+)"}.get(fmt, "a GPU of SM80 or newer")
+        fallback = ROWS[fmt].below_min
         if sm < 80:
             fallback = "a GPU of SM80 (Ampere) or newer"
         return Verdict(False, f"{fmt} needs compute capability {need // 10}.{need % 10} or newer and the target GPU is "
@@ -133,17 +120,11 @@ def check(fmt: str, target: str, sm: int, trtllm_version: str) -> Verdict:
     return Verdict(True)
 
 
-def format_of(method: str | None, modelopt_format: str | None = None, desc_act: bool = False) -> str:
-    """The table's format for a quantize method (None: no quantization; rtn is saved dequantized)."""
-    if method is None or method in ("rtn", "rtn-dequantized"):
-        return "bf16"
-    if method == "modelopt":
-        return modelopt_format
-    if method == "gptq":
-        return "gptq_desc_act" if desc_act else "gptq"
-    return method  # bnb
+def format_of(cfg) -> str:
+    """The table's format for the quantize stage's config (None: no quantization)."""
+    return "bf16" if cfg is None else methods.get(cfg.method).serving_format(cfg)
 
 
 def source_format(info: dict) -> str:
-    """The table's format for an artifact's `info` (what the quantize stage recorded)."""
-    return format_of(info.get("format"), info.get("modelopt_format"), bool(info.get("desc_act")))
+    """The table's format for an artifact's `info` (what the quantize stage recorded; bf16 otherwise)."""
+    return info.get("serving_format", "bf16")

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import pkgutil
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,18 +47,20 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_DIR_ENV, ".cache/llmopt"))
 
 
+def content_key(identity: dict) -> str:
+    """The one key function: a short sha256 of everything (JSON) that decides a cached thing."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def stage_key(parent: str, stage: str, config: dict, libraries: dict[str, str], hardware: str,
               code: dict[str, str]) -> str:
-    """Hash of everything that decides a stage's output; `code`: `stage_code` of the stage's module."""
-    blob = json.dumps(
-        {"parent": parent, "stage": stage, "config": config, "libraries": libraries, "hardware": hardware, "code": code},
-        sort_keys=True,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+    """Key of a stage's output; `code`: `stage_code` of the stage's module (llmopt's version, sources)."""
+    return content_key({"parent": parent, "stage": stage, "config": config, "libraries": libraries, "hardware": hardware,
+                        "code": code})
 
 
 # modules that keep records, check settings or show progress: the settings enter a key by value
-NOT_OUTPUT = frozenset({"cache", "errors", "plots", "progress", "recipe", "registry", "tracking"})
+NOT_OUTPUT = frozenset({"cache", "errors", "plots", "progress", "recipe", "registry", "schema", "tracking"})
 
 
 @functools.cache
@@ -80,7 +83,8 @@ def source_digest(module: str) -> str:
 
 
 def code_sources(module: str) -> dict[str, Path]:
-    """`module` and the modules of its package it imports, transitively: name -> source file."""
+    """`module` and the modules of its package it imports, transitively: name -> source file. A
+    package that discovers its modules (llmopt.methods) brings all of them."""
     import ast
     from importlib.util import find_spec, resolve_name
 
@@ -95,7 +99,10 @@ def code_sources(module: str) -> dict[str, Path]:
         spec = find_spec(name)
         found[name] = Path(spec.origin)
         here = name if spec.submodule_search_locations is not None else name.rpartition(".")[0]
-        for node in ast.walk(ast.parse(found[name].read_text(), str(spec.origin))):
+        tree = ast.parse(found[name].read_text(), str(spec.origin))
+        if spec.submodule_search_locations is not None and _discovers_modules(tree):
+            todo += [f"{name}.{m.name}" for m in pkgutil.iter_modules(spec.submodule_search_locations)]
+        for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 todo += [alias.name for alias in node.names if alias.name.partition(".")[0] == package]
             elif isinstance(node, ast.ImportFrom):
@@ -106,6 +113,14 @@ def code_sources(module: str) -> dict[str, Path]:
                 if find_spec(base).submodule_search_locations is not None:
                     todo += [f"{base}.{alias.name}" for alias in node.names if find_spec(f"{base}.{alias.name}")]
     return found
+
+
+def _discovers_modules(tree) -> bool:
+    """A package that imports its modules by listing its folder (llmopt.methods, through pkgutil):
+    each of its modules counts as imported."""
+    import ast
+
+    return any(isinstance(node, ast.Import) and any(a.name == "pkgutil" for a in node.names) for node in tree.body)
 
 
 class Cache:

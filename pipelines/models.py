@@ -89,31 +89,35 @@ def tokenizer_mismatch(teacher, student) -> str | None:
     return None
 
 
+PLAIN_FORMATS = (None, "distilled")  # an unquantized checkpoint: a base model, or a distilled student
+
+
 def load_model(artifact: Artifact, device: str, dtype: str = "auto", trust_remote_code: bool = False):
-    """Load a checkpoint as the stage that wrote it says it must be loaded (safetensors only)."""
+    """Load a checkpoint as the method that wrote it says (`info["format"]` names it; none: a plain
+    checkpoint). Safetensors only."""
+    fmt = artifact.info.get("format")
+    if fmt in PLAIN_FORMATS:
+        return load_plain(artifact.path, device, dtype, trust_remote_code)
+    from llmopt import methods
+
+    return methods.by_format(fmt).load(artifact, device, dtype, trust_remote_code)
+
+
+def load_plain(path: Path, device: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """An unquantized checkpoint in the recipe's dtype."""
+    return load_pretrained(path, device, trust_remote_code, dtype=torch_dtype(dtype, device))
+
+
+def load_pretrained(path: Path, device: str, trust_remote_code: bool, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained` as llmopt calls it: safetensors only, on `device`,
+    remote code only when the recipe asks for it; `kwargs` from the method that loads it."""
     from transformers import AutoModelForCausalLM
 
-    if artifact.info.get("format") == "modelopt":
-        # transformers cannot reload ModelOpt's exports: rebuild the fake-quantized model from its
-        # source and the calibrated quantizer state the quantize stage kept
-        from llmopt.export import modelopt
-
-        source = artifact.info["source"]
-        model = load_model(Artifact(Path(source["path"]), "hf-checkpoint", info=source["info"]), device, dtype,
-                           trust_remote_code)
-        return modelopt.restore(model, artifact.path / modelopt.STATE_DIR).eval()
-    kwargs: dict = {"use_safetensors": True, "trust_remote_code": trust_remote_code, "device_map": device}
-    if artifact.info.get("format") == "gptq":
-        from transformers import GPTQConfig
-
-        # Name the kernel: GPTQModel's automatic choice on Hopper downloads sources at load time.
-        kwargs["quantization_config"] = GPTQConfig(bits=artifact.info["bits"], backend=artifact.info["reload_backend"])
-    elif artifact.info.get("format") != "bnb":
-        kwargs["dtype"] = torch_dtype(dtype, device)
     with warnings.catch_warnings():
         # transformers warns that the checkpoint's own quantization_config wins: intended, we only name the kernel
         warnings.filterwarnings("ignore", message="You passed `quantization_config`")
-        model = AutoModelForCausalLM.from_pretrained(artifact.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=trust_remote_code,
+                                                     device_map=device, **kwargs)
     model.eval()
     return model
 

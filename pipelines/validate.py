@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llmopt import methods
 from llmopt.cache import default_cache_dir
 from llmopt.errors import RecipeError
+from llmopt.eval import runtimes
 from llmopt.machine import gpu_count, usable_cpus
 from llmopt.recipe import ModelSpec, Recipe
 from llmopt.stages.catalog import EXTRAS, STAGES
@@ -44,26 +46,17 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             except ValueError as e:
                 raise RecipeError(f"{path}: stages[{index}].{e}") from None
         earlier = recipe.stages[:index]
-        if cfg.stage == "benchmark" and cfg.runtime == "transformers-compiled" and any(
-                s.stage == "quantize" and s.method == "bnb" for s in earlier):
-            raise RecipeError(f"{path}: stages[{index}].runtime: transformers-compiled over a bitsandbytes model is not "
-                              "supported (on an H100, compiling a 7B nf4 model did not finish in 10 minutes); use "
-                              "transformers-eager")
+        where = f"{path}: stages[{index}]"
+        quantized = next((s for s in earlier if s.stage == "quantize"), None)
+        if cfg.stage == "benchmark" and quantized is not None and (
+                why := methods.get(quantized.method).refuse_runtime(quantized, cfg.runtime)):
+            raise RecipeError(f"{where}.runtime: {why}")
         context = config.get("max_position_embeddings")
         if cfg.stage == "benchmark" and context is not None and cfg.longest_input + cfg.output_tokens > context:
-            raise RecipeError(f"{path}: stages[{index}].output_tokens: {cfg.output_tokens} output after "
+            raise RecipeError(f"{where}.output_tokens: {cfg.output_tokens} output after "
                               f"{cfg.longest_input} input tokens exceed the model's context of {context} tokens")
-        where = f"{path}: stages[{index}]"
-        modelopt = next((s for s in earlier if s.stage == "quantize" and s.method == "modelopt"), None)
-        if cfg.stage == "benchmark" and cfg.runtime != "trtllm" and modelopt is not None:
-            raise RecipeError(f"{where}.runtime: {cfg.runtime} over a ModelOpt {modelopt.format} model would time "
-                              "ModelOpt's fake quantization, not the format; add a compile stage and benchmark with "
-                              "runtime: trtllm, or benchmark the base model")
-        if cfg.stage == "quantize" and cfg.method == "modelopt" and cfg.format in ("int4_awq", "w4a8_awq"):
-            for field in ("hidden_size", "intermediate_size"):
-                if field in config and config[field] % cfg.group_size:
-                    raise RecipeError(f"{where}.group_size: {cfg.group_size} does not divide the model's {field} "
-                                      f"({config[field]}); TensorRT-LLM's AWQ kernels take 64 or 128")
+        if cfg.stage == "quantize" and (problem := methods.get(cfg.method).check(cfg, config)):
+            raise RecipeError(f"{where}.{problem[0]}: {problem[1]}")
         if cfg.stage == "compile":
             _preflight_compile(cfg, earlier, config, where)
         if cfg.stage == "distill":
@@ -99,7 +92,7 @@ def check_machine(recipe: Recipe, path: Path) -> None:
 
             if blocked := offline_blockers(cfg.tasks, default_cache_dir().resolve()):
                 raise RecipeError(f"{path}: stages[{index}].tasks: {blocked}")
-        cuda_only = cfg.stage == "benchmark" and cfg.runtime in ("transformers-compiled", "trtllm")
+        cuda_only = cfg.stage == "benchmark" and runtimes.get(cfg.runtime).cuda_only
         if cuda_only and (recipe.device == "cpu" or not gpu_count()):
             raise RecipeError(f"{path}: stages[{index}].runtime: {cfg.runtime} runs on CUDA only, and this run is on "
                               "the CPU; use transformers-eager")
@@ -153,8 +146,7 @@ def _preflight_compile(cfg, earlier: list, config: dict, where: str) -> None:
     from llmopt.export import support
 
     quantize_cfg = next((s for s in earlier if s.stage == "quantize"), None)
-    fmt = support.format_of(getattr(quantize_cfg, "method", None), getattr(quantize_cfg, "format", None),
-                            getattr(quantize_cfg, "desc_act", False))
+    fmt = support.format_of(quantize_cfg)
     try:
         sm, gpu = support.target_sm(cfg.gpu)
     except ValueError as e:
@@ -164,9 +156,8 @@ def _preflight_compile(cfg, earlier: list, config: dict, where: str) -> None:
     if not verdict.ok:
         raise RecipeError(f"{where}.target: {fmt} -> {cfg.target} on {gpu} (sm{sm}) with TensorRT-LLM {version}: "
                           f"{verdict.message()}")
-    if quantize_cfg is not None and quantize_cfg.method == "modelopt" and quantize_cfg.kv_cache == "fp8" and sm < 89:
-        raise RecipeError(f"{where}.gpu: kv_cache: fp8 needs compute capability 8.9 or newer and {gpu} is "
-                          f"{sm // 10}.{sm % 10}; drop kv_cache from the quantize stage")
+    if quantize_cfg is not None and (problem := methods.get(quantize_cfg.method).serve_check(quantize_cfg, sm, gpu)):
+        raise RecipeError(f"{where}.{problem[0]}: {problem[1]}")
     heads = config.get("num_key_value_heads") or config.get("num_attention_heads")
     if heads is not None and heads % cfg.tp:
         raise RecipeError(f"{where}.tp: {cfg.tp} does not divide the model's {heads} key-value heads")

@@ -11,6 +11,7 @@ import torch
 from conftest import run_cli
 from llmopt.cache import Artifact
 from llmopt.eval import bench
+from llmopt.eval.runtimes.eager import EagerRuntime
 from llmopt.models import load_model
 from llmopt.recipe import Benchmark
 from llmopt.stages import StageContext, benchmark
@@ -47,7 +48,7 @@ def test_metrics_are_consistent_with_each_other(tiny_model, tmp_path):
     assert (tmp_path / "cache" / f"{benchmark.BANDWIDTH}.json").is_file(), "measured once per device, then reused"
 
 
-class WholeCallsOnly(bench.EagerRuntime):
+class WholeCallsOnly(EagerRuntime):
     """A runtime that gets whole-call times only (as a non-streaming API would): the eager runtime
     timed without its per-token stamps, declaring the request metrics alone."""
 
@@ -60,7 +61,7 @@ class WholeCallsOnly(bench.EagerRuntime):
 def test_a_runtime_that_times_whole_calls_reports_no_token_metrics(tiny_model, tmp_path, monkeypatch):
     """No TTFT, ITL, TPOT or roofline from a runtime that did not see tokens arrive: in the metrics,
     report.json, and the table and plots `pair` makes."""
-    monkeypatch.setattr(bench, "make_runtime", lambda name, model, path, device: WholeCallsOnly(model, device))
+    monkeypatch.setattr(EagerRuntime, "open", classmethod(lambda cls, model, path, device, info: WholeCallsOnly(model, device)))
     ctx = StageContext("cpu", "float32", False, progress=False, cache_root=tmp_path / "cache")
     cfg = _cfg()
     artifact = benchmark.run(cfg, Artifact(tiny_model, "hf-checkpoint"), tmp_path, ctx)
@@ -98,7 +99,7 @@ def test_output_length_is_forced_past_eos(tiny_model):
     with torch.no_grad():
         model.lm_head.weight.zero_()
         model.lm_head.weight[model.config.eos_token_id] = 10.0
-    runtime = bench.EagerRuntime(model, "cpu")
+    runtime = EagerRuntime(model, "cpu")
     sample = runtime.run(bench.prompts(2, 8, model.config.vocab_size, 0), 9)
     assert sample.new_tokens == 9 and len(sample.stamps) == 9 and sample.stamps == sorted(sample.stamps)
 

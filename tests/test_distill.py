@@ -274,13 +274,13 @@ def test_precomputed_teacher_topk_is_forward_kl_and_computed_once(tiny_model, tm
     live = curve("live")
     assert curve("whole-vocabulary", teacher_topk=vocab) == pytest.approx(live, rel=1e-5)
     topk_files = ctx.cache_root / distill.TOPK_DIR
-    (whole,) = topk_files.glob("*.safetensors")
+    (whole,) = topk_files.glob(f"*/{distill.TOPK_FILE}")
 
     sparse = curve("top16", teacher_topk=16)
-    (written,) = set(topk_files.glob("*.safetensors")) - {whole}
+    (written,) = set(topk_files.glob(f"*/{distill.TOPK_FILE}")) - {whole}
     stamp = written.stat().st_mtime_ns
     slower = curve("top16-lr", teacher_topk=16, train=cfg.train.model_copy(update={"learning_rate": 1e-3}))
-    assert len(list(topk_files.glob("*.safetensors"))) == 2 and written.stat().st_mtime_ns == stamp, "reused"
+    assert len(list(topk_files.glob(f"*/{distill.TOPK_FILE}"))) == 2 and written.stat().st_mtime_ns == stamp, "reused"
     assert sparse != pytest.approx(live, rel=1e-3), "top-16 drops part of the teacher's distribution"
     assert sparse[-1] < sparse[0] and slower[-1] < slower[0] and slower != pytest.approx(sparse, rel=1e-4)
 

@@ -86,3 +86,24 @@ def test_importing_the_registry_does_not_import_mlflow():
     code = "import sys, llmopt.registry; assert 'mlflow' not in sys.modules, sorted(m for m in sys.modules if 'mlflow' in m)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+HEAVY = ("torch", "transformers", "gptqmodel", "bitsandbytes", "modelopt", "tensorrt_llm", "optimum", "lm_eval", "mlflow")
+PLUGINS = ("llmopt.methods", "llmopt.eval.runtimes")
+
+
+def test_method_and_runtime_modules_import_nothing_heavy_at_module_level():
+    """Validation imports every quantization method and benchmark runtime (they declare the recipe's
+    choices): at module level they may import only light modules; torch and the quantization
+    libraries are imported inside their functions."""
+    found = []
+    for name, path in _modules().items():
+        if any(_within(name, p) for p in PLUGINS):
+            tree = ast.parse(path.read_text(), str(path))
+            for node in tree.body:  # module level only
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} imports {n}" for n in names
+                          if any(_within(n, h) for h in HEAVY)]
+    assert not found, "\n".join(found)
+    assert {"llmopt.methods.gptq", "llmopt.eval.runtimes.compiled"} <= set(_modules()), "the plugin modules were walked"

@@ -14,10 +14,12 @@ from conftest import DATA
 from llmopt.cache import Artifact
 from llmopt.data import load_texts, token_stream
 from llmopt.eval.perplexity import perplexity
+from llmopt.methods.bnb import BnbQuantize, save_bnb
+from llmopt.methods.gptq import GptqQuantize, gptq_worker_env
+from llmopt.methods.rtn import RtnQuantize, fake_quantize
 from llmopt.models import load_model, load_tokenizer
-from llmopt.recipe import BnbQuantize, DatasetSpec, GptqQuantize, RtnQuantize
+from llmopt.recipe import DatasetSpec
 from llmopt.stages import StageContext, quantize
-from llmopt.stages.quantize import fake_quantize, save_bnb
 
 CPU = StageContext(device="cpu", dtype="float32", trust_remote_code=False, progress=False)
 CALIBRATION = {"dataset": {"path": str(DATA / "calibration.jsonl")}, "num_samples": 128, "seq_len": 128}
@@ -131,17 +133,17 @@ def test_gptqmodel_gets_two_cpu_workers_on_a_two_core_machine(monkeypatch):
     """GPTQModel sizes its pool as (cores + 1) // 2: one worker on 2 cores, where quantization stalls."""
     monkeypatch.delenv("GPTQMODEL_CPU_WORKERS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    quantize.gptq_worker_env()
+    gptq_worker_env()
     assert os.environ["GPTQMODEL_CPU_WORKERS"] == "2"
     monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "5")
-    quantize.gptq_worker_env()
+    gptq_worker_env()
     assert os.environ["GPTQMODEL_CPU_WORKERS"] == "5", "a value the user set is kept"
 
 
 def test_gptqmodel_pool_size_as_gptqmodel_reads_it(tmp_path):
     """In a fresh process with the variable unset, GPTQModel's own pool sees our setting."""
     code = ("import os; os.cpu_count = lambda: 2\n"
-            "from llmopt.stages.quantize import gptq_worker_env; gptq_worker_env()\n"
+            "from llmopt.methods.gptq import gptq_worker_env; gptq_worker_env()\n"
             "import gptqmodel; print('workers', gptqmodel._default_cpu_workers())")
     env = {k: v for k, v in os.environ.items() if k != "GPTQMODEL_CPU_WORKERS"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

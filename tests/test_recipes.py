@@ -13,7 +13,8 @@ import torch
 from conftest import DATA, RECIPES, run_cli
 from llmopt.cli import main
 from llmopt.errors import RecipeError
-from llmopt.recipe import GptqQuantize, find_recipe, load_recipe
+from llmopt.methods.gptq import GptqQuantize
+from llmopt.recipe import QUANTIZE_METHODS, find_recipe, load_recipe
 
 CALIB = DATA / "calibration.jsonl"
 
@@ -44,7 +45,7 @@ BAD = {
     "unknown stage": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: prune\n",
                       4, "stages[0].stage", "unknown stage 'prune'; expected one of: distill, quantize, evaluate"),
     "unknown method": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n    method: awq\n",
-                       5, "stages[0].method", "unknown method 'awq'; expected one of: bnb, gptq, rtn"),
+                       5, "stages[0].method", "unknown method 'awq'; expected one of: " + ", ".join(QUANTIZE_METHODS)),
     "bits 3": ("name: bad\nmodel: {embedded: tiny-llama}\nstages:\n  - stage: quantize\n    method: bnb\n    bits: 3\n",
                6, "stages[0].bits", "Input should be 4 or 8 (got 3)"),
     "misspelled key": (GPTQ_HEAD + f"    gruop_size: 64\n    calibration: {{dataset: {{path: {CALIB}}}}}\n",
@@ -232,3 +233,14 @@ def test_validate_imports_no_torch_lm_eval_transformers_or_mlflow():
     done = subprocess.run([sys.executable, "-c", code], cwd=RECIPES.parent, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_method_union_holds_every_method_module():
+    """`method:` accepts exactly the modules of llmopt.methods, each declaring its own schema."""
+    import pkgutil
+
+    import llmopt.methods
+
+    modules = {m.name for m in pkgutil.iter_modules(llmopt.methods.__path__)}
+    assert {"bnb", "gptq", "modelopt", "rtn"} <= set(QUANTIZE_METHODS)
+    assert set(QUANTIZE_METHODS) == modules, "one module per method, named as the recipe names it"

@@ -16,8 +16,11 @@ from llmopt.cache import Artifact
 from llmopt.data import load_texts, token_stream
 from llmopt.eval import local_tasks
 from llmopt.eval.perplexity import perplexity
+from llmopt.methods.bnb import BnbQuantize
+from llmopt.methods.gptq import GptqQuantize
+from llmopt.methods.rtn import RtnQuantize
 from llmopt.models import load_model, load_tokenizer
-from llmopt.recipe import BnbQuantize, DatasetSpec, Distill, GptqQuantize, RtnQuantize
+from llmopt.recipe import DatasetSpec, Distill
 from llmopt.stages import StageContext, distill, quantize
 
 DOCS = ROOT / "eval" / "data" / "python-docs"

@@ -461,7 +461,7 @@ def test_fake_llm_api_benchmark_loads_the_bundle_model_and_reports_what_it_measu
     """FAKE LLM API: the bundle's model folder is what loads, per-token times come from the stream
     (TTFT before the end), and the metrics are exactly the runtime's declared ones plus those derived
     from them."""
-    from llmopt.eval import bench
+    from llmopt.eval.runtimes.trtllm import TrtllmRuntime
 
     if route == "trtllm":
         bundle = bundles["tiny-fp8-trtllm"]
@@ -481,11 +481,11 @@ def test_fake_llm_api_benchmark_loads_the_bundle_model_and_reports_what_it_measu
     derived = {"decode_bandwidth_gb_s", "roofline_fraction", "usd_per_1m_output_tokens"}
     for bs in (1, 2):
         logged = {k.split("/")[1] for k in m if k.startswith("bench/") and k.endswith(f"/bs{bs}")}
-        assert logged == set(bench.TrtllmRuntime.measures) | derived | ({"overhead_pct"} if bs == 1 else set())
+        assert logged == set(TrtllmRuntime.measures) | derived | ({"overhead_pct"} if bs == 1 else set())
         b = {name: m[f"bench/{name}/bs{bs}"] for name in logged}
         assert FakeLLM.PREFILL_S * 1000 <= b["ttft_ms"] < b["e2e_ms"]
         assert b["ttft_ms"] + 7 * b["tpot_ms"] == pytest.approx(b["e2e_ms"], rel=0.25)
         assert b["tpot_ms"] >= FakeLLM.STEP_S * 1000 * 0.9 and b["roofline_fraction"] > 0
         assert b["itl_ms"] <= b["itl_ms_p90"] <= b["itl_ms_p99"] and b["ttft_ms"] <= b["ttft_ms_p90"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["measures"] == list(bench.TrtllmRuntime.measures) and report["not_measured"] == []
+    assert report["measures"] == list(TrtllmRuntime.measures) and report["not_measured"] == []

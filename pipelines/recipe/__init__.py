@@ -5,16 +5,22 @@ errors (`extra="forbid"`), `stage` and `method` are discriminators, booleans and
 strict (`desc_act: "yes"` is refused rather than coerced), and relative paths are resolved
 against the recipe file's folder and checked to exist before anything runs.
 
-The schema lives in one module per stage (`quantize`, `evaluate`, `benchmark`, `distill`,
-`compile`) beside the shared pieces (`base`) and the loader (`loader`: file -> Recipe, errors as
-file:line); this module joins them into `Recipe` and re-exports the public names.
+The schema lives in one module per stage (`evaluate`, `benchmark`, `distill`, `compile`; the
+quantize stage's union is built from the methods in llmopt.methods) beside the shared pieces
+(llmopt.schema) and the loader (`loader`: file -> Recipe, errors as file:line); this module joins
+them into `Recipe` and re-exports the public names.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from llmopt.recipe.base import (  # noqa: F401  (re-exported)
+from llmopt.recipe.benchmark import Benchmark, TokenDistribution  # noqa: F401
+from llmopt.recipe.compile import Compile, Launcher  # noqa: F401
+from llmopt.recipe.distill import Distill, DistillData, DistillLoss, DistillTrain, Distributed, StudentSpec  # noqa: F401
+from llmopt.recipe.evaluate import Evaluate, Gates, MetricGate, PerplexitySpec  # noqa: F401
+from llmopt.recipe.quantize import CONFIGS, QUANTIZE_METHODS, Quantize  # noqa: F401
+from llmopt.schema import (  # noqa: F401  (re-exported)
     RECIPES_DIR_ENV,
     TEXT_SUFFIXES,
     CalibrationSpec,
@@ -22,18 +28,6 @@ from llmopt.recipe.base import (  # noqa: F401  (re-exported)
     ModelSpec,
     Strict,
     check_text_file,
-)
-from llmopt.recipe.benchmark import Benchmark, TokenDistribution  # noqa: F401
-from llmopt.recipe.compile import Compile, Launcher  # noqa: F401
-from llmopt.recipe.distill import Distill, DistillData, DistillLoss, DistillTrain, Distributed, StudentSpec  # noqa: F401
-from llmopt.recipe.evaluate import Evaluate, Gates, MetricGate, PerplexitySpec  # noqa: F401
-from llmopt.recipe.quantize import (  # noqa: F401
-    QUANTIZE_METHODS,
-    BnbQuantize,
-    GptqQuantize,
-    ModeloptQuantize,
-    Quantize,
-    RtnQuantize,
 )
 from pydantic import Field, field_validator
 

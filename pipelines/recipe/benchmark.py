@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from llmopt.recipe.base import Strict
+from llmopt.eval import runtimes
+from llmopt.schema import Strict
 from pydantic import (
     Field,
     PositiveInt,
     field_validator,
 )
+
+RUNTIMES = tuple(runtimes.discover())
 
 
 class TokenDistribution(Strict):
@@ -23,7 +26,7 @@ class Benchmark(Strict):
 
     stage: Literal["benchmark"]
     name: str = "benchmark"
-    runtime: Literal["transformers-eager", "transformers-compiled", "trtllm"] = "transformers-eager"
+    runtime: Literal[RUNTIMES] = "transformers-eager"  # one module each: llmopt.eval.runtimes
     batch_sizes: list[int] = Field([1], min_length=1)
     input_tokens: PositiveInt | TokenDistribution = 128
     output_tokens: PositiveInt = 128

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from llmopt.recipe.base import Strict
+from llmopt.schema import Strict
 from pydantic import (
     Field,
     PositiveInt,

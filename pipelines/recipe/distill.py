@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from llmopt.recipe.base import DatasetSpec, ModelSpec, Strict
+from llmopt.schema import DatasetSpec, ModelSpec, Strict
 from pydantic import (
     Field,
     PositiveInt,

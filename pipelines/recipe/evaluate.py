@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from llmopt.recipe.base import DatasetSpec, Strict, _did_you_mean, _resolve_path
+from llmopt.schema import DatasetSpec, Strict, _did_you_mean, _resolve_path
 from pydantic import (
     Field,
     PositiveInt,

@@ -11,12 +11,12 @@ from typing import Any
 import yaml
 from llmopt.errors import RecipeError
 from llmopt.recipe import STAGE_TYPES, Recipe
-from llmopt.recipe.base import RECIPES_DIR_ENV, _did_you_mean
 from llmopt.recipe.benchmark import Benchmark
 from llmopt.recipe.compile import Compile
 from llmopt.recipe.distill import Distill
 from llmopt.recipe.evaluate import Evaluate
-from llmopt.recipe.quantize import QUANTIZE_METHODS, BnbQuantize, GptqQuantize, ModeloptQuantize, RtnQuantize
+from llmopt.recipe.quantize import CONFIGS, QUANTIZE_METHODS
+from llmopt.schema import RECIPES_DIR_ENV, _did_you_mean
 from pydantic import (
     BaseModel,
     ValidationError,
@@ -144,8 +144,7 @@ def _stage_model(node: Any) -> Any:
     if not isinstance(node, dict):
         return None
     if node.get("stage") == "quantize":
-        return {"bnb": BnbQuantize, "gptq": GptqQuantize, "rtn": RtnQuantize,
-                "modelopt": ModeloptQuantize}.get(node.get("method"))
+        return CONFIGS.get(node.get("method"))
     return {"evaluate": Evaluate, "distill": Distill, "benchmark": Benchmark, "compile": Compile}.get(node.get("stage"))
 
 

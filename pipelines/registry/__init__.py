@@ -10,7 +10,7 @@ Importing this package does not import mlflow: `llmopt validate` checks gates wi
 """
 
 from llmopt.registry.card import model_card
-from llmopt.registry.gates import BENCH, OPS, Gate, check_gates, judge, known_metrics
+from llmopt.registry.gates import OPS, Gate, check_gates, judge, known_metrics
 from llmopt.registry.package import CARD, MODEL_DIR, PACKAGE_MANIFEST, content_digest, verify_package, write_package
 from llmopt.registry.store import (
     ALIAS_RE,
@@ -24,6 +24,6 @@ from llmopt.registry.store import (
     resolve,
 )
 
-__all__ = ["ALIAS_RE", "BENCH", "CANDIDATE", "CARD", "MODEL_DIR", "OPS", "PACKAGE_MANIFEST", "Gate", "Registration",
+__all__ = ["ALIAS_RE", "CANDIDATE", "CARD", "MODEL_DIR", "OPS", "PACKAGE_MANIFEST", "Gate", "Registration",
            "check_alias", "check_gates", "check_promotion_alias", "content_digest", "judge", "known_metrics", "model_card",
            "promote_version", "pull", "register", "resolve", "verify_package", "write_package"]

@@ -59,20 +59,19 @@ def _serving(artifact) -> list[str]:
         commands = json.loads(manifest_file.read_text()).get("commands", {})
         return ["From the `model/` folder, where TensorRT-LLM is installed (or in its container):", "", "```sh",
                 *commands.values(), "```", "", "Check it first: `llmopt verify model/`."]
+    return _method(info).card(info)
+
+
+def _method(info: dict):
+    """The quantization method that wrote the artifact, or the plain `Method` for an unquantized one."""
+    from llmopt import methods
+
     fmt = info.get("format")
-    if fmt == "modelopt":
-        return ["A ModelOpt unified checkpoint (`hf_quant_config.json`): serve `model/` with TensorRT-LLM's PyTorch "
-                "backend (`trtllm-serve model --backend pytorch`). transformers cannot load it correctly."]
-    extra = {"gptq": " (needs `optimum` and `gptqmodel`; name the kernel, e.g. `GPTQConfig(bits=4, backend=...)`)",
-             "bnb": " (needs `bitsandbytes`)"}.get(fmt, "")
-    return [f"`AutoModelForCausalLM.from_pretrained('model', use_safetensors=True)`{extra}; vLLM and SGLang load the "
-            "same folder."]
+    return methods.by_format(fmt) if any(fmt in m.formats for m in methods.discover().values()) else methods.Method
 
 
 def _limits(artifact, metrics: dict[str, float]) -> list[str]:
-    limits = []
-    if artifact.info.get("format") == "modelopt":
-        limits.append("- Quality was measured on the fake-quantized model in memory (ModelOpt), not on a TensorRT-LLM engine.")
+    limits = list(_method(artifact.info).limits(artifact.info))
     if metrics.get("trtllm/built") == 0:
         limits.append(f"- Not built or loaded by TensorRT-LLM when registered: "
                       f"{artifact.info.get('tags', {}).get('trtllm.reason', 'see the compile stage')}.")

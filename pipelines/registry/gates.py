@@ -64,12 +64,6 @@ def judge(gates: list[Gate], metrics: dict[str, float]) -> tuple[list[str], list
 
 # --- which metrics a recipe logs --------------------------------------------------------------------
 
-BENCH = ("ttft_ms", "ttft_ms_p90", "ttft_ms_p99", "e2e_ms", "e2e_ms_p90", "e2e_ms_p99", "itl_ms", "itl_ms_p90",
-         "itl_ms_p99", "tpot_ms", "output_tok_s", "total_tok_s", "requests_s", "e2e_spread_pct", "decode_bandwidth_gb_s",
-         "roofline_fraction", "usd_per_1m_output_tokens", "peak_allocated_gb", "peak_reserved_gb",
-         "energy_j_per_output_token", "power_w", "overhead_pct")
-
-
 def known_metrics(recipe) -> tuple[set[str], set[str]]:
     """(metric names the recipe's stages log on the parent run, prefixes of names only known at
     run time: a standard lm-eval task's metrics)."""
@@ -83,7 +77,9 @@ def known_metrics(recipe) -> tuple[set[str], set[str]]:
                                                "eval_ppl_student", "eval_ppl_teacher", "tokens_per_s",
                                                "teacher_params", "student_params")}
         elif cfg.stage == "quantize":
-            names |= {"memory/weights_gb", "memory/weights_gb_base", "memory/compression_ratio"}
+            from llmopt import methods
+
+            names |= {*methods.COMMON_METRICS, *methods.get(cfg.method).metrics}
         elif cfg.stage == "evaluate":
             if cfg.perplexity is not None:
                 names |= {f"quality/{n}" for n in ("ppl", "ppl_base", "ppl_delta_pct", "kl_base", "nll", "eval_tokens")}
@@ -97,10 +93,14 @@ def known_metrics(recipe) -> tuple[set[str], set[str]]:
             if cfg.gates is not None:
                 names.add("gates/passed")
         elif cfg.stage == "benchmark":
+            from llmopt.eval import runtimes
+            from llmopt.eval.bench import reported_metrics
+
+            measured = reported_metrics(runtimes.get(cfg.runtime).measures)
             names |= {"memory/weights_gb", "memory/weights_gb_base", "memory/kv_bytes_per_token",
                       "memory/kv_tokens_in_budget", "memory/budget_gb", "bench/bandwidth_measured_gb_s"}
             for bs in cfg.batch_sizes:
-                names |= {f"bench/{n}/bs{bs}{suffix}" for n in BENCH for suffix in ("", "_base")}
+                names |= {f"bench/{n}/bs{bs}{suffix}" for n in measured for suffix in ("", "_base")}
         elif cfg.stage == "compile":
             names |= {"trtllm/built", "trtllm/smoke_tokens", "memory/bundle_gb"}
     names.add("memory/peak_gpu_gb")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 
+from llmopt import methods
 from llmopt.cache import Artifact
 from llmopt.recipe import Recipe
 from llmopt.registry.card import model_card
@@ -24,7 +25,7 @@ def register_run(tracker, recipe: Recipe, parent: str, final: Artifact, metrics:
     root_key, base = root
     source = recipe.model.id or str(recipe.model.path or f"embedded:{recipe.model.embedded}")
     def step(cfg) -> str:
-        detail = {"quantize": lambda: f"{cfg.method} {getattr(cfg, 'format', None) or str(getattr(cfg, 'bits', '')) + '-bit'}",
+        detail = {"quantize": lambda: methods.get(cfg.method).describe(cfg),
                   "compile": lambda: cfg.target, "distill": lambda: "student"}[cfg.stage]()
         return f"{cfg.name} ({detail})"
 

@@ -15,7 +15,7 @@ import platform
 from pathlib import Path
 
 from llmopt.cache import Artifact, Cache
-from llmopt.eval import bench, nvml
+from llmopt.eval import bench, nvml, runtimes
 from llmopt.export import trtllm
 from llmopt.models import load_model, weights_bytes
 from llmopt.recipe import Benchmark
@@ -29,7 +29,8 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     from llmopt.progress import progress_bar
 
     torch.manual_seed(cfg.seed)
-    model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code) if cfg.runtime != "trtllm" else None
+    kind = runtimes.get(cfg.runtime)
+    model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code) if kind.loads_model else None
     # the LLM API loads a bundle's checkpoint/ (or engine/ with tokenizer/), or an HF checkpoint (the base model)
     found = trtllm.loadable(src.path) if model is None else None
     config = model.config if model is not None else _config(found.config)
@@ -37,7 +38,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     if context is not None and cfg.longest_input + cfg.output_tokens > context:  # a hub model: not known before
         raise ValueError(f"output_tokens: {cfg.output_tokens} output after {cfg.longest_input} input tokens exceed "
                          f"the model's context of {context} tokens")
-    runtime = bench.make_runtime(cfg.runtime, model, src.path, ctx.device)
+    runtime = kind.open(model, src.path, ctx.device, src.info)
     stored = weights_bytes(src.path) if found is None else sum(f.stat().st_size for f in found.weights)
     dtype_bytes = torch.finfo(torch_dtype_of(model)).bits // 8 if model is not None else 2
     kv_per_token = bench.kv_bytes_per_token(config, dtype_bytes)
@@ -83,7 +84,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
             metrics.update({f"bench/{name}/bs{bs}": value for name, value in row.items()})
             advance()
     del runtime, model
-    if cfg.runtime == "transformers-compiled":
+    if kind.cuda_only and kind.loads_model:
         torch._dynamo.reset()  # compiled graphs hold the model and their CUDA graph pools
     # the runtime and the model sit in reference cycles: without a collection here, the next
     # measurement in this process (the base model's) counted 10.6 GB of this one's in its peak

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from llmopt import methods
+from llmopt.eval import runtimes
+
 
 @dataclass(frozen=True)
 class StageSpec:
@@ -29,15 +32,14 @@ class StageSpec:
         return importlib.import_module(self.module)
 
 
-QUANTIZE_LIBRARIES = {"bnb": ("bitsandbytes",), "gptq": ("gptqmodel", "optimum"), "rtn": (), "modelopt": ("modelopt",)}
 
 STAGES: dict[str, StageSpec] = {
     "distill": StageSpec("llmopt.stages.distill", lambda cfg: (), produces_model=True, uses_teacher=True,
                          resumable=True),
-    "quantize": StageSpec("llmopt.stages.quantize", lambda cfg: QUANTIZE_LIBRARIES[cfg.method], produces_model=True),
+    "quantize": StageSpec("llmopt.stages.quantize", lambda cfg: methods.get(cfg.method).libraries, produces_model=True),
     "evaluate": StageSpec("llmopt.stages.evaluate", lambda cfg: ("lm_eval",) if cfg.tasks or cfg.local_tasks else (),
                           produces_model=False, paired=True, reads_base=True),
-    "benchmark": StageSpec("llmopt.stages.benchmark", lambda cfg: ("tensorrt_llm",) if cfg.runtime == "trtllm" else (),
+    "benchmark": StageSpec("llmopt.stages.benchmark", lambda cfg: runtimes.get(cfg.runtime).libraries,
                            produces_model=False, paired=True),
     # a bundle made where TensorRT-LLM was not reachable is cached like any output: a local
     # tensorrt_llm's version is in the key, a container's image is in the settings; --force-stage
@@ -46,5 +48,6 @@ STAGES: dict[str, StageSpec] = {
                          else ("tensorrt_llm",), produces_model=True, optional=("tensorrt_llm",)),
 }
 
-# the pip extra that installs a library a stage needs
-EXTRAS = {"bitsandbytes": "bnb", "gptqmodel": "gptq", "optimum": "gptq", "modelopt": "modelopt"}
+# the pip extra that installs a library a stage needs (the methods declare theirs)
+EXTRAS = {"modelopt": "modelopt"} | {library: method.extra for method in methods.discover().values()
+                                     for library in method.libraries if method.extra}

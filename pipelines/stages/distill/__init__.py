@@ -23,8 +23,9 @@ from llmopt.stages import HISTORY
 from llmopt.stages.distill.data import make_blocks, step_rows
 from llmopt.stages.distill.losses import TeacherOutput, distill_loss, hidden_loss, kd_loss, kd_loss_topk
 from llmopt.stages.distill.student import build_student, resolve_layer_map
-from llmopt.stages.distill.topk import TOPK_DIR, precompute_teacher_topk
+from llmopt.stages.distill.topk import TOPK_DIR, TOPK_FILE, precompute_teacher_topk
 from llmopt.stages.distill.train import run
 
-__all__ = ["HISTORY", "TOPK_DIR", "TeacherOutput", "build_student", "distill_loss", "hidden_loss", "kd_loss", "kd_loss_topk",
-           "make_blocks", "precompute_teacher_topk", "resolve_layer_map", "run", "step_rows"]
+__all__ = ["HISTORY", "TOPK_DIR", "TOPK_FILE", "TeacherOutput", "build_student", "distill_loss", "hidden_loss",
+           "kd_loss", "kd_loss_topk", "make_blocks", "precompute_teacher_topk", "resolve_layer_map", "run",
+           "step_rows"]

@@ -7,13 +7,14 @@ import json
 import math
 from pathlib import Path
 
-from llmopt.cache import Artifact, atomic_file
+from llmopt.cache import Artifact
 from llmopt.models import load_model, load_tokenizer
 from llmopt.recipe import Distill
 from llmopt.stages import StageContext
 from llmopt.stages.distill.data import make_blocks
 
-TOPK_DIR = "teacher-topk"
+TOPK_DIR = "teacher-topk"  # Cache.folder kind: <cache root>/teacher-topk/<key>/topk.safetensors
+TOPK_FILE = "topk.safetensors"
 
 
 def precompute_teacher_topk(cfg: Distill, teacher_artifact: Artifact, ctx: StageContext) -> Path:
@@ -21,23 +22,23 @@ def precompute_teacher_topk(cfg: Distill, teacher_artifact: Artifact, ctx: Stage
     of every training block, `[blocks, seq_len, k]`, in one safetensors file under the cache root,
     keyed by the teacher's content, the data and k: computed once, reused by every later run (other
     students, losses, learning rates). Size: blocks * seq_len * k * 8 bytes."""
-    import hashlib
-
-    import torch
-    from llmopt.cache import directory_digest, key_config
-    from llmopt.progress import progress_bar
+    from llmopt.cache import Cache, content_key, directory_digest, key_config, stage_code
     from llmopt.versions import library_versions
-    from safetensors.torch import save_file
 
     root = ctx.cache_dir()
     identity = {"teacher": directory_digest(teacher_artifact.path, root / "digests.json"),
                 "teacher_dtype": cfg.teacher_dtype, "data": key_config(cfg.data.model_dump(mode="json")),
                 "k": cfg.teacher_topk, "device": (cfg.teacher_device or ctx.device).split(":")[0],
-                "libraries": library_versions(("torch", "transformers"))}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:24]
-    path = root / TOPK_DIR / f"{key}.safetensors"
-    if path.is_file():
-        return path
+                "libraries": library_versions(("torch", "transformers")), "code": stage_code(__name__)}
+    return Cache(root).folder(TOPK_DIR, content_key(identity), lambda tmp: _compute(cfg, teacher_artifact, ctx, identity,
+                                                                                  tmp / TOPK_FILE)) / TOPK_FILE
+
+
+def _compute(cfg: Distill, teacher_artifact: Artifact, ctx: StageContext, identity: dict, path: Path) -> None:
+    import torch
+    from llmopt.progress import progress_bar
+    from safetensors.torch import save_file
+
     tokenizer = load_tokenizer(teacher_artifact.path, ctx.trust_remote_code)
     device = cfg.teacher_device or ctx.device
     teacher = load_model(teacher_artifact, device, cfg.teacher_dtype, ctx.trust_remote_code)
@@ -57,6 +58,4 @@ def precompute_teacher_topk(cfg: Distill, teacher_artifact: Artifact, ctx: Stage
     del teacher
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    with atomic_file(path) as tmp:
-        save_file({"values": values, "indices": indices}, tmp, metadata={"identity": json.dumps(identity)})
-    return path
+    save_file({"values": values, "indices": indices}, path, metadata={"identity": json.dumps(identity)})

@@ -1,0 +1,83 @@
+"""Round-to-nearest weight quantization, saved dequantized: the baseline GPTQ must beat.
+
+Its checkpoint holds the rounded weights in the model's own dtype, so it serves as bf16 does and
+is no smaller; it measures what rounding alone costs in quality.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from llmopt.methods import Method
+from llmopt.schema import Strict, _check_group_size
+from pydantic import Field, StrictBool, field_validator
+
+
+class RtnQuantize(Strict):
+    """Round-to-nearest weight quantization, saved dequantized: a baseline that GPTQ must beat."""
+
+    stage: Literal["quantize"]
+    method: Literal["rtn"]
+    name: str = "quantize"
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int = 128
+    sym: StrictBool = True
+
+    _group_size = field_validator("group_size")(_check_group_size)
+
+
+class Rtn(Method):
+    name = "rtn"
+    Config = RtnQuantize
+    summary = "round-to-nearest per group, saved dequantized (a quality baseline; serves as bf16)"
+    formats = ("rtn-dequantized",)
+
+    @classmethod
+    def serving_format(cls, cfg) -> str:
+        return "bf16"
+
+    @classmethod
+    def quantize(cls, cfg: RtnQuantize, src, out, ctx):
+        """Round each linear layer's weights to `bits` per group, and save them dequantized."""
+        import torch
+        from llmopt.cache import Artifact
+        from llmopt.models import load_model, load_tokenizer
+
+        model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code)
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                    module.weight.copy_(fake_quantize(module.weight, cfg.bits, cfg.group_size, cfg.sym))
+        model.save_pretrained(out, safe_serialization=True)
+        load_tokenizer(src.path, ctx.trust_remote_code).save_pretrained(out)
+        return Artifact(out, "hf-checkpoint", info={"format": "rtn-dequantized", "bits": cfg.bits})
+
+    @classmethod
+    def load(cls, artifact, device, dtype, trust_remote_code):
+        from llmopt.models import load_plain
+
+        return load_plain(artifact.path, device, dtype, trust_remote_code)
+
+    @classmethod
+    def limits(cls, info: dict) -> list[str]:
+        return ["- Saved dequantized: the rounding's quality cost, at bf16's size and speed."]
+
+
+def fake_quantize(weight, bits: int, group_size: int, sym: bool):
+    """Round-to-nearest per group of `group_size` input columns (-1: one group per row)."""
+    rows, cols = weight.shape
+    group = cols if group_size == -1 else group_size
+    if cols % group:
+        raise ValueError(f"group_size {group_size} does not divide the layer width {cols}")
+    w = weight.float().reshape(rows, cols // group, group)
+    if sym:
+        qmax = 2 ** (bits - 1) - 1
+        scale = w.abs().amax(-1, keepdim=True).clamp(min=1e-8) / qmax
+        q = (w / scale).round().clamp(-qmax - 1, qmax) * scale
+    else:
+        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
+        zero = (-lo / scale).round()
+        q = ((w / scale).round() + zero).clamp(0, 2**bits - 1)
+        q = (q - zero) * scale
+    return q.reshape(rows, cols).to(weight.dtype)
