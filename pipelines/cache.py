@@ -225,6 +225,16 @@ def atomic_file(path: Path) -> Iterator[Path]:
         raise
 
 
+def replace_dir(source: Path, dest: Path) -> None:
+    """Put a finished directory (a verified download) at `dest`, replacing what was there: the
+    helper for moving a whole folder into place (a rename where both are on one filesystem)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(source), dest)
+    _fsync_dir(dest.parent)
+
+
 def write_atomically(path: Path, text: str) -> None:
     with atomic_file(path) as tmp:
         _write_durably(tmp, text)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
 import sys
 from dataclasses import asdict, dataclass
@@ -254,15 +253,18 @@ def convert_gguf(gguf: Path, out: Path, progress: bool = True) -> None:
 
 @contextlib.contextmanager
 def _no_tqdm():
-    saved = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
+    """Silence the bar transformers' GGUF reader draws (its module's own `tqdm`: the TQDM_DISABLE
+    variable is read when tqdm is imported, which may be before this runs)."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    saved = reader.tqdm
+    reader.tqdm = functools.partial(saved, disable=True)
     try:
         yield
     finally:
-        if saved is None:
-            del os.environ["TQDM_DISABLE"]
-        else:
-            os.environ["TQDM_DISABLE"] = saved
+        reader.tqdm = saved
 
 
 def _combined(digests: dict[str, str]) -> str:

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llmopt.cache import replace_dir
+
 PACKAGE_MANIFEST = "manifest.json"
 CARD = "MODEL_CARD.md"
 MODEL_DIR = "model"
@@ -76,9 +78,6 @@ def install_verified(local: Path, staging: Path, dest: Path) -> list[str]:
     problems = verify_package(local)
     if problems:
         return [f"{p} (download kept in {local} for inspection)" for p in problems]
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(local), dest)
+    replace_dir(local, dest)
     shutil.rmtree(staging, ignore_errors=True)
     return []
