@@ -49,12 +49,14 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
         where = f"{path}: stages[{index}]"
         quantized = next((s for s in earlier if s.stage == "quantize"), None)
         if cfg.stage == "benchmark" and quantized is not None and (
-                why := methods.get(quantized.method).refuse_runtime(quantized, cfg.runtime)):
+                why := methods.get(quantized.method).refuse_runtime(quantized, cfg.runtime, cfg.kernel)):
             raise RecipeError(f"{where}.runtime: {why}")
         context = config.get("max_position_embeddings")
         if cfg.stage == "benchmark" and context is not None and cfg.longest_input + cfg.output_tokens > context:
             raise RecipeError(f"{where}.output_tokens: {cfg.output_tokens} output after "
                               f"{cfg.longest_input} input tokens exceed the model's context of {context} tokens")
+        if cfg.stage in ("benchmark", "evaluate") and cfg.kernel not in ("auto", "none"):
+            _check_kernel(cfg.kernel, quantized, recipe.device, f"{where}.kernel")
         if cfg.stage == "quantize" and (problem := methods.get(cfg.method).check(cfg, config)):
             raise RecipeError(f"{where}.{problem[0]}: {problem[1]}")
         if cfg.stage == "compile":
@@ -63,6 +65,20 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
             first_model_stage = all(not STAGES[s.stage].produces_model for s in recipe.stages[:index])
             teacher = cfg.teacher or (recipe.model if first_model_stage else None)
             _preflight_distill(cfg, teacher, f"{path}: stages[{index}]")
+
+
+def _check_kernel(kernel: str, quantized, device: str, where: str) -> None:
+    """A named kernel must run the quantize stage's format on the recipe's kind of device."""
+    if quantized is None:
+        raise RecipeError(f"{where}: {kernel} runs quantized weights, and no quantize stage comes before; use auto")
+    method = methods.get(quantized.method)
+    spec = method.kernel_spec(quantized)
+    kinds = ("cuda", "cpu") if device == "auto" else (device,)
+    found = {kind: method.kernel_candidates(spec, kind) for kind in kinds}
+    if not any(kernel in c for c in found.values()):
+        nearest = next((c[0] for c in found.values() if c), "none")
+        raise RecipeError(f"{where}: {kernel} cannot run {_label(quantized)} ({spec}) on {'/'.join(kinds)}; nearest valid "
+                          f"choice: {nearest}")
 
 
 def _check_promote(recipe: Recipe, path: Path) -> None:
@@ -92,6 +108,10 @@ def check_machine(recipe: Recipe, path: Path) -> None:
 
             if blocked := offline_blockers(cfg.tasks, default_cache_dir().resolve()):
                 raise RecipeError(f"{path}: stages[{index}].tasks: {blocked}")
+        if cfg.stage in ("benchmark", "evaluate") and cfg.kernel not in ("auto", "none"):
+            _kernel_on_this_machine(cfg, recipe, index, path)
+        if cfg.stage == "benchmark" and runtimes.get(cfg.runtime).loads_model:
+            _timed_format_on_this_machine(cfg, recipe, index, path)
         cuda_only = cfg.stage == "benchmark" and runtimes.get(cfg.runtime).cuda_only
         if cuda_only and (recipe.device == "cpu" or not gpu_count()):
             raise RecipeError(f"{path}: stages[{index}].runtime: {cfg.runtime} runs on CUDA only, and this run is on "
@@ -104,6 +124,44 @@ def check_machine(recipe: Recipe, path: Path) -> None:
                 if wanted >= have:
                     raise RecipeError(f"{path}: stages[{index}].teacher_device: {cfg.teacher_device}, but this machine "
                                       f"has {have} CUDA device(s)")
+
+
+def _kernel_on_this_machine(cfg, recipe: Recipe, index: int, path: Path) -> None:
+    """A kernel this machine's GPU (or CPU) cannot run: exit 2 with the nearest one it can."""
+    from llmopt import kernels
+    from llmopt.machine import gpus
+
+    found = gpus()
+    device = "cuda" if recipe.device == "cuda" or (recipe.device == "auto" and found) else "cpu"
+    sm = found[0].sm if device == "cuda" and found else None
+    if (why := kernels.runs_on(cfg.kernel, device, sm)) is None:
+        return
+    quantized = next(s for s in recipe.stages[:index] if s.stage == "quantize")
+    method = methods.get(quantized.method)
+    usable = method.kernels(method.kernel_spec(quantized), device, sm)
+    gpu = f" ({found[0].name}, sm{sm})" if sm else ""
+    raise RecipeError(f"{path}: stages[{index}].kernel: {why}{gpu}; nearest valid choice: "
+                      f"{usable[0] if usable else 'none (the format as its library loads it)'}")
+
+
+def _timed_format_on_this_machine(cfg, recipe: Recipe, index: int, path: Path) -> None:
+    """A benchmark of a format whose library only emulates it (ModelOpt) needs a real kernel on
+    this machine: otherwise it would time the emulation."""
+    from llmopt.machine import gpus
+
+    quantized = next((s for s in recipe.stages[:index] if s.stage == "quantize"), None)
+    method = methods.get(quantized.method) if quantized is not None else None
+    if method is None or not method.timed_only_with_kernel:
+        return
+    found = gpus()
+    device = "cuda" if recipe.device == "cuda" or (recipe.device == "auto" and found) else "cpu"
+    spec = method.kernel_spec(quantized)
+    usable = method.kernels(spec, device, found[0].sm if device == "cuda" and found else None)
+    if not usable or cfg.kernel == "none":
+        why = "kernel: none" if usable else method.no_kernel_reason(spec, device, found[0].sm if found else None)
+        raise RecipeError(f"{path}: stages[{index}].runtime: {cfg.runtime} on this machine ({device}) would time "
+                          f"{method.name}'s fake quantization, not the format ({why}); benchmark where a kernel runs it "
+                          "(CUDA), or with runtime: trtllm after a compile stage")
 
 
 def offline_models(recipe: Recipe) -> list[str]:

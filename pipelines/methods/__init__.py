@@ -60,6 +60,8 @@ class Method:
     formats: ClassVar[tuple[str, ...]] = ()  # values of Artifact.info["format"] this method writes
     serving: ClassVar[dict[str, Serving]] = {}
     metrics: ClassVar[tuple[str, ...]] = ()  # what quantize logs beyond COMMON_METRICS
+    # its library's own model is not the format (ModelOpt's fake quantization): timing it needs a kernel
+    timed_only_with_kernel: ClassVar[bool] = False
 
     _registry: ClassVar[dict[str, type[Method]]] = {}
 
@@ -90,8 +92,8 @@ class Method:
         return None
 
     @classmethod
-    def refuse_runtime(cls, cfg, runtime: str) -> str | None:
-        """Why a benchmark with this runtime cannot time this method's output, or None."""
+    def refuse_runtime(cls, cfg, runtime: str, kernel: str) -> str | None:
+        """Why a benchmark with this runtime and kernel cannot time this method's output, or None."""
         return None
 
     @classmethod
@@ -113,11 +115,39 @@ class Method:
 
         return load_plain(artifact.path, device, dtype, trust_remote_code)
 
+    # --- decode kernels (llmopt.kernels) -------------------------------------------------------------
+
     @classmethod
-    def fast_path(cls, model, info: dict, device: str):
-        """Swap the model's quantized layers for the fastest decode kernel this device has (see
-        llmopt.kernels); returns (model, kernel name). The default: the model as loaded."""
-        return model, "as-loaded"
+    def kernel_spec(cls, cfg) -> dict:
+        """What decides which kernels can run this config's output; kept in `info["kernel_spec"]`."""
+        return {k: getattr(cfg, k) for k in ("bits", "group_size", "sym", "desc_act", "format") if hasattr(cfg, k)}
+
+    @classmethod
+    def kernel_candidates(cls, spec: dict, device: str) -> tuple[str, ...]:
+        """Kernels that can run this format on this kind of device (`cpu`/`cuda`), best first (by
+        measurement); before the GPU's compute capability is checked."""
+        return ()
+
+    @classmethod
+    def kernels(cls, spec: dict, device: str, sm: int | None) -> tuple[str, ...]:
+        from llmopt.kernels import usable
+
+        return usable(cls.kernel_candidates(spec, "cuda" if device.startswith("cuda") else "cpu"), device, sm)
+
+    @classmethod
+    def no_kernel_reason(cls, spec: dict, device: str, sm: int | None) -> str:
+        found = cls.kernel_candidates(spec, "cuda" if device.startswith("cuda") else "cpu")
+        if found:
+            from llmopt.kernels import runs_on
+
+            return "; ".join(runs_on(k, device, sm) or k for k in found)
+        return f"llmopt has no fast kernel for {cls.name} {spec} on {device}"
+
+    @classmethod
+    def fast_path(cls, model, artifact: Artifact, device: str, kernel: str) -> tuple[Any, int]:
+        """Swap the model's quantized layers for modules running `kernel` (one of `kernels`);
+        returns (model, layers swapped). Each method reads its own format."""
+        raise NotImplementedError(f"{cls.name} declares no fast path")
 
     # --- the model card ----------------------------------------------------------------------------
 

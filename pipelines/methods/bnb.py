@@ -44,7 +44,7 @@ class Bnb(Method):
     metrics = ("quantize/roundtrip_max_logit_diff",)
 
     @classmethod
-    def refuse_runtime(cls, cfg, runtime: str) -> str | None:
+    def refuse_runtime(cls, cfg, runtime: str, kernel: str) -> str | None:
         if runtime == "transformers-compiled":
             return ("transformers-compiled over a bitsandbytes model is not supported (on an H100, compiling a 7B nf4 "
                     "model did not finish in 10 minutes); use transformers-eager")

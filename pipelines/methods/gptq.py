@@ -73,6 +73,16 @@ class Gptq(Method):
         return load_gptq(artifact, device, trust_remote_code)
 
     @classmethod
+    def kernel_candidates(cls, spec: dict, device: str) -> tuple[str, ...]:
+        return gptq_kernels(spec, device)
+
+    @classmethod
+    def fast_path(cls, model, artifact, device: str, kernel: str):
+        from llmopt.kernels.linear import swap
+
+        return model, swap(model, read_gptq(artifact.path, device), kernel, device)
+
+    @classmethod
     def card(cls, info: dict) -> list[str]:
         return ["`AutoModelForCausalLM.from_pretrained('model', use_safetensors=True)` (needs `optimum` and `gptqmodel`; "
                 "name the kernel, e.g. `GPTQConfig(bits=4, backend=...)`); vLLM and SGLang load the same folder."]
@@ -134,3 +144,55 @@ def load_gptq(artifact, device: str, trust_remote_code: bool):
 
     qconfig = GPTQConfig(bits=artifact.info["bits"], backend=artifact.info["reload_backend"])
     return load_pretrained(artifact.path, device, trust_remote_code, quantization_config=qconfig)
+
+
+# --- decode kernels --------------------------------------------------------------------------------
+
+
+def gptq_kernels(spec: dict, device: str) -> tuple[str, ...]:
+    """Kernels that run a GPTQ grid, best first (llmopt.kernels: measured on an H200)."""
+    bits, group, sym = spec.get("bits"), spec.get("group_size"), spec.get("sym", True)
+    found = []
+    if device == "cuda" and sym and bits in (4, 8) and group in (-1, 32, 64, 128):
+        found.append("marlin")
+    if bits == 4 and group in (-1, 32, 64, 128, 256):
+        found.append("int4pack")
+    if device == "cpu" and bits == 8 and group == -1 and sym and not spec.get("desc_act"):
+        found.append("int8pack")
+    return tuple(found)
+
+
+def read_gptq(path, device: str) -> dict:
+    """Every quantized layer of a GPTQ checkpoint as a QuantizedWeight (read from its safetensors,
+    not from the loaded model: a Marlin-loaded layer no longer holds GPTQ's packing)."""
+    import json
+    from pathlib import Path
+
+    from llmopt.kernels.linear import QuantizedWeight, unpack_gptq
+    from safetensors import safe_open
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text()).get("quantization_config") or {}
+    if (path / "quantize_config.json").is_file():
+        config = {**json.loads((path / "quantize_config.json").read_text()), **config}
+    bits, group = config["bits"], config["group_size"]
+    v1 = config.get("checkpoint_format", "gptq") == "gptq"  # v1 stores each zero minus one
+    tensors: dict = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                prefix, _, leaf = key.rpartition(".")
+                if leaf in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+                    tensors.setdefault(prefix, {})[leaf] = f.get_tensor(key)
+    weights = {}
+    for prefix, t in tensors.items():
+        if "qweight" not in t:
+            continue
+        codes = unpack_gptq(t["qweight"].to(device), bits).t().contiguous()  # [N, K]
+        zeros = unpack_gptq(t["qzeros"].to(device).t().contiguous(), bits).t()  # [G, N]
+        zeros = (zeros + 1) & (2**bits - 1) if v1 else zeros
+        k = codes.shape[1]
+        weights[prefix] = QuantizedWeight(codes, t["scales"].to(device), bits, k if group == -1 else group, zeros,
+                                          t["g_idx"].to(device) if "g_idx" in t else None, None,
+                                          t["bias"].to(device) if "bias" in t else None)
+    return weights

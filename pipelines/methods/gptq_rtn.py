@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from llmopt.methods import Method
-from llmopt.methods.gptq import Gptq, load_gptq, run_gptqmodel
+from llmopt.methods.gptq import Gptq, gptq_kernels, load_gptq, run_gptqmodel
 from llmopt.schema import Strict, _check_group_size
 from pydantic import StrictBool, field_validator
 
@@ -45,6 +45,10 @@ class GptqRtn(Method):
     @classmethod
     def describe(cls, cfg) -> str:
         return f"gptq_rtn {cfg.bits}-bit round-to-nearest"
+
+    @classmethod
+    def kernel_candidates(cls, spec: dict, device: str) -> tuple[str, ...]:
+        return gptq_kernels(spec, device)  # GPTQ's grid, GPTQ's kernels (its artifacts load as gptq)
 
     @classmethod
     def quantize(cls, cfg: GptqRtnQuantize, src, out, ctx):

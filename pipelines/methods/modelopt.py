@@ -46,6 +46,7 @@ class Modelopt(Method):
     extra = "modelopt"
     formats = ("modelopt",)
     metrics = ("quantize/calibration_windows",)
+    timed_only_with_kernel = True
     # smallest compute capability per format [M]
     serving = {
         "fp8": Serving(89, below_min="format: int4_awq (SM80+)"),
@@ -75,10 +76,13 @@ class Modelopt(Method):
         return None
 
     @classmethod
-    def refuse_runtime(cls, cfg, runtime: str) -> str | None:
-        if runtime != "trtllm":
+    def refuse_runtime(cls, cfg, runtime: str, kernel: str) -> str | None:
+        """Only a real kernel (or TensorRT-LLM) times the format; ModelOpt's fake quantization does not."""
+        real = cls.kernel_candidates(cls.kernel_spec(cfg), "cuda")
+        if runtime != "trtllm" and (kernel == "none" or not real):
             return (f"{runtime} over a ModelOpt {cfg.format} model would time ModelOpt's fake quantization, not the "
-                    "format; add a compile stage and benchmark with runtime: trtllm, or benchmark the base model")
+                    "format" + (f"; use kernel: {real[0]} (or auto)" if real else "; add a compile stage and benchmark "
+                                "with runtime: trtllm, or benchmark the base model"))
         return None
 
     @classmethod
@@ -142,10 +146,97 @@ class Modelopt(Method):
         return modelopt.restore(model, artifact.path / modelopt.STATE_DIR).eval()
 
     @classmethod
+    def kernel_spec(cls, cfg) -> dict:
+        return {"format": cfg.format, "group_size": cfg.group_size if cfg.format in AWQ else None, "kv_cache": cfg.kv_cache}
+
+    @classmethod
+    def kernel_candidates(cls, spec: dict, device: str) -> tuple[str, ...]:
+        """The exported integer or FP8 weights run as such: INT4-AWQ on Marlin (or torch's int4pack),
+        FP8 on `_scaled_mm`. An FP8 KV cache, W4A8, INT8 SmoothQuant and NVFP4 have no kernel in
+        llmopt's runtime (TensorRT-LLM serves them)."""
+        if spec.get("kv_cache"):
+            return ()
+        if spec.get("format") == "int4_awq":
+            return ("marlin", "int4pack") if device == "cuda" else ("int4pack",)
+        if spec.get("format") == "fp8":
+            return ("fp8",)
+        return ()
+
+    @classmethod
+    def no_kernel_reason(cls, spec: dict, device: str, sm: int | None) -> str:
+        if spec.get("kv_cache"):
+            return "an FP8 KV cache runs in TensorRT-LLM only; timing the fake-quantized model says nothing of it"
+        return super().no_kernel_reason(spec, device, sm)
+
+    @classmethod
+    def fast_path(cls, model, artifact, device: str, kernel: str):
+        """Run the exported checkpoint's real weights (not the fake quantization): every quantized
+        layer from its packed int4 or FP8 tensors and scales, every other exported tensor (norms that
+        absorbed AWQ's pre-quant scales) copied over the fake-quantized model's."""
+        import torch
+        from llmopt.kernels.linear import Fp8Linear, QuantizedWeight, model_dtype, swap
+        from llmopt.models import load_pretrained
+
+        tensors = read_export(artifact.path)
+        quantized = {p for p, t in tensors.items() if "weight_scale" in t}
+        dtype = model_dtype(model)
+        # a plain model of the source to swap into: ModelOpt's wrappers stay out of compiled steps.
+        # Each kernel is checked against the exported weights it runs; those are what serving stacks
+        # load, and they differ from the fake quantization where the export dtype rounds the weights
+        # before they are quantized (a float32 model exported in bf16)
+        del model
+        model = load_pretrained(artifact.info["source"]["path"], device, False, dtype=dtype)
+        with torch.no_grad():
+            for prefix, t in tensors.items():
+                if prefix in quantized:
+                    continue
+                for leaf, value in t.items():
+                    target = model.get_parameter(f"{prefix}.{leaf}") if prefix else None
+                    target.copy_(value.to(target.dtype))
+        if kernel == "fp8":
+            for prefix in quantized:
+                t = tensors[prefix]
+                module = Fp8Linear(t["weight"], t["weight_scale"], t["input_scale"], t.get("bias"), t.get("pre_quant_scale"),
+                                   device, dtype)
+                if (error := module.check()) > (1e-3 if dtype == torch.float32 else 3e-2):
+                    raise RuntimeError(f"{prefix}: the FP8 kernel differs from the exported weights by {error:.2%}")
+                parent, _, child = prefix.rpartition(".")
+                setattr(model.get_submodule(parent), child, module)
+            return model, len(quantized)
+        weights = {}
+        for prefix in quantized:
+            t = tensors[prefix]
+            packed = t["weight"].to(device)  # [N / 2, K] uint8: rows 2j (low nibble) and 2j + 1 (high)
+            signed = torch.stack([packed & 0x0F, packed >> 4], 1).reshape(-1, packed.shape[1]).to(torch.int32)
+            codes = torch.where(signed >= 8, signed - 16, signed) + 8  # [-8, 7] -> [0, 15], zero at 8
+            scale = t["weight_scale"].to(device)  # [N, K / group]
+            weights[prefix] = QuantizedWeight(codes, scale.t().contiguous(), 4, codes.shape[1] // scale.shape[1],
+                                              pre_scale=t.get("pre_quant_scale"), bias=t.get("bias"))
+        # the fake-quantized layers apply the pre-quant scale of q/k/v and gate/up themselves, where
+        # the export folded it into the norms: compare the kernels with the weights, not with those
+        return model, swap(model, weights, kernel, device, compare_with_original=False)
+
+    @classmethod
     def card(cls, info: dict) -> list[str]:
         return ["A ModelOpt unified checkpoint (`hf_quant_config.json`): serve `model/` with TensorRT-LLM's PyTorch "
                 "backend (`trtllm-serve model --backend pytorch`). transformers cannot load it correctly."]
 
     @classmethod
     def limits(cls, info: dict) -> list[str]:
-        return ["- Quality was measured on the fake-quantized model in memory (ModelOpt), not on a TensorRT-LLM engine."]
+        return ["- Quality was measured in llmopt's runtime, not on a TensorRT-LLM engine: on the exported weights where a "
+                "fast kernel runs them (the run's `env.kernel` tag names it), else on ModelOpt's fake quantization."]
+
+
+def read_export(path) -> dict[str, dict]:
+    """The unified HF checkpoint's tensors, by layer prefix: {prefix: {leaf: tensor}}."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    tensors: dict[str, dict] = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(file), "pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                prefix, _, leaf = key.rpartition(".")
+                tensors.setdefault(prefix, {})[leaf] = f.get_tensor(key)
+    return tensors

@@ -59,6 +59,25 @@ class Rtn(Method):
         return load_plain(artifact.path, device, dtype, trust_remote_code)
 
     @classmethod
+    def kernel_candidates(cls, spec: dict, device: str) -> tuple[str, ...]:
+        from llmopt.methods.gptq import gptq_kernels
+
+        return gptq_kernels(spec, device)  # the same integer grids
+
+    @classmethod
+    def fast_path(cls, model, artifact, device: str, kernel: str):
+        """The saved weights lie on the rounding grid: recover codes and scales from them exactly
+        (checked), and run them as integers."""
+        import torch
+        from llmopt.kernels.linear import swap
+
+        spec = artifact.info["kernel_spec"]
+        weights = {name: regrid(module.weight.data, spec["bits"], spec["group_size"], spec["sym"], module.bias)
+                   for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear) and name != "lm_head"}
+        return model, swap(model, weights, kernel, device)
+
+    @classmethod
     def limits(cls, info: dict) -> list[str]:
         return ["- Saved dequantized: the rounding's quality cost, at bf16's size and speed."]
 
@@ -81,3 +100,30 @@ def fake_quantize(weight, bits: int, group_size: int, sym: bool):
         q = ((w / scale).round() + zero).clamp(0, 2**bits - 1)
         q = (q - zero) * scale
     return q.reshape(rows, cols).to(weight.dtype)
+
+
+def regrid(weight, bits: int, group_size: int, sym: bool, bias=None):
+    """The integer grid behind weights `fake_quantize` rounded: codes, scales and zeros per group,
+    read back from the rounded values (ValueError when they are not on such a grid)."""
+    import torch
+    from llmopt.kernels.linear import QuantizedWeight
+
+    rows, cols = weight.shape
+    group = cols if group_size == -1 else group_size
+    w = weight.float().reshape(rows, cols // group, group)
+    if sym:
+        scale = (w.abs().amax(-1) / (2 ** (bits - 1) - 1)).clamp(min=1e-8)  # [rows, groups]
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        lo, hi = w.amin(-1), w.amax(-1)
+        scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
+        zero = (-lo / scale).round()
+    codes = ((w / scale[..., None]).round() + zero[..., None]).clamp(0, 2**bits - 1)
+    rebuilt = (codes - zero[..., None]) * scale[..., None]
+    error = ((rebuilt - w).abs().amax() / w.abs().amax().clamp(min=1e-12)).item()
+    if error > 1e-2:
+        raise ValueError(f"the weights are not on a {bits}-bit grid of {group} columns ({error:.2%} off): "
+                         "not an rtn checkpoint of these settings")
+    return QuantizedWeight(codes.reshape(rows, cols).to(torch.int32), scale.t().contiguous(), bits, group,
+                           None if sym else zero.t().to(torch.int32).contiguous(), None, None,
+                           None if bias is None else bias.data)

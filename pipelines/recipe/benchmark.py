@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from llmopt.eval import runtimes
+from llmopt.kernels import CHOICES as KERNEL_CHOICES
 from llmopt.schema import Strict
 from pydantic import (
     Field,
@@ -27,6 +28,8 @@ class Benchmark(Strict):
     stage: Literal["benchmark"]
     name: str = "benchmark"
     runtime: Literal[RUNTIMES] = "transformers-eager"  # one module each: llmopt.eval.runtimes
+    # decode kernel for a quantized model (llmopt.kernels): auto = the fastest that runs its format here
+    kernel: Literal[KERNEL_CHOICES] = "auto"
     batch_sizes: list[int] = Field([1], min_length=1)
     input_tokens: PositiveInt | TokenDistribution = 128
     output_tokens: PositiveInt = 128

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from llmopt.kernels import CHOICES as KERNEL_CHOICES
 from llmopt.schema import DatasetSpec, Strict, _did_you_mean, _resolve_path
 from pydantic import (
     Field,
@@ -58,6 +59,7 @@ class Evaluate(Strict):
     num_fewshot: int = Field(0, ge=0)
     limit: int | None = None  # documents per task (None: all)
     batch_size: PositiveInt = 8
+    kernel: Literal[KERNEL_CHOICES] = "auto"  # decode kernel for a quantized model, as the benchmark's
     max_length: PositiveInt | None = None  # None: the model's context
     apply_chat_template: StrictBool = False
     add_bos_token: StrictBool | None = None  # None: lm-eval's choice for the model, recorded as a param

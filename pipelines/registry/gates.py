@@ -97,7 +97,8 @@ def known_metrics(recipe) -> tuple[set[str], set[str]]:
             from llmopt.eval.bench import reported_metrics
 
             measured = reported_metrics(runtimes.get(cfg.runtime).measures)
-            names |= {"memory/weights_gb", "memory/weights_gb_base", "memory/kv_bytes_per_token",
+            names |= {"kernel/build_s", "kernel/prepare_s", "kernel/layers",
+                      "memory/weights_gb", "memory/weights_gb_base", "memory/kv_bytes_per_token",
                       "memory/kv_tokens_in_budget", "memory/budget_gb", "bench/bandwidth_measured_gb_s"}
             for bs in cfg.batch_sizes:
                 names |= {f"bench/{n}/bs{bs}{suffix}" for n in measured for suffix in ("", "_base")}

@@ -14,6 +14,7 @@ import json
 import platform
 from pathlib import Path
 
+from llmopt import kernels
 from llmopt.cache import Artifact, Cache
 from llmopt.eval import bench, nvml, runtimes
 from llmopt.export import trtllm
@@ -31,6 +32,9 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     torch.manual_seed(cfg.seed)
     kind = runtimes.get(cfg.runtime)
     model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code) if kind.loads_model else None
+    applied = kernels.Applied("none", "the runtime loads the model itself")
+    if model is not None:
+        model, applied = kernels.accelerate(model, src, ctx.device, cfg.kernel, ctx.cache_dir())
     # the LLM API loads a bundle's checkpoint/ (or engine/ with tokenizer/), or an HF checkpoint (the base model)
     found = trtllm.loadable(src.path) if model is None else None
     config = model.config if model is not None else _config(found.config)
@@ -47,6 +51,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
         "memory/weights_gb": stored / 1e9,
         "memory/kv_bytes_per_token": float(kv_per_token),
         "bench/bandwidth_measured_gb_s": bandwidth / 1e9,
+        **applied.metrics(),
     }
     budget = cfg.memory_budget_gb * 1e9 if cfg.memory_budget_gb else (
         torch.cuda.get_device_properties(0).total_memory if ctx.device.startswith("cuda") else None)
@@ -54,7 +59,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
         metrics["memory/budget_gb"] = budget / 1e9
         metrics["memory/kv_tokens_in_budget"] = float(max(0, budget - stored) // kv_per_token)
     # only what the runtime measures is reported: a runtime that times whole calls has no TTFT, TPOT or roofline
-    report = {"runtime": cfg.runtime, "device": ctx.device, "measures": list(runtime.measures),
+    report = {"runtime": cfg.runtime, "kernel": applied.tag(), "device": ctx.device, "measures": list(runtime.measures),
               "not_measured": [n for n in bench.TOKEN_METRICS if n not in runtime.measures], "batches": {}}
     in_memory = _in_memory_bytes(model) if model is not None else stored
     gpu = nvml.open_gpu(ctx.device)  # power and energy where the driver counts them
@@ -94,7 +99,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     report["metrics"] = metrics
     report["environment"] = environment(ctx.device)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    environment_tags = {**report["environment"], "runtime": cfg.runtime}
+    environment_tags = {**report["environment"], "runtime": cfg.runtime, "kernel": applied.tag()}
     return Artifact(out, "report", metrics, {"batch_sizes": cfg.batch_sizes, "environment": environment_tags})
 
 

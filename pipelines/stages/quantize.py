@@ -30,4 +30,5 @@ def run(cfg, src: Artifact, out: Path, ctx: StageContext) -> Artifact:
     undeclared = set(artifact.metrics) - set(method.metrics)
     if undeclared:  # the gates' metric catalogue is built from the declarations: keep them true
         raise RuntimeError(f"method {method.name} logged {sorted(undeclared)} without declaring them in `metrics`")
-    return Artifact(out, "hf-checkpoint", metrics, {**artifact.info, "serving_format": method.serving_format(cfg)})
+    return Artifact(out, "hf-checkpoint", metrics, {**artifact.info, "serving_format": method.serving_format(cfg),
+                                                    "kernel_spec": method.kernel_spec(cfg)})

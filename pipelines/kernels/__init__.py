@@ -1,0 +1,163 @@
+"""Decode kernels for quantized weights: which exist, where they run, and how a model gets them.
+
+A quantized checkpoint stays in the format serving stacks load (GPTQ, ModelOpt's export); at load
+time for evaluation and benchmarking, its method (llmopt.methods) turns each quantized linear layer
+into a `QuantizedWeight` (codes, scales, groups) and `accelerate` swaps the layer for a module
+that runs one of these maintained kernels on those codes:
+
+| kernel | what | where |
+|---|---|---|
+| `marlin` | GPTQModel's Marlin GEMM (4/8-bit symmetric, groups -1/32/64/128, act-order) | CUDA SM80+; JIT-built, cached |
+| `int4pack` | torch's int4 weight-only matmul (tinygemm on CUDA, `_weight_int4pack_mm_for_cpu` on CPU) | CPU; CUDA SM80+ |
+| `int8pack` | torch's `_weight_int8pack_mm` (per-channel int8) | CPU |
+| `fp8` | `torch._scaled_mm`: FP8 e4m3 weights and activations, per-tensor scales (real FP8 products) | CUDA SM89+ |
+| `none` | the format's own library as loaded (GPTQModel's reload kernel, bitsandbytes, ModelOpt fake quantization) | anywhere |
+
+`auto` takes the first kernel the method lists for the format and device; with none, it warns and
+runs `none` (the tag `llmopt.kernel` says which ran, and why). A kernel the recipe names that cannot
+run its format on the recipe's GPU is refused at validation with the nearest valid choice.
+
+Chosen by measurement on an H200 (benchmarks/kernels_micro.py, benchmarks/marlin_probe.py): at
+batch 1 on the 7B MLP shapes Marlin int4 runs 1.9-2.1x bf16 and stays ahead at batch 8 (2.1x)
+and 32 (1.0-1.4x), where tinygemm falls to 0.75x and 0.24x; FP8 `_scaled_mm` inside a compiled
+step runs 2.3x; torch's `_weight_int8pack_mm` is 10x slower than bf16 on CUDA, so int8 runs on
+Marlin there.
+
+This module imports no torch (validation reads `KERNELS`); `llmopt.kernels.linear` holds the modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+log = logging.getLogger("llmopt")
+
+BUILD_DIR = "torch-extensions"  # <cache root>/torch-extensions: JIT-built kernels (GPTQModel's Marlin)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    summary: str
+    devices: tuple[str, ...]  # "cpu", "cuda"
+    min_sm: int = 0  # smallest compute capability on CUDA
+    builds: bool = False  # compiles an extension on first use (then cached)
+
+
+KERNELS = {
+    "marlin": Kernel("marlin", "GPTQModel's Marlin GEMM", ("cuda",), 80, builds=True),
+    "int4pack": Kernel("int4pack", "torch's int4 weight-only matmul (tinygemm / for_cpu)", ("cpu", "cuda"), 80),
+    "int8pack": Kernel("int8pack", "torch's _weight_int8pack_mm", ("cpu",)),
+    "fp8": Kernel("fp8", "torch._scaled_mm with FP8 e4m3 weights and activations", ("cuda",), 89),
+    "none": Kernel("none", "the format's own library, as loaded", ("cpu", "cuda")),
+}
+CHOICES = ("auto", *KERNELS)
+
+
+def runs_on(name: str, device: str, sm: int | None) -> str | None:
+    """Why `name` cannot run on this device (`cpu`/`cuda`, compute capability `sm`), or None."""
+    kernel = KERNELS[name]
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    if kind not in kernel.devices:
+        return f"{name} runs on {' and '.join(kernel.devices).upper()} only"
+    if kind == "cuda" and sm is not None and sm < kernel.min_sm:
+        return (f"{name} needs compute capability {kernel.min_sm // 10}.{kernel.min_sm % 10} or newer and this GPU is "
+                f"{sm // 10}.{sm % 10}")
+    return None
+
+
+def usable(candidates: tuple[str, ...], device: str, sm: int | None) -> tuple[str, ...]:
+    """The kernels among a method's `candidates` (best first) that run on this device."""
+    return tuple(name for name in candidates if runs_on(name, device, sm) is None)
+
+
+@dataclass
+class Applied:
+    """What `accelerate` did: the kernel that runs, why, and what it cost."""
+
+    kernel: str
+    reason: str = ""
+    layers: int = 0
+    build_s: float = 0.0  # compiling the kernel's extension (0 when cached or none)
+    prepare_s: float = 0.0  # repacking the weights into the kernel's layout
+    notes: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        return {"kernel/build_s": self.build_s, "kernel/prepare_s": self.prepare_s, "kernel/layers": float(self.layers)}
+
+    def tag(self) -> str:
+        return self.kernel + (f" ({self.reason})" if self.reason else "")
+
+
+class KernelBuildError(RuntimeError):
+    """A kernel's extension failed to build: names the kernel and its build log (exit 1)."""
+
+
+def accelerate(model, artifact, device: str, wanted: str, cache_root) -> tuple[object, Applied]:
+    """Swap the quantized layers of `model` (loaded from `artifact`) for `wanted` (`auto`, a kernel
+    name, or `none`). Never silent: with no fast kernel, `auto` logs a warning and says why in the
+    result; a named kernel that cannot run here is an error."""
+    from llmopt import methods
+
+    fmt = artifact.info.get("format")
+    method = next((m for m in methods.discover().values() if fmt in m.formats), None)
+    if method is None:
+        return model, Applied("none", "not quantized")
+    sm = _sm(device)
+    spec = artifact.info.get("kernel_spec") or {}
+    candidates = method.kernels(spec, device, sm)
+    if wanted == "none":
+        return model, Applied("none", "kernel: none")
+    automatic = wanted == "auto"
+    if automatic:
+        if not candidates:
+            reason = method.no_kernel_reason(spec, device, sm)
+            log.warning("no fast kernel for %s on %s (%s): running the format's own library, which may be slower than "
+                        "the base model", method.name, device, reason)
+            return model, Applied("none", reason)
+        wanted = candidates[0]
+    elif wanted not in candidates:
+        why = runs_on(wanted, device, sm) or f"it does not run {method.name} {spec}"
+        raise ValueError(f"kernel: {wanted} cannot run here: {why}; nearest valid choice: "
+                         f"{candidates[0] if candidates else 'none'}")
+    # auto tries the candidates in order: one that cannot take this model's shapes (ValueError before
+    # any layer is swapped) passes to the next, with a warning and the reason in the tag
+    order = candidates[candidates.index(wanted):] if automatic else (wanted,)
+    skipped: list[str] = []
+    for kernel in order:
+        started = time.perf_counter()
+        build_s = prepare(kernel, cache_root)
+        try:
+            model, layers = method.fast_path(model, artifact, device, kernel)
+        except ValueError as e:
+            if kernel == order[-1]:
+                raise
+            log.warning("kernel %s cannot run this model (%s); trying %s", kernel, e, order[order.index(kernel) + 1])
+            skipped.append(f"{kernel}: {e}")
+            continue
+        break
+    applied = Applied(kernel, "; ".join(skipped), layers=layers, build_s=build_s,
+                      prepare_s=time.perf_counter() - started - build_s)
+    wanted = kernel
+    log.info("kernel %s on %d layers (build %.1f s, repack %.1f s)", wanted, layers, applied.build_s, applied.prepare_s)
+    return model, applied
+
+
+def prepare(name: str, cache_root) -> float:
+    """Build the kernel's extension if it has one (seconds spent; 0 when the cached build loads)."""
+    if not KERNELS[name].builds:
+        return 0.0
+    from llmopt.kernels.linear import build_marlin
+
+    return build_marlin(cache_root)
+
+
+def _sm(device: str) -> int | None:
+    if not device.startswith("cuda"):
+        return None
+    from llmopt.machine import gpus
+
+    found = gpus()
+    return found[0].sm if found else None

@@ -1,0 +1,359 @@
+"""The kernel modules: a quantized linear layer's codes and scales (`QuantizedWeight`), turned into a
+module that runs one maintained kernel on them. Each module computes the same product as
+`QuantizedWeight.dequantize()` (the reference the tests compare against)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+FP8_MAX = 448.0  # largest e4m3 value
+
+
+@dataclass
+class QuantizedWeight:
+    """An integer weight grid: W[n, k] = scales[g(k), n] * (codes[n, k] - zero[g(k), n]).
+
+    `codes` are unsigned, in [0, 2**bits); `zeros` None means the symmetric midpoint 2**(bits-1);
+    `g_idx[k]` is column k's group (None: k // group_size; act-order checkpoints give their own);
+    `pre_scale` multiplies the input first (AWQ's smoothing); `bias` is added last."""
+
+    codes: torch.Tensor  # [N, K] int
+    scales: torch.Tensor  # [G, N] float
+    bits: int
+    group_size: int  # columns per group; K for one group per row
+    zeros: torch.Tensor | None = None  # [G, N] int codes
+    g_idx: torch.Tensor | None = None  # [K] int
+    pre_scale: torch.Tensor | None = None  # [K]
+    bias: torch.Tensor | None = None  # [N]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    def groups(self) -> torch.Tensor:
+        k = self.codes.shape[1]
+        return self.g_idx.long() if self.g_idx is not None else torch.arange(k, device=self.codes.device) // self.group_size
+
+    def zero_codes(self) -> torch.Tensor:
+        if self.zeros is not None:
+            return self.zeros
+        return torch.full_like(self.scales, 2 ** (self.bits - 1), dtype=torch.int32)
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None or bool((self.zeros == 2 ** (self.bits - 1)).all())
+
+    @property
+    def act_order(self) -> bool:
+        if self.g_idx is None:
+            return False
+        return not torch.equal(self.g_idx.long(), torch.arange(self.codes.shape[1], device=self.g_idx.device)
+                               // self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """W [N, K] in float32: the reference every kernel module is compared against."""
+        g = self.groups()
+        scales = self.scales.float()[g].t()  # [N, K]
+        zeros = self.zero_codes().float()[g].t()
+        return scales * (self.codes.float() - zeros)
+
+    def contiguous_groups(self) -> tuple[QuantizedWeight, torch.Tensor | None]:
+        """The same weight with its input columns reordered so that groups are contiguous (act-order),
+        and the order (None when already contiguous): x[..., order] @ W'[N, K]^T == x @ W^T."""
+        if not self.act_order:
+            return self, None
+        order = torch.argsort(self.g_idx.long(), stable=True)
+        pre = self.pre_scale[order] if self.pre_scale is not None else None
+        reordered = QuantizedWeight(self.codes[:, order], self.scales, self.bits, self.group_size, self.zeros, None, pre,
+                                    self.bias)
+        return reordered, order
+
+
+class QuantLinear(torch.nn.Module):
+    """Base of the kernel modules: input reordering and AWQ's pre-scale, then `_mm`, then bias."""
+
+    kernel = "?"
+
+    def __init__(self, weight: QuantizedWeight, order: torch.Tensor | None, dtype: torch.dtype, device: str):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("order", None if order is None else order.to(device), persistent=False)
+        self.register_buffer("pre_scale", None if weight.pre_scale is None else weight.pre_scale.to(device, dtype),
+                             persistent=False)
+        self.register_buffer("bias", None if weight.bias is None else weight.bias.to(device, dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        if self.pre_scale is not None:
+            x = x * self.pre_scale
+        if self.order is not None:
+            x = x.index_select(-1, self.order)
+        y = self._mm(x)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.kernel}, in={self.in_features}, out={self.out_features}"
+
+
+class Int4PackLinear(QuantLinear):
+    """torch's int4 weight-only matmul: tinygemm (`_weight_int4pack_mm`, bf16) on CUDA,
+    `_weight_int4pack_mm_for_cpu` on CPU. Its grid is w = (q - 8) * scale + zero with a float zero,
+    so asymmetric and symmetric codes both map exactly; groups of 32/64/128/256 (one group per row
+    becomes repeated groups of the largest size that divides K)."""
+
+    kernel = "int4pack"
+
+    def __init__(self, weight: QuantizedWeight, device: str, dtype: torch.dtype):
+        if weight.bits != 4:
+            raise ValueError(f"int4pack runs 4-bit weights, not {weight.bits}-bit")
+        weight, order = weight.contiguous_groups()
+        super().__init__(weight, order, dtype, device)
+        n, k = weight.shape
+        group = weight.group_size if weight.group_size < k else next((g for g in (256, 128, 64, 32) if k % g == 0), None)
+        if group not in (32, 64, 128, 256) or k % group:
+            raise ValueError(f"int4pack needs groups of 32, 64, 128 or 256 columns dividing {k}; got {weight.group_size}")
+        repeat = (k // group) // weight.scales.shape[0]  # 1, or K / group for one group per row
+        scales = weight.scales.float().repeat_interleave(repeat, 0)
+        zeros = weight.zero_codes().float().repeat_interleave(repeat, 0)
+        self.group = group
+        self.cuda_kernel = device.startswith("cuda")
+        codes = weight.codes.to(torch.int32)
+        if self.cuda_kernel:
+            tiles = 8 if k % 128 == 0 else (4 if k % 64 == 0 else 2)
+            packed = torch.ops.aten._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).to(device),
+                                                                tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 2)
+        # both kernels compute in bf16: tinygemm only takes bf16, and the CPU kernel's float32 path is
+        # not vectorised (measured 30x slower than its bf16 path on SmolLM2's shapes, 14x slower than
+        # a dense float32 product); the output goes back to the model's dtype
+        dtype = torch.bfloat16
+        # tinygemm: w = (q - 8) * scale + zero  ==  scale * (q - z)  with  zero = (8 - z) * scale
+        table = torch.stack([scales, (8 - zeros) * scales], -1).to(device=device, dtype=dtype).contiguous()
+        self.register_buffer("packed", packed.to(device), persistent=False)
+        self.register_buffer("scales_and_zeros", table, persistent=False)
+
+    def _mm(self, x):
+        op = torch.ops.aten._weight_int4pack_mm if self.cuda_kernel else torch.ops.aten._weight_int4pack_mm_for_cpu
+        return op(x.to(torch.bfloat16), self.packed, self.group, self.scales_and_zeros).to(x.dtype)
+
+
+class Int8PackLinear(QuantLinear):
+    """torch's `_weight_int8pack_mm`: symmetric int8 weights with one scale per output channel."""
+
+    kernel = "int8pack"
+
+    def __init__(self, weight: QuantizedWeight, device: str, dtype: torch.dtype):
+        if weight.bits != 8 or weight.scales.shape[0] != 1 or not weight.symmetric or weight.act_order:
+            raise ValueError("int8pack runs symmetric 8-bit weights with one scale per output channel")
+        super().__init__(weight, None, dtype, device)
+        self.register_buffer("weight_int8", (weight.codes.to(torch.int32) - 128).to(torch.int8).to(device),
+                             persistent=False)
+        # bf16, as int4pack's CPU kernel: its float32 path measured 15x slower
+        self.register_buffer("channel_scales", weight.scales[0].to(device=device, dtype=torch.bfloat16), persistent=False)
+
+    def _mm(self, x):
+        return torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), self.weight_int8, self.channel_scales).to(x.dtype)
+
+
+class Fp8Linear(QuantLinear):
+    """Real FP8 products (`torch._scaled_mm`): e4m3 weights with a per-tensor scale, the input
+    quantized to e4m3 with its static per-tensor scale (ModelOpt's FP8 calibrates both), rows padded
+    to a multiple of 16 as cuBLASLt wants. Under torch.compile the input's quantization fuses into
+    the kernel that produced it."""
+
+    kernel = "fp8"
+
+    def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, input_scale: torch.Tensor,
+                 bias: torch.Tensor | None, pre_scale: torch.Tensor | None, device: str, dtype: torch.dtype):
+        n, k = weight_fp8.shape
+        shell = QuantizedWeight(torch.empty(n, k, dtype=torch.int8), torch.empty(1, n), 8, k, bias=bias, pre_scale=pre_scale)
+        super().__init__(shell, None, dtype, device)
+        self.dtype = dtype
+        self.register_buffer("weight_t", weight_fp8.to(device).t(), persistent=False)  # column-major [K, N]
+        self.register_buffer("weight_scale", weight_scale.float().reshape(()).to(device), persistent=False)
+        self.register_buffer("input_scale", input_scale.float().reshape(()).to(device), persistent=False)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The same product in float32: the input rounded to e4m3 and the weights dequantized."""
+        xq = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float() * self.input_scale
+        return F.linear(xq, self.weight_t.t().float() * self.weight_scale)
+
+    def check(self) -> float:
+        """Largest |kernel - reference| / max |reference| on a random input."""
+        x = torch.randn(3, self.in_features, generator=torch.Generator().manual_seed(0)).to(self.weight_t.device, self.dtype)
+        with torch.no_grad():
+            got = self(x).float()
+            reference = self.reference(x.float() * (self.pre_scale.float() if self.pre_scale is not None else 1))
+            if self.bias is not None:
+                reference = reference + self.bias.float()
+        return ((got - reference).abs().max() / reference.abs().max().clamp(min=1e-12)).item()
+
+    def _mm(self, x):
+        m = x.shape[0]
+        xq = (x.float() / self.input_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if m % 16:
+            xq = torch.cat([xq, xq.new_zeros(16 - m % 16, xq.shape[1])])
+        y = torch._scaled_mm(xq, self.weight_t, scale_a=self.input_scale, scale_b=self.weight_scale, out_dtype=x.dtype)
+        return y[:m]
+
+
+# --- Marlin (GPTQModel), CUDA --------------------------------------------------------------------
+
+_MARLIN_LAYERS: list = []  # the custom op below finds its layer by index (a module is not an op argument)
+
+
+@torch.library.custom_op("llmopt::marlin_mm", mutates_args=())
+def marlin_mm(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    """One GPTQModel Marlin layer's product, opaque to torch.compile (its Python wrapper reads a
+    ContextVar, which dynamo cannot trace), so a compiled step captures it in its CUDA graph whole."""
+    return _MARLIN_LAYERS[layer](x)
+
+
+@marlin_mm.register_fake
+def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+class MarlinLinear(QuantLinear):
+    """GPTQModel's Marlin GEMM on a symmetric 4/8-bit grid (groups -1/32/64/128, act-order kept as
+    its own sort). The grid is written in GPTQ's packing and repacked by GPTQModel itself."""
+
+    kernel = "marlin"
+
+    def __init__(self, weight: QuantizedWeight, device: str, dtype: torch.dtype):
+        if weight.bits not in (4, 8) or not weight.symmetric:
+            raise ValueError("marlin runs symmetric 4- or 8-bit weights")
+        n, k = weight.shape
+        group = -1 if weight.group_size >= k else weight.group_size
+        if group not in (-1, 32, 64, 128):
+            raise ValueError(f"marlin takes groups of 32, 64, 128 or one per row, not {weight.group_size}")
+        # GPTQModel's own limits (MarlinLinear._validate): whole int32 words along N and K, and for
+        # act-order a thread-tile-aligned shape (the others are padded to a tile on each call)
+        per = 32 // weight.bits
+        if n % per or k % per:
+            raise ValueError(f"marlin packs {per} codes per int32: a {n}x{k} layer does not divide")
+        if weight.act_order and not (n % 64 == 0 and k % 128 == 0 or n % 128 == 0 and k % 64 == 0):
+            raise ValueError(f"marlin runs act-order weights on tile-aligned shapes only, not {n}x{k}")
+        super().__init__(weight, None, torch.bfloat16, device)
+        from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear as GptqModelMarlin
+
+        layer = GptqModelMarlin(bits=weight.bits, group_size=group, desc_act=weight.act_order, sym=True, in_features=k,
+                                out_features=n, bias=False, register_buffers=True, dtype=torch.bfloat16)
+        qweight, qzeros = pack_gptq(weight.codes, weight.bits), pack_gptq(weight.zero_codes() - 1, weight.bits).t()
+        layer.qweight.data, layer.qzeros.data = qweight.to(device), qzeros.contiguous().to(device)
+        layer.scales.data = weight.scales.to(device=device, dtype=torch.bfloat16)
+        layer.g_idx.data = weight.groups().to(device=device, dtype=torch.int32)
+        layer = layer.to(device)
+        layer.post_init()
+        self.index = len(_MARLIN_LAYERS)
+        _MARLIN_LAYERS.append(layer)
+
+    def _mm(self, x):
+        return marlin_mm(x.to(torch.bfloat16).contiguous(), self.index, self.out_features).to(x.dtype)
+
+
+def pack_gptq(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ's packing of unsigned codes [N, K] into int32 [K * bits / 32, N] (low bits first along K).
+    Zeros [G, N] pack along N: `pack_gptq(zeros, bits).t()` is GPTQ's qzeros [G, N * bits / 32]."""
+    per = 32 // bits
+    c = codes.t().to(torch.int64)  # [K, N]
+    k = c.shape[0]
+    if k % per:
+        raise ValueError(f"{k} columns do not pack {per} to an int32")
+    packed = torch.zeros(k // per, c.shape[1], dtype=torch.int64, device=codes.device)
+    for j in range(per):
+        packed |= (c[j::per] & (2**bits - 1)) << (bits * j)
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)  # the same 32 bits, as signed
+
+
+def unpack_gptq(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack_gptq`: int32 [K * bits / 32, N] -> codes [K, N]."""
+    per = 32 // bits
+    p = packed.to(torch.int64) & 0xFFFFFFFF
+    rows = [(p >> (bits * j)) & (2**bits - 1) for j in range(per)]
+    return torch.stack(rows, 1).reshape(-1, packed.shape[1])
+
+
+def build_marlin(cache_root) -> float:
+    """Build (or load the cached build of) GPTQModel's Marlin extension under
+    `<cache root>/torch-extensions`; seconds spent. A failed build raises KernelBuildError naming
+    the log it wrote."""
+    from llmopt.kernels import BUILD_DIR, KernelBuildError
+    from llmopt.models import output_to
+
+    folder = Path(cache_root) / BUILD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("GPTQMODEL_TORCH_EXTENSIONS_DIR", str(folder.resolve()))
+    log_file = folder / "marlin-build.log"
+    started = time.perf_counter()
+    try:
+        with output_to(log_file), contextlib.suppress(ImportError):
+            from gptqmodel.utils.marlin import prewarm_marlin_extension
+
+            built = prewarm_marlin_extension(torch.bfloat16)
+    except Exception as e:  # the build's own error, kept with the log
+        detail = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+        raise KernelBuildError(f"kernel marlin failed to build ({detail}); build log: {log_file}") from e
+    if not built:
+        raise KernelBuildError(f"kernel marlin failed to build; build log: {log_file}")
+    return time.perf_counter() - started
+
+
+def kernel_module(name: str, weight: QuantizedWeight, device: str, dtype: torch.dtype) -> QuantLinear:
+    return {"int4pack": Int4PackLinear, "int8pack": Int8PackLinear, "marlin": MarlinLinear}[name](weight, device, dtype)
+
+
+def check_module(module: QuantLinear, weight: QuantizedWeight, dtype: torch.dtype, device: str) -> float:
+    """Largest |kernel - reference| / max |reference| on a random input: the repack's sanity check."""
+    k = weight.shape[1]
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    reference = F.linear(x.float() * (weight.pre_scale.float().to(device) if weight.pre_scale is not None else 1),
+                         weight.dequantize().to(device))
+    if weight.bias is not None:
+        reference = reference + weight.bias.float().to(device)
+    with torch.no_grad():
+        got = module(x).float()
+    return ((got - reference).abs().max() / reference.abs().max().clamp(min=1e-12)).item()
+
+
+def model_dtype(model) -> torch.dtype:
+    return next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+
+
+def swap(model, weights: dict[str, QuantizedWeight], kernel: str, device: str,
+         compare_with_original: bool = True) -> int:
+    """Replace each named layer by `kernel`'s module for its weight, after checking that the module
+    reproduces the weight (against `dequantize`) and, where asked, the layer it replaces (the format's
+    own library on the same input): a repack that misreads the checkpoint fails loudly here."""
+    dtype = model_dtype(model)
+    # every integer kernel computes in bf16: they agree with float32 to the activations' rounding
+    tolerance = 3e-2
+    built: dict[str, QuantLinear] = {}
+    for name, weight in weights.items():
+        module = kernel_module(kernel, weight, device, dtype)
+        error = check_module(module, weight, dtype, device)
+        if compare_with_original:
+            original = model.get_submodule(name)
+            x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
+            with torch.no_grad():
+                expected = original(x).float()
+                error = max(error, ((module(x).float() - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item())
+        if error > tolerance:
+            raise RuntimeError(f"{name}: kernel {kernel} differs from the checkpoint's layer by {error:.2%} of its largest "
+                               f"output (tolerance {tolerance:.1%}); the weights were not read as written")
+        built[name] = module
+    for name, module in built.items():  # only once every layer was built and checked: all or none
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, module)
+    return len(built)

@@ -1,0 +1,195 @@
+"""Fast decode kernels on CPU (llmopt.kernels): each quantized format's kernel against the format's
+own library on the shipped tiny Llama (float32), their choice and refusals, and the bad input.
+
+Tolerances: the integer kernels compute in bf16 (torch's CPU int4/int8 kernels are vectorised for
+bf16 only: their float32 path measured 15-30x slower), so logits differ from the float32 library by
+the activations' rounding: within 5% of the largest logit (measured 0.9-2.3%); greedy decoding
+agrees on 16 tokens and perplexity within 0.5%. The ModelOpt formats run their exported weights,
+which the export rounds in bfloat16 before quantizing while the fake quantization does not:
+perplexity within 0.5% (measured 0.01% for INT4-AWQ, 0.02% for FP8). The CUDA twins are
+tests/test_gpu_kernels.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DATA, run_cli
+from llmopt import kernels
+from llmopt.cache import Artifact
+from llmopt.data import load_texts, token_stream
+from llmopt.eval.perplexity import perplexity
+from llmopt.kernels.linear import QuantizedWeight, pack_gptq, unpack_gptq
+from llmopt.methods.gptq import GptqQuantize
+from llmopt.methods.gptq_rtn import GptqRtnQuantize
+from llmopt.methods.modelopt import ModeloptQuantize
+from llmopt.methods.rtn import RtnQuantize
+from llmopt.models import load_model, load_tokenizer
+from llmopt.recipe import DatasetSpec
+from llmopt.stages import StageContext, quantize
+
+CPU = StageContext("cpu", "float32", False, progress=False)
+CALIBRATION = {"dataset": {"path": str(DATA / "calibration.jsonl")}, "num_samples": 16, "seq_len": 64}
+LAYERS = 8 * 7
+CASES = {
+    "gptq-int4-g32": (GptqQuantize(stage="quantize", method="gptq", bits=4, group_size=32, calibration=CALIBRATION),
+                      "int4pack", 5e-2),
+    "gptq-int4-asym-actorder": (GptqQuantize(stage="quantize", method="gptq", bits=4, group_size=32, sym=False,
+                                             desc_act=True, calibration=CALIBRATION), "int4pack", 5e-2),
+    "int8-per-channel": (GptqRtnQuantize(stage="quantize", method="gptq_rtn"), "int8pack", 5e-2),
+    "rtn-int4": (RtnQuantize(stage="quantize", method="rtn", bits=4, group_size=32), "int4pack", 5e-2),
+    "rtn-int4-asym": (RtnQuantize(stage="quantize", method="rtn", bits=4, group_size=32, sym=False), "int4pack", 5e-2),
+}
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_model) -> list[int]:
+    return token_stream(load_tokenizer(tiny_model), load_texts(DatasetSpec(path=DATA / "validation.jsonl"), limit=100))
+
+
+def _quantized(cfg, tiny_model: Path, out: Path) -> Artifact:
+    out.mkdir(exist_ok=True)
+    return quantize.run(cfg, Artifact(tiny_model, "hf-checkpoint"), out, CPU)
+
+
+def _ppl(model, ids) -> float:
+    return perplexity(model, ids, 128, 128, 8, False)["ppl"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cpu_kernel_matches_the_format_library(case, tiny_model, ids, tmp_path):
+    cfg, kernel, tolerance = CASES[case]
+    artifact = _quantized(cfg, tiny_model, tmp_path / "q")
+    reference = load_model(artifact, "cpu", "float32")
+    fast, applied = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "auto", tmp_path)
+    assert (applied.kernel, applied.layers) == (kernel, LAYERS), applied
+    assert type(fast.model.layers[0].mlp.down_proj).kernel == kernel
+    prompt = torch.tensor([ids[:32]])
+    with torch.no_grad():
+        expected, got = reference(prompt).logits, fast(prompt).logits
+        greedy = [m.generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:].tolist() for m in (reference, fast)]
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < tolerance
+    assert greedy[0] == greedy[1], "greedy decoding agrees on the first 16 tokens"
+    assert _ppl(fast, ids) == pytest.approx(_ppl(reference, ids), rel=5e-3)
+
+
+@pytest.mark.parametrize("fmt, kernel", [("int4_awq", "int4pack"), ("fp8", "fp8")])
+def test_modelopt_formats_run_their_exported_weights(fmt, kernel, tiny_model, ids, tmp_path):
+    """Real int4 / FP8 weights from the export, not the fake quantization: same quality. FP8's
+    kernel (`_scaled_mm`) is chosen on CUDA SM89+ only; torch also runs it on CPU, so it is called
+    directly here."""
+    from llmopt.methods.modelopt import Modelopt
+
+    cfg = ModeloptQuantize(stage="quantize", method="modelopt", format=fmt, calibration=CALIBRATION,
+                           **({"group_size": 64} if fmt == "int4_awq" else {}))
+    artifact = _quantized(cfg, tiny_model, tmp_path / "q")
+    fake = load_model(artifact, "cpu", "float32")
+    expected = _ppl(fake, ids)
+    fast, layers = Modelopt.fast_path(fake, artifact, "cpu", kernel)
+    assert layers == LAYERS and type(fast.model.layers[3].self_attn.o_proj).kernel == kernel
+    assert not any("quantizer" in name for name, _ in fast.named_modules()), "a plain model, no ModelOpt wrappers"
+    assert _ppl(fast, ids) == pytest.approx(expected, rel=5e-3)
+
+
+def test_auto_without_a_kernel_warns_and_says_why(tiny_model, tmp_path, caplog):
+    """3-bit rtn has no fast kernel: never a silent fallback, the warning and the tag say so."""
+    artifact = _quantized(RtnQuantize(stage="quantize", method="rtn", bits=3, group_size=32), tiny_model, tmp_path / "q")
+    model = load_model(artifact, "cpu", "float32")
+    with caplog.at_level(logging.WARNING, logger="llmopt"):
+        same, applied = kernels.accelerate(model, artifact, "cpu", "auto", tmp_path)
+    assert same is model and applied.kernel == "none" and "no fast kernel for rtn" in applied.tag()
+    assert "no fast kernel for rtn" in caplog.text
+    with pytest.raises(ValueError, match="kernel: marlin cannot run here: marlin runs on CUDA only; nearest valid choice: "
+                                         "none"):
+        kernels.accelerate(model, artifact, "cpu", "marlin", tmp_path)
+
+
+def test_a_named_kernel_that_cannot_run_here_is_refused_with_the_nearest(tiny_model, tmp_path):
+    artifact = _quantized(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32), tiny_model,
+                          tmp_path / "q")
+    with pytest.raises(ValueError, match="marlin runs on CUDA only; nearest valid choice: int4pack"):
+        kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "marlin", tmp_path)
+
+
+def test_a_kernel_that_fails_to_build_names_itself_and_its_log(tmp_path):
+    """Marlin's extension cannot build without CUDA: a real build failure, reported on one line
+    with the log it wrote."""
+    from llmopt.kernels.linear import build_marlin
+
+    with pytest.raises(kernels.KernelBuildError) as failed:
+        build_marlin(tmp_path)
+    message = str(failed.value)
+    assert message.startswith("kernel marlin failed to build") and "\n" not in message
+    log = Path(message.rpartition("build log: ")[2])
+    assert log == tmp_path / kernels.BUILD_DIR / "marlin-build.log" and log.is_file()
+
+
+def test_gptq_packing_round_trips_and_matches_the_grid():
+    g = torch.Generator().manual_seed(0)
+    for bits in (4, 8):
+        codes = torch.randint(0, 2**bits, (16, 64), generator=g)
+        packed = pack_gptq(codes, bits)
+        assert packed.dtype == torch.int32 and packed.shape == (64 * bits // 32, 16)
+        assert torch.equal(unpack_gptq(packed, bits).t(), codes)
+    weight = QuantizedWeight(torch.tensor([[0, 15, 8, 3]]), torch.tensor([[0.5], [2.0]]).reshape(2, 1), 4, 2)
+    assert weight.dequantize().tolist() == [[-4.0, 3.5, 0.0, -10.0]]  # scale * (code - 8), per group of 2
+
+
+def test_benchmark_records_which_kernel_ran(tiny_model, tmp_path):
+    from llmopt.recipe import Benchmark
+    from llmopt.stages import benchmark
+
+    artifact = _quantized(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32), tiny_model,
+                          tmp_path / "q")
+    (tmp_path / "b").mkdir()
+    ctx = StageContext("cpu", "float32", False, progress=False, cache_root=tmp_path / "cache")
+    cfg = Benchmark(stage="benchmark", batch_sizes=[1], input_tokens=8, output_tokens=4, warmup=0, repeats=1)
+    result = benchmark.run(cfg, artifact, tmp_path / "b", ctx)
+    assert result.info["environment"]["kernel"] == "int4pack"
+    assert result.metrics["kernel/layers"] == LAYERS and result.metrics["kernel/build_s"] == 0
+
+
+KERNEL_RECIPE = ("name: k\nmodel: {{embedded: tiny-llama}}\ndevice: {device}\nstages:\n  - stage: quantize\n{quantize}"
+                 "  - stage: benchmark\n    runtime: {runtime}\n    kernel: {kernel}\n")
+GPTQ = "    method: gptq_rtn\n    bits: 4\n    group_size: 32\n"
+FP8 = f"    method: modelopt\n    format: fp8\n    calibration: {{dataset: {{path: {DATA / 'calibration.jsonl'}}}}}\n"
+
+
+@pytest.mark.parametrize("device, quantize_text, runtime, kernel, gpu, words", [
+    ("cpu", GPTQ, "transformers-eager", "fp8", None,
+     "stages[1].kernel: fp8 cannot run quantize gptq_rtn"),
+    ("cpu", GPTQ, "transformers-eager", "marlin", None, "nearest valid choice: int4pack"),
+    ("cuda", FP8, "transformers-compiled", "fp8", ("A100-SXM4-80GB", 80),
+     "stages[1].kernel: fp8 needs compute capability 8.9 or newer and this GPU is 8.0 (A100-SXM4-80GB, sm80); "
+     "nearest valid choice: none"),
+    ("cuda", GPTQ, "transformers-compiled", "marlin", ("Tesla T4", 75),
+     "stages[1].kernel: marlin needs compute capability 8.0 or newer and this GPU is 7.5"),
+])
+def test_kernel_the_machine_cannot_run_exit_2(device, quantize_text, runtime, kernel, gpu, words, workdir, tmp_path,
+                                              monkeypatch, capsys):
+    from llmopt import machine
+
+    if gpu is not None:
+        monkeypatch.setattr(machine, "gpus", lambda: (machine.Gpu(*gpu),))
+    recipe = tmp_path / "k.yaml"
+    recipe.write_text(KERNEL_RECIPE.format(device=device, quantize=quantize_text, runtime=runtime, kernel=kernel))
+    assert run_cli(workdir, "run", str(recipe)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err, err
+    assert not workdir["cache"].exists() and not workdir["mlruns"].exists(), "nothing written"
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_weights_are_read_back_onto_their_exact_grid(sym):
+    from llmopt.methods.rtn import fake_quantize, regrid
+
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(0))
+    rounded = fake_quantize(w, bits=4, group_size=32, sym=sym)
+    grid = regrid(rounded, 4, 32, sym)
+    assert grid.codes.min() >= 0 and grid.codes.max() <= 15
+    assert torch.allclose(grid.dequantize(), rounded, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="not on a 4-bit grid"):
+        regrid(w, 4, 32, sym)
