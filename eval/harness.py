@@ -14,6 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmopt.eval.backends import Backend
+
 SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234, "fewshot_random_seed": 1234}
 BOOTSTRAP_ITERS = 1000  # standard errors of non-mean aggregations (lm-eval's default, 100000, is slow)
 
@@ -201,3 +203,19 @@ def evaluate_tasks(model, tokenizer, cfg, device: str, out: Path) -> tuple[dict[
         (out / "samples" / f"{task}.jsonl").write_text("".join(json.dumps(r, default=str) + "\n" for r in kept))
     (out / "lm_eval_results.json").write_text(json.dumps(results, indent=1, default=str))
     return metrics, {"settings": settings, "higher_is_better": higher}
+
+
+def _metrics(cfg) -> tuple[set[str], set[str]]:
+    """Local tasks' metrics are read from their YAML (with stderr, base twin and recovery);
+    standard tasks' only once lm-eval runs them: a prefix."""
+    names: set[str] = set()
+    tasks: dict[str, set[str]] = {}
+    for path in cfg.local_tasks:
+        tasks.update(local_task_metrics(path))
+    for task, metrics in tasks.items():
+        for metric in metrics:
+            names |= {f"quality/{task}/{metric}{suffix}" for suffix in ("", "_stderr", "_base", "_recovery")}
+    return names, {f"quality/{task}/" for task in cfg.tasks}
+
+
+BACKEND = Backend("lm-eval", lambda cfg: bool(cfg.tasks or cfg.local_tasks), ("lm_eval",), _metrics)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from llmopt.eval.backends import Backend
+
 
 def perplexity(model, token_ids: list[int], seq_len: int, stride: int, batch_size: int = 1,
                progress: bool = True, reference=None) -> dict[str, float]:
@@ -92,3 +94,10 @@ def _same_length(batch: list[tuple[int, int, int]]) -> list[list[tuple[int, int,
     for window in batch:
         groups.setdefault(window[1] - window[0], []).append(window)
     return list(groups.values())
+
+
+def _metrics(cfg) -> tuple[set[str], set[str]]:
+    return {f"quality/{n}" for n in ("ppl", "ppl_base", "ppl_delta_pct", "kl_base", "nll", "eval_tokens")}, set()
+
+
+BACKEND = Backend("perplexity", lambda cfg: cfg.perplexity is not None, (), _metrics)

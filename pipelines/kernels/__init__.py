@@ -140,8 +140,7 @@ def accelerate(model, artifact, device: str, wanted: str, cache_root) -> tuple[o
         break
     applied = Applied(kernel, "; ".join(skipped), layers=layers, build_s=build_s,
                       prepare_s=time.perf_counter() - started - build_s)
-    wanted = kernel
-    log.info("kernel %s on %d layers (build %.1f s, repack %.1f s)", wanted, layers, applied.build_s, applied.prepare_s)
+    log.info("kernel %s on %d layers (build %.1f s, repack %.1f s)", kernel, layers, applied.build_s, applied.prepare_s)
     return model, applied
 
 

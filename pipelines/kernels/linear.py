@@ -24,7 +24,7 @@ class QuantizedWeight:
     `g_idx[k]` is column k's group (None: k // group_size; act-order checkpoints give their own);
     `pre_scale` multiplies the input first (AWQ's smoothing); `bias` is added last."""
 
-    codes: torch.Tensor  # [N, K] int
+    codes: torch.Tensor  # [N, K] unsigned integers (uint8 keeps a 7B's codes at 6.7 GB)
     scales: torch.Tensor  # [G, N] float
     bits: int
     group_size: int  # columns per group; K for one group per row

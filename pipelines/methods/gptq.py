@@ -168,6 +168,7 @@ def read_gptq(path, device: str) -> dict:
     import json
     from pathlib import Path
 
+    import torch
     from llmopt.kernels.linear import QuantizedWeight, unpack_gptq
     from safetensors import safe_open
 
@@ -188,7 +189,8 @@ def read_gptq(path, device: str) -> dict:
     for prefix, t in tensors.items():
         if "qweight" not in t:
             continue
-        codes = unpack_gptq(t["qweight"].to(device), bits).t().contiguous()  # [N, K]
+        # uint8 codes: a 7B's 6.7e9 of them stay 6.7 GB until every layer is swapped (int64: 54 GB)
+        codes = unpack_gptq(t["qweight"].to(device), bits).t().to(torch.uint8).contiguous()  # [N, K]
         zeros = unpack_gptq(t["qzeros"].to(device).t().contiguous(), bits).t()  # [G, N]
         zeros = (zeros + 1) & (2**bits - 1) if v1 else zeros
         k = codes.shape[1]

@@ -208,7 +208,7 @@ class Modelopt(Method):
             t = tensors[prefix]
             packed = t["weight"].to(device)  # [N / 2, K] uint8: rows 2j (low nibble) and 2j + 1 (high)
             signed = torch.stack([packed & 0x0F, packed >> 4], 1).reshape(-1, packed.shape[1]).to(torch.int32)
-            codes = torch.where(signed >= 8, signed - 16, signed) + 8  # [-8, 7] -> [0, 15], zero at 8
+            codes = (torch.where(signed >= 8, signed - 16, signed) + 8).to(torch.uint8)  # [-8, 7] -> [0, 15], zero at 8
             scale = t["weight_scale"].to(device)  # [N, K / group]
             weights[prefix] = QuantizedWeight(codes, scale.t().contiguous(), 4, codes.shape[1] // scale.shape[1],
                                               pre_scale=t.get("pre_quant_scale"), bias=t.get("bias"))

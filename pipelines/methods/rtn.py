@@ -124,6 +124,6 @@ def regrid(weight, bits: int, group_size: int, sym: bool, bias=None):
     if error > 1e-2:
         raise ValueError(f"the weights are not on a {bits}-bit grid of {group} columns ({error:.2%} off): "
                          "not an rtn checkpoint of these settings")
-    return QuantizedWeight(codes.reshape(rows, cols).to(torch.int32), scale.t().contiguous(), bits, group,
+    return QuantizedWeight(codes.reshape(rows, cols).to(torch.uint8), scale.t().contiguous(), bits, group,
                            None if sym else zero.t().to(torch.int32).contiguous(), None, None,
                            None if bias is None else bias.data)

@@ -67,8 +67,6 @@ def judge(gates: list[Gate], metrics: dict[str, float]) -> tuple[list[str], list
 def known_metrics(recipe) -> tuple[set[str], set[str]]:
     """(metric names the recipe's stages log on the parent run, prefixes of names only known at
     run time: a standard lm-eval task's metrics)."""
-    from llmopt.eval.harness import local_task_metrics
-
     names: set[str] = set()
     prefixes: set[str] = set()
     for cfg in recipe.stages:
@@ -81,15 +79,12 @@ def known_metrics(recipe) -> tuple[set[str], set[str]]:
 
             names |= {*methods.COMMON_METRICS, *methods.get(cfg.method).metrics}
         elif cfg.stage == "evaluate":
-            if cfg.perplexity is not None:
-                names |= {f"quality/{n}" for n in ("ppl", "ppl_base", "ppl_delta_pct", "kl_base", "nll", "eval_tokens")}
-            tasks: dict[str, set[str]] = {}
-            for path in cfg.local_tasks:
-                tasks.update(local_task_metrics(path))
-            for task, metrics in tasks.items():
-                for metric in metrics:
-                    names |= {f"quality/{task}/{metric}{suffix}" for suffix in ("", "_stderr", "_base", "_recovery")}
-            prefixes |= {f"quality/{task}/" for task in cfg.tasks}
+            from llmopt.eval import backends
+
+            for backend in backends.enabled(cfg):
+                found, pending = backend.metrics(cfg)
+                names |= found
+                prefixes |= pending
             if cfg.gates is not None:
                 names.add("gates/passed")
         elif cfg.stage == "benchmark":

@@ -14,7 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from llmopt import methods
-from llmopt.eval import runtimes
+from llmopt.eval import backends, runtimes
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,8 @@ STAGES: dict[str, StageSpec] = {
     "distill": StageSpec("llmopt.stages.distill", lambda cfg: (), produces_model=True, uses_teacher=True,
                          resumable=True),
     "quantize": StageSpec("llmopt.stages.quantize", lambda cfg: methods.get(cfg.method).libraries, produces_model=True),
-    "evaluate": StageSpec("llmopt.stages.evaluate", lambda cfg: ("lm_eval",) if cfg.tasks or cfg.local_tasks else (),
+    "evaluate": StageSpec("llmopt.stages.evaluate",
+                          lambda cfg: tuple(lib for backend in backends.enabled(cfg) for lib in backend.libraries),
                           produces_model=False, paired=True, reads_base=True),
     "benchmark": StageSpec("llmopt.stages.benchmark", lambda cfg: runtimes.get(cfg.runtime).libraries,
                            produces_model=False, paired=True),
