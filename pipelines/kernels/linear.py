@@ -70,9 +70,9 @@ class QuantizedWeight:
         if not self.act_order:
             return self, None
         order = torch.argsort(self.g_idx.long(), stable=True)
-        pre = self.pre_scale[order] if self.pre_scale is not None else None
-        reordered = QuantizedWeight(self.codes[:, order], self.scales, self.bits, self.group_size, self.zeros, None, pre,
-                                    self.bias)
+        # the pre-scale stays in the input's own order: QuantLinear applies it before reordering
+        reordered = QuantizedWeight(self.codes[:, order], self.scales, self.bits, self.group_size, self.zeros, None,
+                                    self.pre_scale, self.bias)
         return reordered, order
 
 
