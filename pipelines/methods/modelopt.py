@@ -172,7 +172,8 @@ class Modelopt(Method):
     def fast_path(cls, model, artifact, device: str, kernel: str):
         """Run the exported checkpoint's real weights (not the fake quantization): every quantized
         layer from its packed int4 or FP8 tensors and scales, every other exported tensor (norms that
-        absorbed AWQ's pre-quant scales) copied over the fake-quantized model's."""
+        absorbed AWQ's pre-quant scales) copied into a plain model of the source, which replaces the
+        fake-quantized one (loaded without remote code: ModelOpt's formats are for stock architectures)."""
         import torch
         from llmopt.kernels.linear import Fp8Linear, QuantizedWeight, model_dtype, swap
         from llmopt.models import load_pretrained
