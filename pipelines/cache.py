@@ -116,11 +116,11 @@ def code_sources(module: str) -> dict[str, Path]:
 
 
 def _discovers_modules(tree) -> bool:
-    """A package that imports its modules by listing its folder (llmopt.methods, through pkgutil):
-    each of its modules counts as imported."""
+    """A package whose modules register themselves through llmopt.plugins (llmopt.methods,
+    llmopt.eval.runtimes): each of its modules counts as imported."""
     import ast
 
-    return any(isinstance(node, ast.Import) and any(a.name == "pkgutil" for a in node.names) for node in tree.body)
+    return any(isinstance(node, ast.ImportFrom) and node.module == "llmopt.plugins" for node in tree.body)
 
 
 class Cache:

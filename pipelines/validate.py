@@ -126,39 +126,43 @@ def check_machine(recipe: Recipe, path: Path) -> None:
                                       f"has {have} CUDA device(s)")
 
 
-def _kernel_on_this_machine(cfg, recipe: Recipe, index: int, path: Path) -> None:
-    """A kernel this machine's GPU (or CPU) cannot run: exit 2 with the nearest one it can."""
-    from llmopt import kernels
+def _run_device(recipe: Recipe):
+    """Where this machine runs the recipe: (`cuda` or `cpu`, its first GPU or None)."""
     from llmopt.machine import gpus
 
     found = gpus()
     device = "cuda" if recipe.device == "cuda" or (recipe.device == "auto" and found) else "cpu"
-    sm = found[0].sm if device == "cuda" and found else None
+    return device, (found[0] if device == "cuda" and found else None)
+
+
+def _kernel_on_this_machine(cfg, recipe: Recipe, index: int, path: Path) -> None:
+    """A kernel this machine's GPU (or CPU) cannot run: exit 2 with the nearest one it can."""
+    from llmopt import kernels
+
+    device, gpu = _run_device(recipe)
+    sm = gpu.sm if gpu else None
     if (why := kernels.runs_on(cfg.kernel, device, sm)) is None:
         return
     quantized = next(s for s in recipe.stages[:index] if s.stage == "quantize")
     method = methods.get(quantized.method)
     usable = method.kernels(method.kernel_spec(quantized), device, sm)
-    gpu = f" ({found[0].name}, sm{sm})" if sm else ""
-    raise RecipeError(f"{path}: stages[{index}].kernel: {why}{gpu}; nearest valid choice: "
+    where = f" ({gpu.name}, sm{sm})" if gpu else ""
+    raise RecipeError(f"{path}: stages[{index}].kernel: {why}{where}; nearest valid choice: "
                       f"{usable[0] if usable else 'none (the format as its library loads it)'}")
 
 
 def _timed_format_on_this_machine(cfg, recipe: Recipe, index: int, path: Path) -> None:
     """A benchmark of a format whose library only emulates it (ModelOpt) needs a real kernel on
     this machine: otherwise it would time the emulation."""
-    from llmopt.machine import gpus
-
     quantized = next((s for s in recipe.stages[:index] if s.stage == "quantize"), None)
     method = methods.get(quantized.method) if quantized is not None else None
     if method is None or not method.timed_only_with_kernel:
         return
-    found = gpus()
-    device = "cuda" if recipe.device == "cuda" or (recipe.device == "auto" and found) else "cpu"
+    device, gpu = _run_device(recipe)
     spec = method.kernel_spec(quantized)
-    usable = method.kernels(spec, device, found[0].sm if device == "cuda" and found else None)
+    usable = method.kernels(spec, device, gpu.sm if gpu else None)
     if not usable or cfg.kernel == "none":
-        why = "kernel: none" if usable else method.no_kernel_reason(spec, device, found[0].sm if found else None)
+        why = "kernel: none" if usable else method.no_kernel_reason(spec, device, gpu.sm if gpu else None)
         raise RecipeError(f"{path}: stages[{index}].runtime: {cfg.runtime} on this machine ({device}) would time "
                           f"{method.name}'s fake quantization, not the format ({why}); benchmark where a kernel runs it "
                           "(CUDA), or with runtime: trtllm after a compile stage")

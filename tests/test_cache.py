@@ -125,3 +125,16 @@ def test_directory_digest_follows_content_and_uses_the_memo(tmp_path):
     assert len(json.loads(memo.read_text())) == 2
     (model / "model.safetensors").write_bytes(b"\1" * 1000)
     assert directory_digest(model, memo) != first
+
+
+def test_a_stage_key_covers_every_self_registering_module():
+    """Methods and runtimes are imported by listing their package (llmopt.plugins), not by name: the
+    quantize and benchmark stages' source digests must still cover each of them."""
+    import pkgutil
+
+    import llmopt.eval.runtimes
+    import llmopt.methods
+
+    for stage, package in (("llmopt.stages.quantize", llmopt.methods), ("llmopt.stages.benchmark", llmopt.eval.runtimes)):
+        expected = {f"{package.__name__}.{m.name}" for m in pkgutil.iter_modules(package.__path__)}
+        assert expected and expected <= set(code_sources(stage)), stage

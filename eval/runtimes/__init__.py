@@ -11,9 +11,11 @@ declarations; `discover` imports every module here. At module level a runtime im
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import Any, ClassVar
+
+from llmopt.plugins import Registry, import_modules
+
+_RUNTIMES = Registry("benchmark runtimes")
 
 
 class Runtime:
@@ -23,17 +25,10 @@ class Runtime:
     cuda_only: ClassVar[bool] = False
     libraries: ClassVar[tuple[str, ...]] = ()
     loads_model: ClassVar[bool] = True  # the stage loads the model (llmopt.models.load_model) and hands it over
-    kernel: str = "as-loaded"  # which decode kernel ran (a fast path's name), logged as a tag
-
-    _registry: ClassVar[dict[str, type[Runtime]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "name" not in cls.__dict__:  # a variant of a registered class (a test's), not one of its own
-            return
-        if cls.name in Runtime._registry and Runtime._registry[cls.name] is not cls:
-            raise TypeError(f"two benchmark runtimes are named {cls.name!r}")
-        Runtime._registry[cls.name] = cls
+        _RUNTIMES.add(cls)
 
     @classmethod
     def open(cls, model, path, device: str, info: dict) -> Runtime:
@@ -48,10 +43,9 @@ class Runtime:
 
 
 def discover() -> dict[str, type[Runtime]]:
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
+    import_modules(__name__, __path__)
     # the order a recipe's error lists them in: the default first
-    return dict(sorted(Runtime._registry.items(), key=lambda item: (item[0] != "transformers-eager", item[0])))
+    return dict(sorted(_RUNTIMES.items(), key=lambda item: (item[0] != "transformers-eager", item[0])))
 
 
 def get(name: str) -> type[Runtime]:

@@ -14,7 +14,7 @@ that runs one of these maintained kernels on those codes:
 | `none` | the format's own library as loaded (GPTQModel's reload kernel, bitsandbytes, ModelOpt fake quantization) | anywhere |
 
 `auto` takes the first kernel the method lists for the format and device; with none, it warns and
-runs `none` (the tag `llmopt.kernel` says which ran, and why). A kernel the recipe names that cannot
+runs `none` (the run's `env.kernel` tag says which ran, and why). A kernel the recipe names that cannot
 run its format on the recipe's GPU is refused at validation with the nearest valid choice.
 
 Chosen by measurement on an H200 (benchmarks/kernels_micro.py, benchmarks/marlin_probe.py): at

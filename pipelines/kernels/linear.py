@@ -197,7 +197,7 @@ class Fp8Linear(QuantLinear):
             reference = self.reference(x.float() * (self.pre_scale.float() if self.pre_scale is not None else 1))
             if self.bias is not None:
                 reference = reference + self.bias.float()
-        return ((got - reference).abs().max() / reference.abs().max().clamp(min=1e-12)).item()
+        return relative_error(got, reference)
 
     def _mm(self, x):
         m = x.shape[0]
@@ -324,6 +324,11 @@ def check_module(module: QuantLinear, weight: QuantizedWeight, dtype: torch.dtyp
         reference = reference + weight.bias.float().to(device)
     with torch.no_grad():
         got = module(x).float()
+    return relative_error(got, reference)
+
+
+def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest |got - reference| as a fraction of the largest |reference|: how kernels are checked."""
     return ((got - reference).abs().max() / reference.abs().max().clamp(min=1e-12)).item()
 
 
@@ -348,7 +353,7 @@ def swap(model, weights: dict[str, QuantizedWeight], kernel: str, device: str,
             x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
             with torch.no_grad():
                 expected = original(x).float()
-                error = max(error, ((module(x).float() - expected).abs().max() / expected.abs().max().clamp(min=1e-12)).item())
+                error = max(error, relative_error(module(x).float(), expected))
         if error > tolerance:
             raise RuntimeError(f"{name}: kernel {kernel} differs from the checkpoint's layer by {error:.2%} of its largest "
                                f"output (tolerance {tolerance:.1%}); the weights were not read as written")

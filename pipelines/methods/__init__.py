@@ -23,15 +23,17 @@ llmopt.schema; torch and the quantization libraries are imported inside their fu
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from llmopt.plugins import Registry, import_modules
+
 if TYPE_CHECKING:
     from llmopt.cache import Artifact
     from llmopt.stages import StageContext
+
+_METHODS = Registry("quantization methods")
 
 # metrics every quantize stage logs, whatever the method
 COMMON_METRICS = ("memory/weights_gb", "memory/weights_gb_base", "memory/compression_ratio")
@@ -63,16 +65,9 @@ class Method:
     # its library's own model is not the format (ModelOpt's fake quantization): timing it needs a kernel
     timed_only_with_kernel: ClassVar[bool] = False
 
-    _registry: ClassVar[dict[str, type[Method]]] = {}
-
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if "name" not in cls.__dict__:  # a variant of a registered class (a test's), not one of its own
-            return
-        if cls.name in Method._registry and Method._registry[cls.name] is not cls:
-            raise TypeError(f"two quantization methods are named {cls.name!r}: "
-                            f"{Method._registry[cls.name].__module__} and {cls.__module__}")
-        Method._registry[cls.name] = cls
+        _METHODS.add(cls)
 
     # --- what a recipe's config becomes (validation; no torch) ------------------------------------
 
@@ -164,9 +159,8 @@ class Method:
 
 def discover() -> dict[str, type[Method]]:
     """Every method, by name: imports each module of this package once."""
-    for module in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{module.name}")
-    return dict(sorted(Method._registry.items()))
+    import_modules(__name__, __path__)
+    return dict(sorted(_METHODS.items()))
 
 
 def get(name: str) -> type[Method]:
