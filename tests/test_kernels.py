@@ -22,8 +22,8 @@ from llmopt import kernels
 from llmopt.cache import Artifact
 from llmopt.data import load_texts, token_stream
 from llmopt.eval.perplexity import perplexity
-from llmopt.kernels.linear import QuantizedWeight, pack_gptq, unpack_gptq
-from llmopt.methods.gptq import GptqQuantize
+from llmopt.kernels.linear import FusedSlice, QuantizedWeight, concatenate, pack_gptq, relative_error, swap, unpack_gptq
+from llmopt.methods.gptq import GptqQuantize, read_gptq
 from llmopt.methods.gptq_rtn import GptqRtnQuantize
 from llmopt.methods.modelopt import ModeloptQuantize
 from llmopt.methods.rtn import RtnQuantize
@@ -90,6 +90,9 @@ def test_modelopt_formats_run_their_exported_weights(fmt, kernel, tiny_model, id
     expected = _ppl(fake, ids)
     fast, layers = Modelopt.fast_path(fake, artifact, "cpu", kernel)
     assert layers == LAYERS and type(fast.model.layers[3].self_attn.o_proj).kernel == kernel
+    attention = fast.model.layers[3].self_attn
+    assert isinstance(attention.k_proj, FusedSlice) and attention.k_proj.kernel == kernel, "q/k/v run as one call"
+    assert attention.k_proj._shared[0] is attention.q_proj._shared[0] is attention.v_proj._shared[0]
     assert not any("quantizer" in name for name, _ in fast.named_modules()), "a plain model, no ModelOpt wrappers"
     assert _ppl(fast, ids) == pytest.approx(expected, rel=5e-3)
 
@@ -193,3 +196,55 @@ def test_rtn_weights_are_read_back_onto_their_exact_grid(sym):
     assert torch.allclose(grid.dequantize(), rounded, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="not on a 4-bit grid"):
         regrid(w, 4, 32, sym)
+
+
+def test_siblings_reading_one_input_run_as_one_kernel_call(tiny_model, tmp_path):
+    """q/k/v and gate/up become one call on their stacked weights (4 kernel calls per decoder layer,
+    not 7), in eager and in a compiled graph, with the same logits as the unfused kernels."""
+    artifact = _quantized(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32), tiny_model,
+                          tmp_path / "q")
+    fused, _ = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "int4pack", tmp_path)
+    plain = load_model(artifact, "cpu", "float32")
+    swap(plain, read_gptq(artifact.path, "cpu"), "int4pack", "cpu", fuse=False)
+    calls = []
+    for module in fused.modules():
+        if getattr(type(module), "kernel", None) == "int4pack":
+            module.register_forward_hook(lambda m, i, o: calls.append(o.shape[-1]))
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = plain(ids).logits, fused(ids).logits
+    layers = len(fused.model.layers)
+    assert len(calls) == 4 * layers, calls
+    with torch.no_grad():
+        compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)(ids).logits
+    assert sorted(set(calls)) == [64, 64 + 32 + 32, 2 * 256], "o/down, q+k+v, gate+up"
+    assert relative_error(got, expected) < 1e-5
+    assert relative_error(compiled, got) < 1e-5
+    assert all(part._shared[0].x is None for part in fused.modules() if isinstance(part, FusedSlice)), "no activation held"
+
+
+def test_a_fused_member_called_on_another_input_computes_afresh():
+    """Never wrong when a model calls a fused member on its own input: the member computes the group's
+    call again and takes its slice."""
+    torch.manual_seed(0)
+    grid = [QuantizedWeight(torch.randint(0, 16, (n, 64), dtype=torch.uint8), torch.rand(2, n) / 10, 4, 32)
+            for n in (64, 32)]
+    model = torch.nn.ModuleDict({"gate_proj": torch.nn.Linear(64, 64), "up_proj": torch.nn.Linear(64, 32)})
+    swap(model, {"gate_proj": grid[0], "up_proj": grid[1]}, "int4pack", "cpu", compare_with_original=False)
+    assert isinstance(model["gate_proj"], FusedSlice)
+    a, b = torch.randn(2, 64), torch.randn(2, 64)
+    with torch.no_grad():
+        q, k = model["gate_proj"](a), model["up_proj"](b)  # up on another input than gate
+        q_again = model["gate_proj"](a)
+    for got, weight, x in ((q, grid[0], a), (k, grid[1], b), (q_again, grid[0], a)):
+        assert relative_error(got.float(), x @ weight.dequantize().t()) < 2e-2
+
+
+def test_weights_that_cannot_share_a_call_stay_apart():
+    codes = torch.randint(0, 16, (32, 64), dtype=torch.uint8)
+    one = QuantizedWeight(codes, torch.rand(2, 32), 4, 32)
+    assert concatenate([one, QuantizedWeight(codes, torch.rand(1, 32), 4, 64)]) is None, "other groups"
+    shuffled = QuantizedWeight(codes, torch.rand(2, 32), 4, 32, g_idx=torch.randperm(64) // 32)
+    assert concatenate([one, shuffled]) is None, "another act-order"
+    both = concatenate([one, QuantizedWeight(codes, torch.rand(2, 32), 4, 32, zeros=torch.full((2, 32), 7))])
+    assert both.shape == (64, 64) and both.zero_codes()[:, :32].eq(8).all() and both.zero_codes()[:, 32:].eq(7).all()

@@ -175,7 +175,7 @@ class Modelopt(Method):
         absorbed AWQ's pre-quant scales) copied into a plain model of the source, which replaces the
         fake-quantized one (loaded without remote code: ModelOpt's formats are for stock architectures)."""
         import torch
-        from llmopt.kernels.linear import Fp8Linear, QuantizedWeight, model_dtype, swap
+        from llmopt.kernels.linear import QuantizedWeight, install, model_dtype, swap
         from llmopt.models import load_pretrained
 
         tensors = read_export(artifact.path)
@@ -195,15 +195,7 @@ class Modelopt(Method):
                     target = model.get_parameter(f"{prefix}.{leaf}") if prefix else None
                     target.copy_(value.to(target.dtype))
         if kernel == "fp8":
-            for prefix in quantized:
-                t = tensors[prefix]
-                module = Fp8Linear(t["weight"], t["weight_scale"], t["input_scale"], t.get("bias"), t.get("pre_quant_scale"),
-                                   device, dtype)
-                if (error := module.check()) > (1e-3 if dtype == torch.float32 else 3e-2):
-                    raise RuntimeError(f"{prefix}: the FP8 kernel differs from the exported weights by {error:.2%}")
-                parent, _, child = prefix.rpartition(".")
-                setattr(model.get_submodule(parent), child, module)
-            return model, len(quantized)
+            return model, install(model, _fp8_modules(tensors, quantized, device, dtype))
         weights = {}
         for prefix in quantized:
             t = tensors[prefix]
@@ -241,3 +233,38 @@ def read_export(path) -> dict[str, dict]:
                 prefix, _, leaf = key.rpartition(".")
                 tensors.setdefault(prefix, {})[leaf] = f.get_tensor(key)
     return tensors
+
+
+def _fp8_modules(tensors: dict, quantized: set[str], device: str, dtype) -> dict:
+    """FP8 kernel modules for the exported layers, each checked against its exported weights; sibling
+    layers that read one input (q/k/v, gate/up) share one `_scaled_mm` where the export gave them the
+    same input scale and pre-quant scale (ModelOpt's export does, for TensorRT-LLM's fused layers),
+    each keeping its own weight scale (one per output row of the stacked weight)."""
+    import torch
+    from llmopt.kernels.linear import Fp8Linear, members_of, sibling_groups
+
+    def same(ts, name):
+        return all((name in t) == (name in ts[0]) and (name not in t or torch.equal(t[name], ts[0][name])) for t in ts)
+
+    units = []
+    grouped: set[str] = set()
+    for members in sibling_groups(sorted(quantized)):
+        ts = [tensors[name] for name in members]
+        if same(ts, "input_scale") and same(ts, "pre_quant_scale") and all(("bias" in t) == ("bias" in ts[0]) for t in ts):
+            stacked = {"weight": torch.cat([t["weight"] for t in ts]), "input_scale": ts[0]["input_scale"],
+                       "weight_scale": torch.cat([t["weight_scale"].float().reshape(1).expand(t["weight"].shape[0])
+                                                  for t in ts])}
+            stacked.update({name: ts[0][name] for name in ("pre_quant_scale",) if name in ts[0]})
+            if "bias" in ts[0]:
+                stacked["bias"] = torch.cat([t["bias"] for t in ts])
+            units.append((members, stacked))
+            grouped.update(members)
+    units += [((prefix,), tensors[prefix]) for prefix in sorted(quantized) if prefix not in grouped]
+    built = {}
+    for members, t in units:
+        module = Fp8Linear(t["weight"], t["weight_scale"], t["input_scale"], t.get("bias"), t.get("pre_quant_scale"),
+                           device, dtype)
+        if (error := module.check()) > (1e-3 if dtype == torch.float32 else 3e-2):
+            raise RuntimeError(f"{', '.join(members)}: the FP8 kernel differs from the exported weights by {error:.2%}")
+        built.update(members_of(module, members, [tensors[name]["weight"].shape[0] for name in members]))
+    return built
