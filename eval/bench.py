@@ -127,13 +127,16 @@ def summarize(samples: list[Sample], batch: int, input_tokens: int, output_token
 
 
 def measure(runtime, batch: list[list[int]], output_tokens: int, warmup: int, repeats: int,
-            on_call: Callable[[], None] = lambda: None, gpu=None) -> list[Sample]:
-    """Warm-up calls, then `repeats` timed calls; each call's output length is checked. With an
-    NVML `gpu`, each timed sample carries the joules the board drew during it (`extra["energy_j"]`)."""
+            on_call: Callable[[], None] = lambda: None, gpu=None,
+            after_warmup: Callable[[], None] = lambda: None) -> list[Sample]:
+    """Warm-up calls, then `after_warmup()`, then `repeats` timed calls; each call's output length is
+    checked. With an NVML `gpu`, each timed sample carries the joules the board drew during it
+    (`extra["energy_j"]`)."""
     runtime.prepare(batch, output_tokens)
     for _ in range(warmup):
         runtime.run(batch, output_tokens)
         on_call()
+    after_warmup()
     samples = []
     for _ in range(repeats):
         before = gpu.energy_j() if gpu is not None else None

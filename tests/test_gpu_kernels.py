@@ -75,6 +75,9 @@ def test_kernel_matches_the_format_library(case, tiny_model, ids, kernel_cache, 
     fast, applied = kernels.accelerate(load_model(artifact, "cuda", "bfloat16"), artifact, "cuda", kernel, kernel_cache)
     expected = "int4pack" if kernel == "auto" else kernel
     assert applied.kernel == expected and applied.layers == LAYERS, applied
+    if expected == "marlin":  # the packed weights are the model's own buffers (the benchmark's weight bytes)
+        assert sum(name.endswith("marlin.qweight") for name, _ in fast.named_buffers()) + sum(
+            name.endswith("marlin.qweight") for name, _ in fast.named_parameters()) == LAYERS - 8 * 3, "q/k/v+gate/up fused"
     if kernel == "auto":
         assert applied.reason.startswith("marlin: marlin runs act-order weights on tile-aligned shapes only"), applied
     tokenizer = load_tokenizer(tiny_model)

@@ -270,6 +270,9 @@ class MarlinLinear(QuantLinear):
         layer.post_init()
         self.index = len(_MARLIN_LAYERS)
         _MARLIN_LAYERS.append(layer)
+        # a submodule too, so that the model's buffers (the benchmark's weight bytes) and `.to()` see its
+        # packed weights; the forward reaches it through the custom op only
+        self.marlin = layer
 
     def _mm(self, x):
         return marlin_mm(x.to(torch.bfloat16).contiguous(), self.index, self.out_features).to(x.dtype)
