@@ -161,6 +161,11 @@ def run_recipe(
                             tracker.log_file(child, build_log, f"{role}/logs")
                         for sample_file in sorted((report.artifact.path / "samples").glob("*.jsonl")):
                             tracker.log_file(child, sample_file, f"{role}/samples")
+                        # runtime: server: the load generator's raw output per load point, and the server's log
+                        for raw in sorted((report.artifact.path / "load").glob("*.json")):
+                            tracker.log_file(child, raw, f"{role}/load")
+                        if (report.artifact.path / "server.log").is_file():
+                            tracker.log_file(child, report.artifact.path / "server.log", f"{role}/logs")
                 note = entry.artifact.info.get("note", "").format(path=entry.artifact.path)
                 outcome = StageOutcome(cfg.name, entry.key, entry.hit, seconds, metrics, child, failed_gates, tables, note)
                 summary.stages.append(outcome)

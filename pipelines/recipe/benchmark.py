@@ -9,8 +9,10 @@ from llmopt.kernels import CHOICES as KERNEL_CHOICES
 from llmopt.schema import Strict
 from pydantic import (
     Field,
+    PositiveFloat,
     PositiveInt,
     field_validator,
+    model_validator,
 )
 
 RUNTIMES = tuple(runtimes.discover())
@@ -19,6 +21,63 @@ RUNTIMES = tuple(runtimes.discover())
 class TokenDistribution(Strict):
     mean: PositiveInt
     stdev: float = Field(ge=0)
+
+
+class ServerSpec(Strict):
+    """`runtime: server`: which server, and how it is tuned. Without `command`, llmopt hosts the model
+    in `transformers serve` (llmopt.serve) with these options; with one (a list: program and
+    arguments, `{model}` `{port}` `{host}` `{model_name}` filled in), that server runs instead."""
+
+    command: list[str] | None = Field(None, min_length=1)
+    model_name: str | None = None  # what requests name; default: "llmopt", or {model} for a command
+    host: str = "127.0.0.1"
+    port: int | None = Field(None, ge=1, le=65535)  # default: a free port
+    health_path: str = "/health"
+    startup_timeout_s: PositiveFloat = 600
+    # transformers serve's own options (llmopt.serve)
+    continuous_batching: bool = True
+    compile: bool = False
+    attn_implementation: str | None = None
+    cb_block_size: PositiveInt | None = None
+    cb_num_blocks: PositiveInt | None = None
+    cb_max_batch_tokens: PositiveInt | None = None
+    cb_max_memory_percent: float | None = Field(None, gt=0, le=1)
+    cb_use_cuda_graph: bool | None = None
+
+    @model_validator(mode="after")
+    def _options_for_the_default_server(self) -> ServerSpec:
+        if self.command is not None:
+            tuned = [k for k in ("compile", "attn_implementation", "cb_block_size", "cb_num_blocks", "cb_max_batch_tokens",
+                                 "cb_max_memory_percent", "cb_use_cuda_graph") if k in self.model_fields_set]
+            if tuned or "continuous_batching" in self.model_fields_set:
+                raise ValueError(f"{', '.join(tuned or ['continuous_batching'])}: transformers serve options, and "
+                                 "`command` runs another server; set that server's options in its command")
+        return self
+
+
+class LoadSpec(Strict):
+    """The load generator's sweep (GuideLLM): concurrent streams, or a request rate (constant or
+    Poisson arrivals), at each of `points`; each point runs `requests` requests or for `duration_s`."""
+
+    profile: Literal["concurrent", "constant", "poisson"] = "concurrent"
+    points: list[PositiveFloat] = Field(min_length=1)
+    requests: PositiveInt | None = 64
+    duration_s: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _points(self) -> LoadSpec:
+        if self.profile == "concurrent" and any(v != int(v) for v in self.points):
+            raise ValueError(f"points: concurrent streams are whole numbers, not {self.points}")
+        if len(set(self.points)) != len(self.points):
+            raise ValueError("points must be distinct")
+        if self.requests is None and self.duration_s is None:
+            raise ValueError("requests or duration_s: each load point needs an end")
+        return self
+
+    @field_validator("points")
+    @classmethod
+    def _sorted(cls, values: list[float]) -> list[float]:
+        return sorted(values)
 
 
 class Benchmark(Strict):
@@ -32,12 +91,52 @@ class Benchmark(Strict):
     kernel: Literal[KERNEL_CHOICES] = "auto"
     batch_sizes: list[int] = Field([1], min_length=1)
     input_tokens: PositiveInt | TokenDistribution = 128
-    output_tokens: PositiveInt = 128
+    output_tokens: PositiveInt | TokenDistribution = 128  # a distribution for runtime: server only
     warmup: int = Field(2, ge=0)
     repeats: PositiveInt = 5
     gpu_hourly_usd: float | None = None  # cost per 1M output tokens when given
     memory_budget_gb: float | None = Field(None, gt=0)  # for "cached tokens that fit"; default: the GPU's memory
     seed: int = 0
+    # runtime: server (llmopt.eval.runtimes.server)
+    server: ServerSpec | None = None
+    load: LoadSpec | None = None
+    sla: dict[str, float] = Field(default_factory=dict)  # upper bounds, e.g. {p99_ttft_ms: 500, p99_itl_ms: 50}
+
+    @property
+    def longest_output(self) -> int:
+        if isinstance(self.output_tokens, int):
+            return self.output_tokens
+        return round(self.output_tokens.mean + 4 * self.output_tokens.stdev)
+
+    @model_validator(mode="after")
+    def _server_fields(self) -> Benchmark:
+        from llmopt.eval.runtimes.server import SLA_METRICS
+
+        if self.runtime != "server":
+            given = [k for k in ("server", "load", "sla") if k in self.model_fields_set]
+            if given:
+                raise ValueError(f"{', '.join(given)}: for runtime: server only (this stage runs {self.runtime})")
+            if not isinstance(self.output_tokens, int):
+                raise ValueError(f"output_tokens: {self.runtime} forces one output length; a distribution is for "
+                                 "runtime: server")
+            return self
+        if self.load is None:
+            raise ValueError("load: runtime: server needs a load sweep, e.g. load: {points: [1, 4, 16], requests: 64}")
+        for name, bound in self.sla.items():
+            if name not in SLA_METRICS:
+                import difflib
+
+                close = difflib.get_close_matches(name, SLA_METRICS, n=1)
+                raise ValueError(f"sla: unknown metric {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                 + f" (known: {', '.join(SLA_METRICS)})")
+            if bound < 0 or (bound == 0 and name != "error_rate"):
+                raise ValueError(f"sla: {name}: {bound} is not a positive bound")
+        return self
+
+    @property
+    def serving(self) -> ServerSpec:
+        """The server settings (the defaults when the recipe names none)."""
+        return self.server or ServerSpec()
 
     @property
     def longest_input(self) -> int:

@@ -31,6 +31,8 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
 
     torch.manual_seed(cfg.seed)
     kind = runtimes.get(cfg.runtime)
+    if getattr(kind, "load_sweep", False):
+        return _serve(kind, cfg, src, out, ctx)
     model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code) if kind.loads_model else None
     applied = kernels.Applied("none", "the runtime loads the model itself")
     if model is not None:
@@ -110,6 +112,18 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     return Artifact(out, "report", metrics, {"batch_sizes": cfg.batch_sizes, "environment": environment_tags})
 
 
+def _serve(kind, cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact:
+    """runtime: server: the model behind a server under a load sweep (llmopt.eval.runtimes.server)."""
+    metrics, report = kind.sweep(cfg, src, out, ctx)
+    metrics["memory/weights_gb"] = weights_bytes(src.path) / 1e9
+    report["metrics"] = metrics
+    report["environment"] = environment(ctx.device)
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    environment_tags = {**report["environment"], "runtime": cfg.runtime, "kernel": report["kernel"],
+                        "server": " ".join(report["server_command"][:4])}
+    return Artifact(out, "report", metrics, {"load_points": cfg.load.points, "environment": environment_tags})
+
+
 def torch_dtype_of(model):
     """The dtype activations and the KV cache use (the first floating parameter's, or bf16 for a
     model whose weights are all packed integers)."""
@@ -161,6 +175,8 @@ def environment(device: str) -> dict[str, str]:
 
 def pair(cfg: Benchmark, candidate: Artifact, base: Artifact) -> Paired:
     c, b = candidate.metrics, base.metrics
+    if cfg.runtime == "server":
+        return _pair_serve(cfg, c, b)
     metrics = dict(c)
     for name in c:
         if name.startswith("bench/") and "/bs" in name and name in b:
@@ -203,4 +219,70 @@ def table(cfg: Benchmark, metrics: dict[str, float]) -> str:
             base = metrics.get(f"{key}_base")
             cells.append(fmt.format(metrics[key]) + (f" ({fmt.format(base)})" if base is not None else ""))
         lines.append(f"| {bs} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- runtime: server, candidate beside base ----------------------------------------------------------
+
+
+def _pair_serve(cfg: Benchmark, c: dict, b: dict) -> Paired:
+    from llmopt.eval.runtimes.server import point_label
+
+    metrics = dict(c)
+    metrics.update({f"{name}_base": value for name, value in b.items() if name.startswith("serve/")})
+    metrics["memory/weights_gb_base"] = b["memory/weights_gb"]
+    labels = [point_label(cfg.load.profile, v) for v in cfg.load.points]
+    files = {"plots/throughput_vs_p99_latency.png": _plot_serve(cfg, c, b, labels),
+             "serve.md": serve_table(cfg, metrics).encode()}
+    return Paired(metrics, [], files)
+
+
+def _plot_serve(cfg: Benchmark, c: dict, b: dict, labels: list[str]) -> bytes:
+    """Output tokens/s against p99 TTFT and p99 ITL, one point per load, candidate and base, with the SLA's bounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from llmopt.plots import png
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, (latency, sla_name) in zip(axes, (("ttft_ms_p99", "p99_ttft_ms"), ("itl_ms_p99", "p99_itl_ms")), strict=True):
+        for label, source, style in (("candidate", c, "-o"), ("base", b, "--s")):
+            points = [(source.get(f"serve/{latency}/{p}"), source.get(f"serve/output_tok_s/{p}")) for p in labels]
+            points = [(x, y) for x, y in points if x is not None and y is not None]
+            ax.plot([x for x, _ in points], [y for _, y in points], style, label=label)
+        bound = cfg.sla.get(sla_name)
+        if bound is not None:
+            ax.axvline(bound, color="grey", linestyle=":", label=f"SLA {bound:g} ms")
+        ax.set_xlabel(f"{latency.replace('_ms_p99', '').upper()} p99 (ms)")
+        ax.set_ylabel("output tokens/s")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"server under {cfg.load.profile} load {', '.join(labels)}")
+    return png(fig, axes[0])
+
+
+def serve_table(cfg: Benchmark, metrics: dict[str, float]) -> str:
+    """Markdown, one row per load point, candidate (base); then the headline at the SLA."""
+    from llmopt.eval.runtimes.server import point_label
+
+    shown = [("requests_s", "{:.2f}"), ("output_tok_s", "{:.1f}"), ("ttft_ms_p99", "{:.1f}"), ("itl_ms_p99", "{:.2f}"),
+             ("e2e_ms_p99", "{:.0f}"), ("error_rate", "{:.3f}"), ("usd_per_1m_output_tokens", "{:.3f}"), ("meets_sla", "{:.0f}")]
+    labels = [point_label(cfg.load.profile, v) for v in cfg.load.points]
+    shown = [(n, f) for n, f in shown if any(f"serve/{n}/{p}" in metrics for p in labels)]
+    lines = ["| load | " + " | ".join(f"{n} (base)" for n, _ in shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for p in labels:
+        cells = []
+        for name, fmt in shown:
+            key = f"serve/{name}/{p}"
+            base = metrics.get(f"{key}_base")
+            cell = fmt.format(metrics[key]) if key in metrics else "-"
+            cells.append(cell + (f" ({fmt.format(base)})" if base is not None else ""))
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    sla = ", ".join(f"{k} <= {v:g}" for k, v in cfg.sla.items()) or "none (every point with no errors meets it)"
+    lines += ["", f"SLA: {sla}"]
+    for name in ("load_at_sla", "tok_s_at_sla", "usd_per_1m_output_tokens_at_sla"):
+        if f"serve/{name}" in metrics:
+            base = metrics.get(f"serve/{name}_base")
+            lines.append(f"- {name}: {metrics[f'serve/{name}']:.4g}" + (f" (base {base:.4g})" if base is not None else ""))
     return "\n".join(lines) + "\n"

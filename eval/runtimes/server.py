@@ -1,0 +1,348 @@
+"""`server`: the model behind a real OpenAI-compatible server, driven by a standard load generator.
+
+Per model (the candidate, then the base with the same settings):
+1. start the server on a free local port (`llmopt.serve`: `transformers serve` with continuous
+   batching and a paged KV cache, hosting the model as llmopt loads it, fast kernels included; or
+   the recipe's own command: `trtllm-serve`, `vllm serve`, TGI's launcher, ...), in a process group
+   of its own that dies with llmopt (Linux: a parent-death signal);
+2. wait for its health check; a server that exits, or a health check that never passes, is an
+   error naming the server log (exit 1); a port in use is refused before anything starts;
+3. warm it up, then run the load generator, GuideLLM (guidellm), once per load point: a fixed
+   number of concurrent streams, or a request rate (constant or Poisson), with the recipe's prompt
+   and output length distributions, request count or duration, and seed; each point's raw JSON is
+   kept;
+4. read the server's own figures where it reports them (`llmopt.serve`'s `/llmopt/stats`: paged KV
+   blocks and bytes reserved and used, peak GPU memory);
+5. stop the server by its process group: SIGTERM, then SIGKILL after 15 s; on failure and on
+   Ctrl-C as well (a `finally`).
+
+Why GuideLLM: it speaks the OpenAI HTTP API every one of those servers serves, its concurrent and
+rate profiles, synthetic data with length distributions and seeds are exactly a recipe's workload,
+it reports TTFT, ITL and end-to-end percentiles per request with the raw samples in one JSON file,
+and it installs from PyPI with light dependencies (pure Python, no CUDA). aiperf pulls a much larger
+stack; inference-perf is built around Kubernetes deployments.
+
+Metrics (`serve/<metric>/<point>`, the point `c<streams>` or `r<rate>`): `POINT_METRICS`; and the
+headline at the recipe's SLA (`HEADLINE`). At module level this imports no torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import ClassVar
+
+from llmopt.eval.runtimes import Runtime
+
+# bounds an SLA may set (upper bounds): latency percentiles and the error rate
+SLA_METRICS = tuple(f"{p}_{m}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")) + ("error_rate",)
+POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "errors", "error_rate",
+                 *(f"{m}_{p}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")),
+                 "usd_per_1m_output_tokens", "meets_sla")
+HEADLINE = ("load_at_sla", "tok_s_at_sla", "requests_s_at_sla", "usd_per_1m_output_tokens_at_sla", "points_meeting_sla")
+SERVER_FIGURES = ("startup_s", "warmup_s", "kv_blocks", "kv_block_size", "kv_gb_reserved", "kv_blocks_used_peak",
+                  "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb")
+STOP_GRACE_S = 15
+
+
+class ServerError(RuntimeError):
+    """The server could not serve (exit 1); the message names its log."""
+
+
+def point_label(profile: str, value: float) -> str:
+    return f"c{int(value)}" if profile == "concurrent" else f"r{value:g}"
+
+
+def metric_names(cfg) -> set[str]:
+    """Every metric a server benchmark logs (for gates and validation)."""
+    points = [point_label(cfg.load.profile, v) for v in cfg.load.points]
+    names = {f"serve/{m}/{p}" for m in POINT_METRICS for p in points}
+    names |= {f"serve/{m}" for m in (*HEADLINE, *SERVER_FIGURES)}
+    return names | {f"{n}_base" for n in names} | {"memory/weights_gb", "memory/weights_gb_base"}
+
+
+# --- the server process ------------------------------------------------------------------------
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTERM when llmopt dies
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Server:
+    """A server process: started in its own process group, healthy or an error, always stopped."""
+
+    def __init__(self, command: list[str], host: str, port: int, log: Path, health_path: str, timeout_s: float,
+                 env: dict | None = None):
+        self.command, self.host, self.port, self.log = command, host, port, log
+        self.health_url = f"http://{host}:{port}{health_path}"
+        self.timeout_s, self.env = timeout_s, env
+        self.process: subprocess.Popen | None = None
+        self.startup_s = 0.0
+
+    def __enter__(self) -> Server:
+        if port_in_use(self.host, self.port):
+            raise ServerError(f"port {self.port} on {self.host} is already in use; name another server.port or leave it "
+                              "out (a free port is chosen)")
+        started = time.perf_counter()
+        with open(self.log, "ab") as sink:
+            try:
+                self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True, preexec_fn=_die_with_parent, env=self.env)
+            except FileNotFoundError as e:
+                raise ServerError(f"server command {self.command[0]!r} not found ({e.strerror})") from None
+        try:
+            self._wait_healthy()
+        except BaseException:  # a failed start, Ctrl-C included: nothing left behind
+            self.stop()
+            raise
+        self.startup_s = time.perf_counter() - started
+        return self
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise ServerError(f"the server exited with code {code} before its health check passed: {_last_line(self.log)}"
+                                  f"; server log: {self.log}")
+            with contextlib.suppress(OSError, urllib.error.URLError), \
+                    urllib.request.urlopen(self.health_url, timeout=2) as response:
+                if response.status == 200:
+                    return
+            time.sleep(0.25)
+        raise ServerError(f"the server's health check ({self.health_url}) did not pass within {self.timeout_s:g} s; "
+                          f"server log: {self.log}")
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL after the grace period."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def get(self, path: str) -> dict | None:
+        """A JSON GET on the server, or None when it has no such route."""
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}{path}", timeout=10) as response:
+                return json.loads(response.read())
+        except (OSError, urllib.error.URLError, ValueError):
+            return None
+
+
+def _last_line(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+# --- the load generator -----------------------------------------------------------------------
+
+
+def _tokens(value, name: str) -> str:
+    if isinstance(value, int):
+        return f"{name}={value}"
+    return f"{name}={value.mean},{name}_stdev={max(round(value.stdev), 0)}"
+
+
+def guidellm_command(cfg, target: str, model_name: str, tokenizer: Path, value: float, raw: Path) -> list[str]:
+    """One load point of GuideLLM against `target`: the recipe's profile, lengths, count or duration, seed."""
+    load = cfg.load
+    profile = f"kind=concurrent,streams={int(value)}" if load.profile == "concurrent" else f"kind={load.profile},rate={value:g}"
+    command = [sys.executable, "-m", "guidellm", "run",
+               "--backend", f"kind=openai_http,target={target},model={model_name},request_format=/v1/completions",
+               "--profile", profile,
+               "--data", f"kind=synthetic_text,{_tokens(cfg.input_tokens, 'prompt_tokens')},"
+                         f"{_tokens(cfg.output_tokens, 'output_tokens')}",
+               "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
+               "--seed", f"kind=static,value={cfg.seed}",
+               "--output", f"kind=json,path={raw}", "--disable-console-interactive"]
+    if load.requests is not None:
+        command += ["--constraint", f"kind=max_requests,count={load.requests}"]
+    if load.duration_s is not None:
+        command += ["--constraint", f"kind=max_duration,seconds={load.duration_s:g}"]
+    return command
+
+
+def read_point(raw: dict) -> dict[str, float]:
+    """One load point's figures from GuideLLM's JSON: throughput over the measured window, latency
+    percentiles over the successful requests, errors over all."""
+    bench = raw["benchmarks"][0]
+    metrics, scheduler = bench["metrics"], bench["scheduler_metrics"]
+    made = scheduler["requests_made"]
+    ok, errored, incomplete = made["successful"], made["errored"], made["incomplete"]
+    duration = max(scheduler["measure_end_time"] - scheduler["measure_start_time"], 1e-9)
+    total = ok + errored + incomplete
+    row = {"requests": float(ok), "errors": float(errored + incomplete),
+           "error_rate": (errored + incomplete) / total if total else 1.0,
+           "requests_s": ok / duration, "output_tok_s": metrics["output_token_count"]["successful"]["total_sum"] / duration,
+           "concurrency_mean": metrics["request_concurrency"]["successful"]["mean"]}
+    for name, source, scale in (("ttft_ms", "time_to_first_token_ms", 1), ("itl_ms", "inter_token_latency_ms", 1),
+                                ("e2e_ms", "request_latency", 1000)):
+        percentiles = metrics[source]["successful"]["percentiles"]
+        for p in ("p50", "p90", "p99"):
+            row[f"{name}_{p}"] = percentiles[p] * scale
+    return row
+
+
+def meets(row: dict[str, float], sla: dict[str, float]) -> bool:
+    """A point meets the SLA when it completed requests, every bound holds, and its error rate is at
+    most the SLA's `error_rate` (0 unless given)."""
+    if row["requests"] <= 0 or row["error_rate"] > sla.get("error_rate", 0.0):
+        return False
+    return all(row[point_name(name)] <= bound for name, bound in sla.items() if name != "error_rate")
+
+
+def point_name(sla_name: str) -> str:
+    """An SLA bound's name as a load point's metric: `p99_ttft_ms` -> `ttft_ms_p99`."""
+    percentile, _, metric = sla_name.partition("_")
+    return f"{metric}_{percentile}"
+
+
+def headline(points: list[tuple[float, dict]], sla: dict[str, float], hourly_usd: float | None) -> dict[str, float]:
+    """The highest load that meets the SLA: its load, throughput and cost (0 throughput when none does)."""
+    passing = [(value, row) for value, row in points if meets(row, sla)]
+    out = {"points_meeting_sla": float(len(passing)), "load_at_sla": 0.0, "tok_s_at_sla": 0.0, "requests_s_at_sla": 0.0}
+    if passing:
+        value, row = max(passing, key=lambda item: item[0])
+        out.update({"load_at_sla": float(value), "tok_s_at_sla": row["output_tok_s"], "requests_s_at_sla": row["requests_s"]})
+        if hourly_usd is not None and row["output_tok_s"] > 0:
+            out["usd_per_1m_output_tokens_at_sla"] = hourly_usd / 3600 / row["output_tok_s"] * 1e6
+    return out
+
+
+# --- the runtime --------------------------------------------------------------------------------
+
+
+class ServerRuntime(Runtime):
+    name = "server"
+    summary = "an OpenAI-compatible server (transformers serve by default) under GuideLLM load"
+    measures = ()
+    libraries = ("guidellm",)
+    loads_model = False  # the server process loads it
+    load_sweep: ClassVar[bool] = True
+
+    @classmethod
+    def sweep(cls, cfg, src, out: Path, ctx) -> tuple[dict[str, float], dict]:
+        """Serve `src`, run every load point, stop the server; (metrics, report)."""
+        from llmopt.progress import progress_bar
+
+        spec = cfg.serving
+        host = spec.host
+        port = spec.port or free_port(host)
+        model_name = spec.model_name or ("llmopt" if spec.command is None else str(src.path))
+        log = out / "server.log"
+        command, env = cls.command(cfg, src, out, ctx, host, port, model_name)
+        (out / "load").mkdir(exist_ok=True)
+        rows: list[tuple[float, dict]] = []
+        report: dict = {"server_command": command, "model_name": model_name, "port": port, "points": {}}
+        with Server(command, host, port, log, spec.health_path, spec.startup_timeout_s, env) as server:
+            target = f"http://{host}:{port}"
+            started = time.perf_counter()
+            for _ in range(cfg.warmup):
+                _complete(target, model_name, cfg)
+            metrics: dict[str, float] = {"serve/startup_s": server.startup_s, "serve/warmup_s": time.perf_counter() - started}
+            with progress_bar(len(cfg.load.points), f"serve load {cfg.load.profile}", enabled=ctx.progress) as advance:
+                for value in cfg.load.points:
+                    label = point_label(cfg.load.profile, value)
+                    raw = out / "load" / f"{label}.json"
+                    with open(out / "load" / f"{label}.log", "wb") as sink:
+                        done = subprocess.run(guidellm_command(cfg, target, model_name, src.path, value, raw),
+                                              stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                    if done.returncode != 0 or not raw.exists():
+                        raise ServerError(f"the load generator failed at {label} (exit {done.returncode}): "
+                                          f"{_last_line(out / 'load' / f'{label}.log')}; its log: {out / 'load' / f'{label}.log'}"
+                                          f"; server log: {log}")
+                    if server.process.poll() is not None:
+                        raise ServerError(f"the server exited with code {server.process.returncode} during load {label}: "
+                                          f"{_last_line(log)}; server log: {log}")
+                    row = read_point(json.loads(raw.read_text()))
+                    if cfg.gpu_hourly_usd is not None and row["output_tok_s"] > 0:
+                        row["usd_per_1m_output_tokens"] = cfg.gpu_hourly_usd / 3600 / row["output_tok_s"] * 1e6
+                    row["meets_sla"] = float(meets(row, cfg.sla))
+                    rows.append((value, row))
+                    report["points"][label] = row
+                    metrics.update({f"serve/{name}/{label}": v for name, v in row.items()})
+                    advance()
+            stats = server.get("/llmopt/stats") or {}
+        report["server_stats"] = stats
+        for name, key, scale in (("kv_blocks", "kv_blocks", 1), ("kv_block_size", "kv_block_size", 1),
+                                 ("kv_gb_reserved", "kv_bytes_reserved", 1e-9), ("kv_blocks_used_peak", "kv_blocks_used_peak", 1),
+                                 ("kv_gb_used_peak", "kv_bytes_used_peak", 1e-9),
+                                 ("peak_allocated_gb", "peak_allocated_bytes", 1e-9),
+                                 ("peak_reserved_gb", "peak_reserved_bytes", 1e-9)):
+            if key in stats:
+                metrics[f"serve/{name}"] = float(stats[key]) * scale
+        metrics.update({f"serve/{k}": v for k, v in headline(rows, cfg.sla, cfg.gpu_hourly_usd).items()})
+        report["kernel"] = stats.get("kernel", "unknown (the server does not report it)")
+        return metrics, report
+
+    @classmethod
+    def command(cls, cfg, src, out: Path, ctx, host: str, port: int, model_name: str) -> tuple[list[str], dict | None]:
+        """The server's command line: llmopt's host of `transformers serve` (a spec file), or the
+        recipe's command with {model}, {port}, {host} and {model_name} filled in."""
+        spec = cfg.serving
+        if spec.command is not None:
+            fill = {"model": str(src.path), "port": str(port), "host": host, "model_name": model_name}
+            return [part.format(**fill) for part in spec.command], None
+        options = {k: v for k, v in spec.model_dump().items() if k in TRANSFORMERS_SERVE_OPTIONS and v is not None}
+        spec_file = out / "server-spec.json"
+        spec_file.write_text(json.dumps({
+            "artifact": {"path": str(src.path), "kind": src.kind, "info": src.info}, "device": ctx.device,
+            "dtype": ctx.dtype, "trust_remote_code": ctx.trust_remote_code, "kernel": cfg.kernel,
+            "cache_root": str(ctx.cache_dir()), "model_name": model_name, "host": host, "port": port, "options": options,
+        }, indent=1, default=str))
+        env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}  # the server needs no hub token: never pass it on
+        return [sys.executable, "-m", "llmopt.serve", str(spec_file)], env
+
+
+# `transformers serve` options a recipe may set (llmopt.serve passes them on as they are)
+TRANSFORMERS_SERVE_OPTIONS = ("continuous_batching", "compile", "attn_implementation", "cb_block_size", "cb_num_blocks",
+                              "cb_max_batch_tokens", "cb_max_memory_percent", "cb_use_cuda_graph")
+
+
+def _complete(target: str, model_name: str, cfg) -> None:
+    """One warm-up request of the workload's output length (compilation, graph capture, cache allocation)."""
+    output = cfg.output_tokens if isinstance(cfg.output_tokens, int) else cfg.output_tokens.mean
+    body = json.dumps({"model": model_name, "prompt": "Once upon a time", "max_tokens": output, "ignore_eos": True}).encode()
+    request = urllib.request.Request(f"{target}/v1/completions", body, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=cfg.serving.startup_timeout_s) as response:
+            response.read()
+    except urllib.error.HTTPError as e:
+        raise ServerError(f"the warm-up request failed: HTTP {e.code} {e.read()[:300]!r}") from None

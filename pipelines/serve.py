@@ -1,0 +1,131 @@
+"""`python -m llmopt.serve SPEC.json`: `transformers serve` (OpenAI-compatible, continuous batching
+with a paged KV cache) hosting a model that llmopt loaded, so that a quantized artifact serves on
+the same fast kernels the benchmark measured (llmopt.kernels), not on the format library's reload.
+
+It is transformers' own server (its app, handlers and continuous-batching manager), with three
+additions made in this process only:
+- the model comes from `llmopt.models.load_model` + `llmopt.kernels.accelerate` (the spec names the
+  artifact, device, dtype and kernel), pinned as the server's one model;
+- `/v1/completions` accepts `ignore_eos` (load generators force the output length with it; stock
+  `transformers serve` rejects the field with 422);
+- `GET /llmopt/stats`: the paged KV cache (blocks, block size, bytes reserved, peak blocks in use,
+  sampled every 20 ms) and the process's peak GPU memory.
+
+The spec (written by the benchmark stage) is JSON: {"artifact": {"path", "kind", "info"}, "device",
+"dtype", "trust_remote_code", "kernel", "cache_root", "model_name", "host", "port", "options"}, where
+options are `transformers serve`'s own (continuous_batching, compile, attn_implementation, cb_*).
+It exits on SIGTERM or SIGINT, stopping the batching thread first.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class _Stats:
+    """The paged cache's size and its peak use, polled while the server runs."""
+
+    def __init__(self, serve):
+        self.serve, self.peak_used_blocks = serve, 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    def _cache(self):
+        manager = getattr(self.serve._generation_state, "_cb_manager", None)
+        cb = getattr(manager, "_cb", None)
+        processor = getattr(cb, "batch_processor", None)
+        return getattr(processor, "cache", None)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.02):
+            cache = self._cache()
+            if cache is not None:
+                self.peak_used_blocks = max(self.peak_used_blocks, cache.num_blocks - cache.get_num_free_blocks())
+
+    def report(self) -> dict:
+        import torch
+
+        out: dict = {}
+        cache = self._cache()
+        if cache is not None:
+            reserved = sum(t.numel() * t.element_size() for t in [*cache.key_cache, *cache.value_cache])
+            out.update({"kv_blocks": cache.num_blocks, "kv_block_size": cache.block_size, "kv_bytes_reserved": reserved,
+                        "kv_blocks_used_peak": self.peak_used_blocks,
+                        "kv_bytes_used_peak": reserved * self.peak_used_blocks / max(cache.num_blocks, 1)})
+        if torch.cuda.is_available():
+            out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+            out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
+        return out
+
+
+def _patch_transformers(spec: dict, model, tokenizer) -> None:
+    """Pin llmopt's model in transformers' model manager and accept `ignore_eos` on completions."""
+    from transformers.cli.serving import completion, model_manager
+
+    class LlmoptModelManager(model_manager.ModelManager):
+        def _load_model(self, model_id_and_revision, tqdm_class=None, progress_callback=None, gguf_file=None):
+            return model
+
+        def _load_processor(self, model_id_and_revision, gguf_file=None):
+            return tokenizer
+
+    class Params(completion.TransformersTextCompletionCreateParams, total=False):
+        ignore_eos: bool
+
+    class LlmoptCompletionHandler(completion.CompletionHandler):
+        _valid_params_class = Params
+
+        def _build_generation_config(self, body, model_generation_config, use_cb=False):
+            config = super()._build_generation_config(body, model_generation_config, use_cb=use_cb)
+            if body.get("ignore_eos"):
+                config.min_new_tokens = config.max_new_tokens
+                if use_cb:  # the batching manager takes eos per request; -1 matches no token
+                    config.eos_token_id = -1
+            return config
+
+    model_manager.ModelManager = LlmoptModelManager
+    completion.CompletionHandler = LlmoptCompletionHandler
+
+
+def main(spec_path: str) -> int:
+    spec = json.loads(Path(spec_path).read_text())
+    from llmopt import kernels
+    from llmopt.cache import Artifact
+    from llmopt.models import load_model, load_tokenizer
+
+    artifact = Artifact(Path(spec["artifact"]["path"]), spec["artifact"]["kind"], {}, spec["artifact"]["info"])
+    started = time.perf_counter()
+    model = load_model(artifact, spec["device"], spec["dtype"], spec.get("trust_remote_code", False))
+    model, applied = kernels.accelerate(model, artifact, spec["device"], spec.get("kernel", "auto"), spec["cache_root"])
+    tokenizer = load_tokenizer(artifact.path, spec.get("trust_remote_code", False))  # every artifact keeps its tokenizer
+    print(f"llmopt.serve: model loaded in {time.perf_counter() - started:.1f} s; kernel {applied.tag()}", flush=True)
+    _patch_transformers(spec, model, tokenizer)
+    from transformers.cli.serve import Serve
+
+    options = spec.get("options", {})
+    serve = Serve(force_model=spec["model_name"], device=spec["device"], host=spec.get("host", "127.0.0.1"),
+                  port=int(spec["port"]), non_blocking=True, log_level="warning", **options)
+    stats = _Stats(serve)
+    app = serve.server.config.app
+    app.add_api_route("/llmopt/stats", lambda: {**stats.report(), "kernel": applied.tag()}, methods=["GET"])
+
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopping.set())
+    while not stopping.wait(0.5):
+        if not serve._thread.is_alive():  # uvicorn stopped by itself (a port taken meanwhile, ...)
+            print("llmopt.serve: the HTTP server stopped", file=sys.stderr, flush=True)
+            serve.kill_server()
+            return 1
+    stats._stop.set()
+    serve.kill_server()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
