@@ -13,6 +13,8 @@ COLUMNS = [  # (header, how to get it from a run's metrics, format)
     ("TTFT ms (bs min)", lambda m: _at_batch(m, "ttft_ms", min), "{:.1f}"),
     ("out tok/s (bs max)", lambda m: _at_batch(m, "output_tok_s", max), "{:.1f}"),
     ("$/1M out (bs max)", lambda m: _at_batch(m, "usd_per_1m_output_tokens", max), "{:.3f}"),
+    ("out tok/s at SLA (server)", lambda m: m.get("serve/tok_s_at_sla"), "{:.1f}"),
+    ("$/1M out at SLA", lambda m: m.get("serve/usd_per_1m_output_tokens_at_sla"), "{:.3f}"),
     ("peak GPU GB", lambda m: m.get("memory/peak_gpu_gb"), "{:.2f}"),
     ("weights GB", lambda m: m.get("memory/weights_gb"), "{:.4f}"),
     ("gates", lambda m: m.get("gates/passed"), "{:.0f}"),

@@ -52,8 +52,8 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
                 why := methods.get(quantized.method).refuse_runtime(quantized, cfg.runtime, cfg.kernel)):
             raise RecipeError(f"{where}.runtime: {why}")
         context = config.get("max_position_embeddings")
-        if cfg.stage == "benchmark" and context is not None and cfg.longest_input + cfg.output_tokens > context:
-            raise RecipeError(f"{where}.output_tokens: {cfg.output_tokens} output after "
+        if cfg.stage == "benchmark" and context is not None and cfg.longest_input + cfg.longest_output > context:
+            raise RecipeError(f"{where}.output_tokens: {cfg.longest_output} output after "
                               f"{cfg.longest_input} input tokens exceed the model's context of {context} tokens")
         if cfg.stage in ("benchmark", "evaluate") and cfg.kernel not in ("auto", "none"):
             _check_kernel(cfg.kernel, quantized, recipe.device, f"{where}.kernel")
@@ -112,6 +112,8 @@ def check_machine(recipe: Recipe, path: Path) -> None:
             _kernel_on_this_machine(cfg, recipe, index, path)
         if cfg.stage == "benchmark" and runtimes.get(cfg.runtime).loads_model:
             _timed_format_on_this_machine(cfg, recipe, index, path)
+        if cfg.stage == "benchmark" and cfg.runtime == "server":
+            _server_on_this_machine(cfg, f"{path}: stages[{index}].server")
         cuda_only = cfg.stage == "benchmark" and runtimes.get(cfg.runtime).cuda_only
         if cuda_only and (recipe.device == "cpu" or not gpu_count()):
             raise RecipeError(f"{path}: stages[{index}].runtime: {cfg.runtime} runs on CUDA only, and this run is on "
@@ -124,6 +126,20 @@ def check_machine(recipe: Recipe, path: Path) -> None:
                 if wanted >= have:
                     raise RecipeError(f"{path}: stages[{index}].teacher_device: {cfg.teacher_device}, but this machine "
                                       f"has {have} CUDA device(s)")
+
+
+def _server_on_this_machine(cfg, where: str) -> None:
+    """A server command this machine does not have, or a port already taken: refused before any work."""
+    import shutil
+
+    from llmopt.eval.runtimes.server import port_in_use
+
+    spec = cfg.serving
+    if spec.command is not None and shutil.which(spec.command[0]) is None:
+        raise RecipeError(f"{where}.command: {spec.command[0]!r} is not on this machine's PATH (the server cannot start)")
+    if spec.port is not None and port_in_use(spec.host, spec.port):
+        raise RecipeError(f"{where}.port: {spec.port} on {spec.host} is already in use; name another port or leave it "
+                          "out (a free port is chosen)")
 
 
 def _run_device(recipe: Recipe):

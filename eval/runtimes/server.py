@@ -253,7 +253,7 @@ class ServerRuntime(Runtime):
     name = "server"
     summary = "an OpenAI-compatible server (transformers serve by default) under GuideLLM load"
     measures = ()
-    libraries = ("guidellm",)
+    libraries = ("guidellm", "openai")  # openai: what `transformers serve` needs to start
     loads_model = False  # the server process loads it
     load_sweep: ClassVar[bool] = True
 

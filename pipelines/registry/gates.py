@@ -91,6 +91,11 @@ def known_metrics(recipe) -> tuple[set[str], set[str]]:
             from llmopt.eval import runtimes
             from llmopt.eval.bench import reported_metrics
 
+            if cfg.runtime == "server":
+                from llmopt.eval.runtimes.server import metric_names
+
+                names |= metric_names(cfg)
+                continue
             measured = reported_metrics(runtimes.get(cfg.runtime).measures)
             names |= {"kernel/build_s", "kernel/prepare_s", "kernel/layers",
                       "memory/weights_gb", "memory/weights_gb_base", "memory/kv_bytes_per_token",

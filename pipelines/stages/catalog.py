@@ -50,5 +50,5 @@ STAGES: dict[str, StageSpec] = {
 }
 
 # the pip extra that installs a library a stage needs (the methods declare theirs)
-EXTRAS = {"modelopt": "modelopt"} | {library: method.extra for method in methods.discover().values()
-                                     for library in method.libraries if method.extra}
+EXTRAS = {"modelopt": "modelopt", "guidellm": "serve", "openai": "serve"} | {
+    library: method.extra for method in methods.discover().values() for library in method.libraries if method.extra}

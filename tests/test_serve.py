@@ -1,0 +1,190 @@
+"""runtime: server (llmopt.eval.runtimes.server, llmopt.serve): the shipped tiny Llama through
+`transformers serve` and GuideLLM at 2 load points on CPU (the mechanics: the figures mean nothing
+on a CPU), the SLA headline, and the bad input: refused at validation (exit 2, nothing written) or
+an exit 1 naming the server log, never a process left behind.
+
+The failing servers here are small Python commands (labelled as such): they test llmopt's process
+handling, not any real server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+from conftest import RECIPES, run_cli
+from llmopt.eval.runtimes.server import Server, ServerError, headline, meets
+
+HEAD = "name: serve-bad\nmodel: {embedded: tiny-llama}\ndevice: cpu\nstages:\n  - stage: benchmark\n    runtime: server\n"
+LOAD = "    load: {points: [1], requests: 2}\n    input_tokens: 8\n    output_tokens: 4\n"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (exited, not yet reaped by its parent) is not serving anything
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "State:\tZ" in status.read_text())
+
+
+def _serve_processes() -> list[str]:
+    found = subprocess.run(["pgrep", "-af", "llmopt.serve"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in found if "pgrep" not in line]
+
+
+def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
+    """tiny-serve: RTN 4-bit (on int4pack) and its base, each behind `transformers serve` with continuous
+    batching, 12 requests at 1 and 4 concurrent streams; forced output lengths, percentiles in order,
+    KV-cache figures, the SLA headline, the raw GuideLLM output in MLflow, no server left."""
+    assert run_cli(tiny_workdir, "run", str(RECIPES / "tiny-serve.yaml")) == 0
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_workdir['mlruns'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-serve")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`llmopt.stage` = 'benchmark'")
+    m = run.data.metrics
+    for suffix in ("", "_base"):
+        for point in ("c1", "c4"):
+            assert m[f"serve/requests/{point}{suffix}"] == 12 and m[f"serve/errors/{point}{suffix}"] == 0
+            # 16 output tokens per request (ignore_eos honoured by llmopt's host of transformers serve)
+            tokens_per_request = m[f"serve/output_tok_s/{point}{suffix}"] / m[f"serve/requests_s/{point}{suffix}"]
+            assert tokens_per_request == pytest.approx(16, rel=1e-6)
+            for latency in ("ttft_ms", "itl_ms", "e2e_ms"):
+                p50, p90, p99 = (m[f"serve/{latency}_{p}/{point}{suffix}"] for p in ("p50", "p90", "p99"))
+                assert 0 < p50 <= p90 <= p99
+            assert m[f"serve/e2e_ms_p50/{point}{suffix}"] > m[f"serve/ttft_ms_p50/{point}{suffix}"]
+        assert m[f"serve/kv_blocks{suffix}"] > 0 and 1 <= m[f"serve/kv_blocks_used_peak{suffix}"] <= m[f"serve/kv_blocks{suffix}"]
+        # the headline is the highest load meeting the SLA (both do here: the bounds are loose on purpose)
+        assert m[f"serve/load_at_sla{suffix}"] == 4
+        assert m[f"serve/tok_s_at_sla{suffix}"] == m[f"serve/output_tok_s/c4{suffix}"]
+        assert m[f"serve/usd_per_1m_output_tokens_at_sla{suffix}"] == pytest.approx(
+            2.5 / 3600 / m[f"serve/tok_s_at_sla{suffix}"] * 1e6)
+    assert run.data.tags["env.kernel"] == "int4pack"  # the candidate served on its fast kernel
+    logged = {a.path for role in ("candidate", "base") for a in client.list_artifacts(run.info.run_id, f"{role}/load")}
+    assert logged == {f"{role}/load/{p}.json" for role in ("candidate", "base") for p in ("c1", "c4")}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/throughput_vs_p99_latency.png"}
+    assert not _serve_processes()
+
+
+def test_the_headline_is_the_highest_load_that_meets_the_sla():
+    def row(tok_s, ttft, errors=0.0, requests=10.0):
+        return {"output_tok_s": tok_s, "requests_s": tok_s / 100, "ttft_ms_p99": ttft, "itl_ms_p99": 10.0,
+                "requests": requests, "error_rate": errors / (requests + errors) if requests + errors else 1.0}
+
+    sla = {"p99_ttft_ms": 500}
+    points = [(1, row(100, 50)), (4, row(350, 300)), (16, row(900, 800)), (8, row(600, 450, errors=1))]
+    assert not meets(points[3][1], sla), "errors fail a point unless the SLA allows an error rate"
+    assert meets(points[3][1], {**sla, "error_rate": 0.1})
+    best = headline(points, sla, 2.0)
+    assert (best["load_at_sla"], best["tok_s_at_sla"], best["points_meeting_sla"]) == (4, 350, 2)
+    assert best["usd_per_1m_output_tokens_at_sla"] == pytest.approx(2.0 / 3600 / 350 * 1e6)
+    nothing = headline([(1, row(0, 0, requests=0))], sla, 2.0)
+    assert nothing["tok_s_at_sla"] == 0 and nothing["load_at_sla"] == 0 and "usd_per_1m_output_tokens_at_sla" not in nothing
+
+
+def _free_port_held():
+    held = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    return held
+
+
+BAD = {
+    "unknown SLA metric": (LOAD + "    sla: {p99_ttft: 500}\n", "stages[0]",
+                           "sla: unknown metric 'p99_ttft'; did you mean 'p99_ttft_ms'?"),
+    "no load": ("", "stages[0]", "load: runtime: server needs a load sweep"),
+    "SLA on another runtime": (None, "stages[0]", "sla: for runtime: server only"),
+    "command not on PATH": (LOAD + "    server: {command: [no-such-server-xyz, --port, '{port}']}\n", "stages[0].server.command",
+                            "'no-such-server-xyz' is not on this machine's PATH"),
+    "port in use": (LOAD + "    server: {port: PORT}\n", "stages[0].server.port", "is already in use"),
+    "tuning another server": (LOAD + "    server: {command: [python3], compile: true}\n", "stages[0]",
+                              "compile: transformers serve options, and `command` runs another server"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD), ids=str)
+def test_bad_server_input_exit_2_nothing_written(case, workdir, tmp_path, capsys):
+    body, field, words = BAD[case]
+    held = _free_port_held()
+    try:
+        text = (HEAD + body.replace("PORT", str(held.getsockname()[1])) if body is not None else
+                HEAD.replace("runtime: server", "runtime: transformers-eager") + "    sla: {p99_ttft_ms: 5}\n")
+        recipe = tmp_path / "bad.yaml"
+        recipe.write_text(text)
+        assert run_cli(workdir, "run", str(recipe)) == 2
+    finally:
+        held.close()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and field in err and words in err and str(recipe) in err, err
+    assert not workdir["mlruns"].exists() and not workdir["cache"].exists()
+
+
+def _fake_server(tmp_path: Path, body: str) -> list[str]:
+    """A stand-in server (not a real one): a Python command that records its pid, then does `body`."""
+    script = tmp_path / "fake_server.py"
+    script.write_text(f"import os, sys, time\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\n{body}\n")
+    return [sys.executable, str(script)]
+
+
+@pytest.mark.parametrize("case", ["exits", "never healthy"])
+def test_a_server_that_cannot_serve_exit_1_names_its_log_and_leaves_nothing(case, tiny_workdir, tmp_path, capsys):
+    body = "print('fake server: bad flag --xyz', flush=True); sys.exit(3)" if case == "exits" else "time.sleep(600)"
+    command = ", ".join(f"'{part}'" for part in _fake_server(tmp_path, body))
+    recipe = tmp_path / "serve.yaml"
+    recipe.write_text(HEAD + LOAD + f"    server: {{command: [{command}], startup_timeout_s: 3}}\n")
+    assert run_cli(tiny_workdir, "run", str(recipe)) == 1
+    err = capsys.readouterr().err
+    words = ("exited with code 3 before its health check passed: fake server: bad flag --xyz" if case == "exits"
+             else "health check (http://127.0.0.1:")
+    assert words in err and "server log: " in err and "server.log" in err, err
+    assert not _alive(int((tmp_path / "pid").read_text()))
+
+
+def test_ctrl_c_stops_the_server(tmp_path):
+    """SIGINT to `llmopt run` while its server starts: the server's process group is stopped too."""
+    command = ", ".join(f"'{part}'" for part in _fake_server(tmp_path, "time.sleep(600)"))
+    recipe = tmp_path / "serve.yaml"
+    recipe.write_text(HEAD + LOAD + f"    server: {{command: [{command}], startup_timeout_s: 300}}\n")
+    run = subprocess.Popen([sys.executable, "-m", "llmopt.cli", "run", str(recipe), "--cache-dir", str(tmp_path / "cache"),
+                            "--mlruns", str(tmp_path / "mlruns"), "--no-progress"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "pid").exists() and time.monotonic() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    server_pid = int((tmp_path / "pid").read_text())
+    run.send_signal(signal.SIGINT)
+    assert run.wait(60) != 0
+    assert not _alive(server_pid)
+
+
+def test_server_class_refuses_a_port_in_use_and_stops_by_process_group(tmp_path):
+    held = _free_port_held()
+    port = held.getsockname()[1]
+    try:
+        with pytest.raises(ServerError, match=f"port {port} on 127.0.0.1 is already in use"):
+            Server(["true"], "127.0.0.1", port, tmp_path / "server.log", "/health", 5).__enter__()
+    finally:
+        held.close()
+    # a healthy stand-in that starts a child of its own: stopping the server stops its whole group
+    script = tmp_path / "healthy.py"
+    script.write_text(
+        "import http.server, os, subprocess, sys\n"
+        f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(tmp_path / 'child')!r}, 'w').write(str(child.pid))\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers(); self.wfile.write(b'{}')\n"
+        f"http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
+    from llmopt.eval.runtimes.server import free_port
+
+    port = free_port("127.0.0.1")
+    with Server([sys.executable, str(script), str(port)], "127.0.0.1", port, tmp_path / "server.log", "/health", 30) as s:
+        pid, child = s.process.pid, int((tmp_path / "child").read_text())
+        assert s.get("/llmopt/stats") == {} and s.startup_s > 0
+    assert not _alive(pid) and not _alive(child)
