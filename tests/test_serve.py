@@ -188,3 +188,16 @@ def test_server_class_refuses_a_port_in_use_and_stops_by_process_group(tmp_path)
         pid, child = s.process.pid, int((tmp_path / "child").read_text())
         assert s.get("/llmopt/stats") == {} and s.startup_s > 0
     assert not _alive(pid) and not _alive(child)
+
+
+@pytest.mark.parametrize("gate, code", [("serve/tok_s_at_sla >= 1.5 * base", 0), ("serve/output_tok_s/c1 >= 1.0 * base", 0),
+                                        ("serve/tok_s_at_slaa >= 1.5 * base", 2), ("serve/output_tok_s/c2 >= 1.0 * base", 2)])
+def test_promotion_gates_on_serving_metrics(gate, code, tmp_path, capsys):
+    from llmopt.cli import main
+
+    recipe = tmp_path / "gated.yaml"
+    recipe.write_text(HEAD + LOAD + f"promote:\n  model_name: tiny-served\n  gates: [\"{gate}\"]\n")
+    assert main(["validate", str(recipe)]) == code
+    if code:
+        err = capsys.readouterr().err
+        assert "promote.gates" in err and "no stage of this recipe logs" in err, err

@@ -41,6 +41,7 @@ import urllib.request
 from pathlib import Path
 from typing import ClassVar
 
+from llmopt import serve as default_server  # imported so that its code is in this runtime's cache key
 from llmopt.eval.runtimes import Runtime
 
 # bounds an SLA may set (upper bounds): latency percentiles and the error rate
@@ -328,7 +329,7 @@ class ServerRuntime(Runtime):
             "cache_root": str(ctx.cache_dir()), "model_name": model_name, "host": host, "port": port, "options": options,
         }, indent=1, default=str))
         env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}  # the server needs no hub token: never pass it on
-        return [sys.executable, "-m", "llmopt.serve", str(spec_file)], env
+        return [sys.executable, "-m", default_server.__name__, str(spec_file)], env
 
 
 # `transformers serve` options a recipe may set (llmopt.serve passes them on as they are)
