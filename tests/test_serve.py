@@ -70,6 +70,16 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
     assert logged == {f"{role}/load/{p}.json" for role in ("candidate", "base") for p in ("c1", "c4")}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/throughput_vs_p99_latency.png"}
     assert not _serve_processes()
+    # promoted on the serving gates; the model card carries the table under load
+    from llmopt import registry
+    from llmopt.cli import main
+
+    assert main(["pull", "tiny-llama-rtn4-served@production", "--dest", str(tiny_workdir["tmp"] / "p"), "--mlruns",
+                 str(tiny_workdir["mlruns"])]) == 0
+    card = (tiny_workdir["tmp"] / "p" / registry.CARD).read_text().splitlines()
+    assert "## Under serving load (`runtime: server`): optimized (base)" in card
+    row = next(line for line in card if line.startswith("| c4 |"))
+    assert f"{m['serve/output_tok_s/c4']:.4g} ({m['serve/output_tok_s/c4_base']:.4g})" in row
 
 
 def test_the_headline_is_the_highest_load_that_meets_the_sla():

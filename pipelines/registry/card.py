@@ -41,6 +41,21 @@ def model_card(recipe, artifact, metrics: dict[str, float], lineage: str, gate_l
                      for n in shown]
             lines.append(f"| {bs} | " + " | ".join(cells) + " |")
         lines.append("")
+    points = sorted({k.rsplit("/", 1)[1] for k in metrics if re.fullmatch(r"serve/output_tok_s/[cr][\d.]+", k)},
+                    key=lambda p: float(p[1:]))
+    if points:
+        shown = [n for n in ("requests_s", "output_tok_s", "ttft_ms_p99", "itl_ms_p99", "error_rate", "usd_per_1m_output_tokens")
+                 if any(f"serve/{n}/{p}" in metrics for p in points)]
+        lines += ["## Under serving load (`runtime: server`): optimized (base)", "",
+                  "| load | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
+        for point in points:
+            cells = [_fmt(metrics.get(f"serve/{n}/{point}")) + (f" ({_fmt(metrics[f'serve/{n}/{point}_base'])})"
+                                                               if f"serve/{n}/{point}_base" in metrics else "")
+                     for n in shown]
+            lines.append(f"| {point} | " + " | ".join(cells) + " |")
+        lines += ["", f"At the SLA: {_fmt(metrics.get('serve/tok_s_at_sla'))} output tokens/s "
+                      f"(base {_fmt(metrics.get('serve/tok_s_at_sla_base'))}) at load "
+                      f"{_fmt(metrics.get('serve/load_at_sla'))}.", ""]
     memory = {k: v for k, v in metrics.items() if k.startswith("memory/")}
     if memory:
         lines += ["## Memory", ""] + [f"- `{k}`: {_fmt(v)}" for k, v in sorted(memory.items())] + [""]
