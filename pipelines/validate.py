@@ -57,6 +57,10 @@ def check_recipe(recipe: Recipe, path: Path) -> None:
                               f"{cfg.longest_input} input tokens exceed the model's context of {context} tokens")
         if cfg.stage in ("benchmark", "evaluate") and cfg.kernel not in ("auto", "none"):
             _check_kernel(cfg.kernel, quantized, recipe.device, f"{where}.kernel")
+        if (cfg.stage == "benchmark" and cfg.runtime == "server" and cfg.serving.command == "compiled"
+                and not any(s.stage == "compile" for s in earlier)):
+            raise RecipeError(f"{where}.server.command: compiled serves a compile stage's bundle, and no compile stage "
+                              "comes before this one")
         if cfg.stage == "quantize" and (problem := methods.get(cfg.method).check(cfg, config)):
             raise RecipeError(f"{where}.{problem[0]}: {problem[1]}")
         if cfg.stage == "compile":
@@ -135,7 +139,11 @@ def _server_on_this_machine(cfg, where: str) -> None:
     from llmopt.eval.runtimes.server import port_in_use
 
     spec = cfg.serving
-    if spec.command is not None and shutil.which(spec.command[0]) is None:
+    if spec.command == "compiled":
+        if shutil.which("trtllm-serve") is None:
+            raise RecipeError(f"{where}.command: compiled runs the bundle's trtllm-serve, which is not on this machine's "
+                              "PATH (TensorRT-LLM installed locally; a container launcher does not serve here)")
+    elif spec.command is not None and shutil.which(spec.command[0]) is None:
         raise RecipeError(f"{where}.command: {spec.command[0]!r} is not on this machine's PATH (the server cannot start)")
     if spec.port is not None and port_in_use(spec.host, spec.port):
         raise RecipeError(f"{where}.port: {spec.port} on {spec.host} is already in use; name another port or leave it "

@@ -211,3 +211,38 @@ def test_promotion_gates_on_serving_metrics(gate, code, tmp_path, capsys):
     if code:
         err = capsys.readouterr().err
         assert "promote.gates" in err and "no stage of this recipe logs" in err, err
+
+
+def test_compiled_serves_the_bundles_own_command_on_our_port(tmp_path):
+    """`server: {command: compiled}`: the compile stage's trtllm-serve line (manifest.json), moved to
+    llmopt's host and port; the base model (an HF checkpoint) through trtllm-serve's PyTorch backend.
+    Command lines only: TensorRT-LLM is not installed here."""
+    from llmopt.eval.runtimes.server import compiled_serve_command
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(
+        '{"commands": {"serve": ["trtllm-serve", "checkpoint", "--host", "0.0.0.0", "--port", "8000", "--backend", "pytorch"]}}')
+    assert compiled_serve_command(bundle, "127.0.0.1", 4321) == ["trtllm-serve", "checkpoint", "--host", "127.0.0.1",
+                                                                 "--port", "4321", "--backend", "pytorch"]
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    assert compiled_serve_command(base, "127.0.0.1", 4321)[:4] == ["trtllm-serve", str(base), "--backend", "pytorch"]
+    with pytest.raises(ServerError, match="needs a compile stage's bundle with a serve command"):
+        compiled_serve_command(tmp_path, "127.0.0.1", 4321)
+
+
+@pytest.mark.parametrize("stages, field, words", [
+    ("", "stages[0].server.command", "no compile stage comes before"),
+    ("  - stage: compile\n    target: trtllm\n    gpu: H100\n    max_input_len: 256\n    max_seq_len: 512\n", "stages[1].server.command",
+     "trtllm-serve, which is not on"),
+])
+def test_compiled_needs_a_compile_stage_and_trtllm_serve(stages, field, words, workdir, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    body = HEAD.replace("  - stage: benchmark\n", stages + "  - stage: benchmark\n")
+    recipe.write_text(body + LOAD + "    server: {command: compiled}\n")
+    assert run_cli(workdir, "run", str(recipe)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and field in err and words in err, err
+    assert not workdir["mlruns"].exists() and not workdir["cache"].exists()

@@ -101,8 +101,8 @@ class Server:
     """A server process: started in its own process group, healthy or an error, always stopped."""
 
     def __init__(self, command: list[str], host: str, port: int, log: Path, health_path: str, timeout_s: float,
-                 env: dict | None = None):
-        self.command, self.host, self.port, self.log = command, host, port, log
+                 env: dict | None = None, cwd: Path | None = None):
+        self.command, self.host, self.port, self.log, self.cwd = command, host, port, log, cwd
         self.health_url = f"http://{host}:{port}{health_path}"
         self.timeout_s, self.env = timeout_s, env
         self.process: subprocess.Popen | None = None
@@ -116,7 +116,8 @@ class Server:
         with open(self.log, "ab") as sink:
             try:
                 self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                start_new_session=True, preexec_fn=_die_with_parent, env=self.env)
+                                                start_new_session=True, preexec_fn=_die_with_parent, env=self.env,
+                                                cwd=self.cwd)
             except FileNotFoundError as e:
                 raise ServerError(f"server command {self.command[0]!r} not found ({e.strerror})") from None
         try:
@@ -266,13 +267,17 @@ class ServerRuntime(Runtime):
         spec = cfg.serving
         host = spec.host
         port = spec.port or free_port(host)
-        model_name = spec.model_name or ("llmopt" if spec.command is None else str(src.path))
         log = out / "server.log"
-        command, env = cls.command(cfg, src, out, ctx, host, port, model_name)
+        if spec.command == "compiled":  # the compile stage's trtllm-serve, run in its bundle
+            command, env, cwd = compiled_serve_command(src.path, host, port), None, src.path
+            model_name = spec.model_name or command[1]  # trtllm-serve names the model by its path argument
+        else:
+            model_name = spec.model_name or ("llmopt" if spec.command is None else str(src.path))
+            (command, env), cwd = cls.command(cfg, src, out, ctx, host, port, model_name), None
         (out / "load").mkdir(exist_ok=True)
         rows: list[tuple[float, dict]] = []
         report: dict = {"server_command": command, "model_name": model_name, "port": port, "points": {}}
-        with Server(command, host, port, log, spec.health_path, spec.startup_timeout_s, env) as server:
+        with Server(command, host, port, log, spec.health_path, spec.startup_timeout_s, env, cwd) as server:
             target = f"http://{host}:{port}"
             started = time.perf_counter()
             for _ in range(cfg.warmup):
@@ -330,6 +335,26 @@ class ServerRuntime(Runtime):
         }, indent=1, default=str))
         env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}  # the server needs no hub token: never pass it on
         return [sys.executable, "-m", default_server.__name__, str(spec_file)], env
+
+
+def compiled_serve_command(bundle: Path, host: str, port: int) -> list[str]:
+    """The `serve` command a compile stage wrote into its bundle's manifest, on this host and port;
+    for the base model (a Hugging Face checkpoint, no bundle), trtllm-serve on that checkpoint with
+    its PyTorch backend and default settings."""
+    manifest = bundle / "manifest.json"
+    if not manifest.is_file() and (bundle / "config.json").is_file():
+        return ["trtllm-serve", str(bundle), "--backend", "pytorch", "--host", host, "--port", str(port)]
+    commands = json.loads(manifest.read_text()).get("commands", {}) if manifest.is_file() else {}
+    if "serve" not in commands:
+        raise ServerError(f"server.command: compiled needs a compile stage's bundle with a serve command; {bundle} has no "
+                          f"{'manifest.json' if not manifest.is_file() else 'commands.serve in manifest.json'}")
+    command = list(commands["serve"])
+    for flag, value in (("--host", host), ("--port", str(port))):
+        if flag in command:
+            command[command.index(flag) + 1] = value
+        else:
+            command += [flag, value]
+    return command
 
 
 # `transformers serve` options a recipe may set (llmopt.serve passes them on as they are)

@@ -85,9 +85,13 @@ class Recipe(Strict):
             raise ValueError("a recipe compiles once: keep one `compile` stage")
         if "compile" in kinds:
             after = stages[kinds.index("compile") + 1:]
-            if any(s.stage != "benchmark" or s.runtime != "trtllm" for s in after):
-                raise ValueError("compile makes a TensorRT-LLM bundle: only a benchmark with runtime: trtllm can follow "
-                                 "it; put distill, quantize and evaluate before it")
+            def serves_bundle(s) -> bool:
+                return s.runtime == "trtllm" or (s.runtime == "server" and s.serving.command == "compiled")
+
+            if any(s.stage != "benchmark" or not serves_bundle(s) for s in after):
+                raise ValueError("compile makes a TensorRT-LLM bundle: only a benchmark with runtime: trtllm, or runtime: "
+                                 "server with server.command: compiled, can follow it; put distill, quantize and evaluate "
+                                 "before it")
         return stages
 
 

@@ -28,7 +28,8 @@ class ServerSpec(Strict):
     in `transformers serve` (llmopt.serve) with these options; with one (a list: program and
     arguments, `{model}` `{port}` `{host}` `{model_name}` filled in), that server runs instead."""
 
-    command: list[str] | None = Field(None, min_length=1)
+    # `compiled`: the `trtllm-serve` command the compile stage wrote for its bundle (manifest.json)
+    command: list[str] | Literal["compiled"] | None = Field(None, min_length=1)
     model_name: str | None = None  # what requests name; default: "llmopt", or {model} for a command
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535)  # default: a free port
