@@ -47,6 +47,14 @@ def build_7b(path: Path) -> Path:
                         num_key_value_heads=32, max_position_embeddings=4096)
 
 
+def prewarm_marlin(cache: Path, log: Path) -> subprocess.Popen:
+    """Build Marlin's extension into `cache` in the background (nvcc, CPU only): the runs that need it
+    wait on torch's build lock, then load it."""
+    return subprocess.Popen([sys.executable, "-c", f"from llmopt.kernels.linear import build_marlin; "
+                             f"print('marlin build s', round(build_marlin({str(cache)!r}), 1))"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115 (lives past this call)
+
+
 def main(workdir: Path, out: Path, cases: list[str]) -> None:
     """Each case in a process of its own, so that no case's memory peaks include another's leftovers.
     Marlin's extension (about 2 minutes of nvcc on a fresh machine, CPU only) is built in the background
@@ -56,9 +64,7 @@ def main(workdir: Path, out: Path, cases: list[str]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     cache = workdir / "cache"
-    prewarm = subprocess.Popen([sys.executable, "-c", f"from llmopt.kernels.linear import build_marlin; "
-                                f"print('marlin build s', round(build_marlin({str(cache)!r}), 1))"],
-                               stdout=open(out / "marlin-prewarm.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115 (lives past this block)
+    prewarm = prewarm_marlin(cache, out / "marlin-prewarm.log")
     model = build_7b(workdir / "llama-7b")
     for case in cases:
         recipe = workdir / f"{case}.yaml"
