@@ -109,6 +109,7 @@ BAD = {
     "unknown SLA metric": (LOAD + "    sla: {p99_ttft: 500}\n", "stages[0]",
                            "sla: unknown metric 'p99_ttft'; did you mean 'p99_ttft_ms'?"),
     "no load": ("", "stages[0]", "load: runtime: server needs a load sweep"),
+    "static batches": (LOAD + "    batch_sizes: [1, 8]\n", "stages[0]", "batch_sizes: static-batch settings mean nothing"),
     "SLA on another runtime": (None, "stages[0]", "sla: for runtime: server only"),
     "command not on PATH": (LOAD + "    server: {command: [no-such-server-xyz, --port, '{port}']}\n", "stages[0].server.command",
                             "'no-such-server-xyz' is not on this machine's PATH"),
@@ -235,8 +236,8 @@ def test_compiled_serves_the_bundles_own_command_on_our_port(tmp_path):
 
 @pytest.mark.parametrize("stages, field, words", [
     ("", "stages[0].server.command", "no compile stage comes before"),
-    ("  - stage: compile\n    target: trtllm\n    gpu: H100\n    max_input_len: 256\n    max_seq_len: 512\n", "stages[1].server.command",
-     "trtllm-serve, which is not on"),
+    ("  - stage: compile\n    target: trtllm\n    gpu: H100\n    max_input_len: 256\n    max_seq_len: 512\n",
+     "stages[1].server.command", "trtllm-serve, which is not on"),
 ])
 def test_compiled_needs_a_compile_stage_and_trtllm_serve(stages, field, words, workdir, tmp_path, capsys):
     recipe = tmp_path / "bad.yaml"

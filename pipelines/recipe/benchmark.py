@@ -123,6 +123,10 @@ class Benchmark(Strict):
             return self
         if self.load is None:
             raise ValueError("load: runtime: server needs a load sweep, e.g. load: {points: [1, 4, 16], requests: 64}")
+        static = [k for k in ("batch_sizes", "repeats", "memory_budget_gb") if k in self.model_fields_set]
+        if static:
+            raise ValueError(f"{', '.join(static)}: static-batch settings mean nothing to runtime: server; its load is "
+                             "`load` (points, requests or duration_s)")
         for name, bound in self.sla.items():
             if name not in SLA_METRICS:
                 import difflib
