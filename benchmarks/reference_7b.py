@@ -55,13 +55,33 @@ def prewarm_marlin(cache: Path, log: Path) -> subprocess.Popen:
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)  # noqa: SIM115 (lives past this call)
 
 
+def run_recipe(recipe: Path, name: str, workdir: Path, out: Path, label: dict) -> dict:
+    """`llmopt run` of one recipe in a process of its own (its output streamed to `<out>.log`: a call cut
+    short keeps what ran), then its benchmark run's metrics and env tags, written to `<out>.json` and printed."""
+    import mlflow
+
+    started = time.perf_counter()
+    with open(out.with_suffix(".log"), "w") as log:
+        done = subprocess.run([sys.executable, "-m", "llmopt.cli", "run", str(recipe), "--cache-dir", str(workdir / "cache"),
+                               "--mlruns", str(workdir / "mlruns"), "--no-progress"], stdout=log, stderr=subprocess.STDOUT)
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.llmopt.stage = 'benchmark'",
+                              order_by=["attributes.start_time DESC"]) if experiment else []
+    found = runs[0].data if runs and done.returncode == 0 else None
+    result = {**label, "exit": done.returncode, "wall_s": round(time.perf_counter() - started, 1),
+              "metrics": found.metrics if found else {},
+              "tags": {k: v for k, v in (found.tags if found else {}).items() if k.startswith("env.")}}
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result), flush=True)
+    return result
+
+
 def main(workdir: Path, out: Path, cases: list[str]) -> None:
     """Each case in a process of its own, so that no case's memory peaks include another's leftovers.
     Marlin's extension (about 2 minutes of nvcc on a fresh machine, CPU only) is built in the background
     from the start, into the cache the runs use: a case that needs it waits on torch's build lock and
     then loads it, and reports the wait as its `kernel/build_s`."""
-    import mlflow
-
     out.mkdir(parents=True, exist_ok=True)
     cache = workdir / "cache"
     prewarm = prewarm_marlin(cache, out / "marlin-prewarm.log")
@@ -70,21 +90,7 @@ def main(workdir: Path, out: Path, cases: list[str]) -> None:
         recipe = workdir / f"{case}.yaml"
         recipe.write_text(f"name: ref7b-{case}\nmodel: {{path: {model}, dtype: bfloat16}}\ndevice: cuda\nstages:\n"
                           + CASES[case].format(data=CALIBRATION) + BENCHMARK)
-        started = time.perf_counter()
-        with open(out / f"{case}.log", "w") as log:  # streamed: a call cut short keeps what ran
-            done = subprocess.run([sys.executable, "-m", "llmopt.cli", "run", str(recipe), "--cache-dir",
-                                   str(cache), "--mlruns", str(workdir / "mlruns"), "--no-progress"],
-                                  stdout=log, stderr=subprocess.STDOUT)
-        client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-        experiment = client.get_experiment_by_name(f"ref7b-{case}")
-        runs = client.search_runs([experiment.experiment_id], filter_string="tags.llmopt.stage = 'benchmark'",
-                                  order_by=["attributes.start_time DESC"]) if experiment else []
-        found = runs[0].data if runs and done.returncode == 0 else None
-        result = {"case": case, "exit": done.returncode, "wall_s": round(time.perf_counter() - started, 1),
-                  "metrics": found.metrics if found else {},
-                  "tags": {k: v for k, v in (found.tags if found else {}).items() if k.startswith("env.")}}
-        (out / f"{case}.json").write_text(json.dumps(result, indent=1))
-        print(json.dumps(result), flush=True)
+        run_recipe(recipe, f"ref7b-{case}", workdir, out / case, {"case": case})
     prewarm.wait()
 
 

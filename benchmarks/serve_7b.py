@@ -14,14 +14,11 @@ written ~20 s, RTN ~30 s, per model a server start (~1-3 min with Marlin) and 4 
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from llmopt.eval.random_llama import random_llama
-from reference_7b import prewarm_marlin
+from reference_7b import prewarm_marlin, run_recipe
 
 PRESETS = {
     "default": "",
@@ -35,8 +32,6 @@ STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 12
 
 
 def main(workdir: Path, out: Path, presets: list[str]) -> None:
-    import mlflow
-
     out.mkdir(parents=True, exist_ok=True)
     prewarm = prewarm_marlin(workdir / "cache", out / "marlin-prewarm.log")  # while the model is written and quantized
     model = random_llama(workdir / "llama-7b", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -45,21 +40,7 @@ def main(workdir: Path, out: Path, presets: list[str]) -> None:
         recipe = workdir / f"serve-{preset}.yaml"
         recipe.write_text(f"name: serve7b-{preset}\nmodel: {{path: {model}, dtype: bfloat16}}\ndevice: cuda\nstages:\n"
                           + STAGES + PRESETS[preset])
-        started = time.perf_counter()
-        with open(out / f"{preset}.log", "w") as log:
-            done = subprocess.run([sys.executable, "-m", "llmopt.cli", "run", str(recipe), "--cache-dir",
-                                   str(workdir / "cache"), "--mlruns", str(workdir / "mlruns"), "--no-progress"],
-                                  stdout=log, stderr=subprocess.STDOUT)
-        client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
-        experiment = client.get_experiment_by_name(f"serve7b-{preset}")
-        runs = client.search_runs([experiment.experiment_id], filter_string="tags.llmopt.stage = 'benchmark'",
-                                  order_by=["attributes.start_time DESC"]) if experiment else []
-        found = runs[0].data if runs else None
-        result = {"preset": preset, "exit": done.returncode, "wall_s": round(time.perf_counter() - started, 1),
-                  "metrics": found.metrics if found else {},
-                  "tags": {k: v for k, v in (found.tags if found else {}).items() if k.startswith("env.")}}
-        (out / f"{preset}.json").write_text(json.dumps(result, indent=1))
-        print(json.dumps(result), flush=True)
+        run_recipe(recipe, f"serve7b-{preset}", workdir, out / preset, {"preset": preset})
     prewarm.wait()
 
 

@@ -34,26 +34,15 @@ def model_card(recipe, artifact, metrics: dict[str, float], lineage: str, gate_l
         shown = [n for n in ("output_tok_s", "ttft_ms", "tpot_ms", "e2e_ms", "peak_allocated_gb", "usd_per_1m_output_tokens",
                              "energy_j_per_output_token") if any(f"bench/{n}/bs{bs}" in metrics for bs in batches)]
         lines += ["## Latency, throughput, memory, cost: optimized (base)", "",
-                  "| batch | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
-        for bs in batches:
-            cells = [_fmt(metrics.get(f"bench/{n}/bs{bs}")) + (f" ({_fmt(metrics[f'bench/{n}/bs{bs}_base'])})"
-                                                               if f"bench/{n}/bs{bs}_base" in metrics else "")
-                     for n in shown]
-            lines.append(f"| {bs} | " + " | ".join(cells) + " |")
-        lines.append("")
+                  *_beside_base(metrics, "batch", [(str(bs), f"bench/{{}}/bs{bs}") for bs in batches], shown), ""]
     points = sorted({k.rsplit("/", 1)[1] for k in metrics if re.fullmatch(r"serve/output_tok_s/[cr][\d.]+", k)},
                     key=lambda p: float(p[1:]))
     if points:
         shown = [n for n in ("requests_s", "output_tok_s", "ttft_ms_p99", "itl_ms_p99", "error_rate", "usd_per_1m_output_tokens")
                  if any(f"serve/{n}/{p}" in metrics for p in points)]
         lines += ["## Under serving load (`runtime: server`): optimized (base)", "",
-                  "| load | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
-        for point in points:
-            cells = [_fmt(metrics.get(f"serve/{n}/{point}")) + (f" ({_fmt(metrics[f'serve/{n}/{point}_base'])})"
-                                                               if f"serve/{n}/{point}_base" in metrics else "")
-                     for n in shown]
-            lines.append(f"| {point} | " + " | ".join(cells) + " |")
-        lines += ["", f"At the SLA: {_fmt(metrics.get('serve/tok_s_at_sla'))} output tokens/s "
+                  *_beside_base(metrics, "load", [(p, f"serve/{{}}/{p}") for p in points], shown),
+                  "", f"At the SLA: {_fmt(metrics.get('serve/tok_s_at_sla'))} output tokens/s "
                       f"(base {_fmt(metrics.get('serve/tok_s_at_sla_base'))}) at load "
                       f"{_fmt(metrics.get('serve/load_at_sla'))}.", ""]
     memory = {k: v for k, v in metrics.items() if k.startswith("memory/")}
@@ -65,6 +54,16 @@ def model_card(recipe, artifact, metrics: dict[str, float], lineage: str, gate_l
     lines += ["## How to serve it", ""] + _serving(artifact) + [""]
     lines += ["## Known limits", ""] + _limits(artifact, metrics) + [""]
     return "\n".join(lines)
+
+
+def _beside_base(metrics: dict[str, float], first: str, rows: list[tuple[str, str]], shown: list[str]) -> list[str]:
+    """A markdown table, one row per (label, metric name pattern with `{}` for the column): optimized (base)."""
+    lines = [f"| {first} | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
+    for label, pattern in rows:
+        cells = [_fmt(metrics.get(pattern.format(n))) + (f" ({_fmt(metrics[pattern.format(n) + '_base'])})"
+                                                          if pattern.format(n) + "_base" in metrics else "") for n in shown]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _serving(artifact) -> list[str]:
