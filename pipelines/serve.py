@@ -63,7 +63,7 @@ class _Stats:
         return out
 
 
-def _patch_transformers(spec: dict, model, tokenizer) -> None:
+def _patch_transformers(model, tokenizer) -> None:
     """Pin llmopt's model in transformers' model manager and accept `ignore_eos` on completions."""
     from transformers.cli.serving import completion, model_manager
 
@@ -104,7 +104,7 @@ def main(spec_path: str) -> int:
     model, applied = kernels.accelerate(model, artifact, spec["device"], spec.get("kernel", "auto"), spec["cache_root"])
     tokenizer = load_tokenizer(artifact.path, spec.get("trust_remote_code", False))  # every artifact keeps its tokenizer
     print(f"llmopt.serve: model loaded in {time.perf_counter() - started:.1f} s; kernel {applied.tag()}", flush=True)
-    _patch_transformers(spec, model, tokenizer)
+    _patch_transformers(model, tokenizer)
     from transformers.cli.serve import Serve
 
     options = spec.get("options", {})

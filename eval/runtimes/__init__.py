@@ -25,6 +25,8 @@ class Runtime:
     cuda_only: ClassVar[bool] = False
     libraries: ClassVar[tuple[str, ...]] = ()
     loads_model: ClassVar[bool] = True  # the stage loads the model (llmopt.models.load_model) and hands it over
+    # a load sweep against a server (`sweep(cfg, src, out, ctx) -> (metrics, report)`), not timed batches
+    load_sweep: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

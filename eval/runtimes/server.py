@@ -39,7 +39,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import ClassVar
 
 from llmopt import serve as default_server  # imported so that its code is in this runtime's cache key
 from llmopt.eval.runtimes import Runtime
@@ -257,7 +256,7 @@ class ServerRuntime(Runtime):
     measures = ()
     libraries = ("guidellm", "openai")  # openai: what `transformers serve` needs to start
     loads_model = False  # the server process loads it
-    load_sweep: ClassVar[bool] = True
+    load_sweep = True
 
     @classmethod
     def sweep(cls, cfg, src, out: Path, ctx) -> tuple[dict[str, float], dict]:

@@ -367,6 +367,18 @@ def sibling_groups(names) -> list[tuple[str, ...]]:
     return groups
 
 
+def fused_units(items: dict, stack) -> list[tuple[tuple[str, ...], object]]:
+    """What to build, as (member names, item): each `FUSED` group whose items `stack` joins into one
+    (`stack` returns None for items that cannot share a call), then every other item on its own."""
+    units, grouped = [], set()
+    for members in sibling_groups(items):
+        stacked = stack([items[name] for name in members])
+        if stacked is not None:
+            units.append((members, stacked))
+            grouped.update(members)
+    return units + [((name,), item) for name, item in items.items() if name not in grouped]
+
+
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
@@ -442,14 +454,7 @@ def swap(model, weights: dict[str, QuantizedWeight], kernel: str, device: str,
     dtype = model_dtype(model)
     # every integer kernel computes in bf16: they agree with float32 to the activations' rounding
     tolerance = 3e-2
-    units: list[tuple[tuple[str, ...], QuantizedWeight]] = []
-    grouped: set[str] = set()
-    for members in sibling_groups(weights) if fuse else []:
-        stacked = concatenate([weights[name] for name in members])
-        if stacked is not None:
-            units.append((members, stacked))
-            grouped.update(members)
-    units += [((name,), weight) for name, weight in weights.items() if name not in grouped]
+    units = fused_units(weights, concatenate) if fuse else [((name,), weight) for name, weight in weights.items()]
     built: dict[str, torch.nn.Module] = {}
     for members, weight in units:
         module = kernel_module(kernel, weight, device, dtype)

@@ -241,25 +241,22 @@ def _fp8_modules(tensors: dict, quantized: set[str], device: str, dtype) -> dict
     same input scale and pre-quant scale (ModelOpt's export does, for TensorRT-LLM's fused layers),
     each keeping its own weight scale (one per output row of the stacked weight)."""
     import torch
-    from llmopt.kernels.linear import Fp8Linear, members_of, sibling_groups
+    from llmopt.kernels.linear import Fp8Linear, fused_units, members_of
 
     def same(ts, name):
         return all((name in t) == (name in ts[0]) and (name not in t or torch.equal(t[name], ts[0][name])) for t in ts)
 
-    units = []
-    grouped: set[str] = set()
-    for members in sibling_groups(sorted(quantized)):
-        ts = [tensors[name] for name in members]
-        if same(ts, "input_scale") and same(ts, "pre_quant_scale") and all(("bias" in t) == ("bias" in ts[0]) for t in ts):
-            stacked = {"weight": torch.cat([t["weight"] for t in ts]), "input_scale": ts[0]["input_scale"],
-                       "weight_scale": torch.cat([t["weight_scale"].float().reshape(1).expand(t["weight"].shape[0])
-                                                  for t in ts])}
-            stacked.update({name: ts[0][name] for name in ("pre_quant_scale",) if name in ts[0]})
-            if "bias" in ts[0]:
-                stacked["bias"] = torch.cat([t["bias"] for t in ts])
-            units.append((members, stacked))
-            grouped.update(members)
-    units += [((prefix,), tensors[prefix]) for prefix in sorted(quantized) if prefix not in grouped]
+    def stack(ts: list[dict]) -> dict | None:
+        if not (same(ts, "input_scale") and same(ts, "pre_quant_scale") and all(("bias" in t) == ("bias" in ts[0]) for t in ts)):
+            return None
+        stacked = {"weight": torch.cat([t["weight"] for t in ts]), "input_scale": ts[0]["input_scale"],
+                   "weight_scale": torch.cat([t["weight_scale"].float().reshape(1).expand(t["weight"].shape[0]) for t in ts])}
+        stacked.update({name: ts[0][name] for name in ("pre_quant_scale",) if name in ts[0]})
+        if "bias" in ts[0]:
+            stacked["bias"] = torch.cat([t["bias"] for t in ts])
+        return stacked
+
+    units = fused_units({prefix: tensors[prefix] for prefix in sorted(quantized)}, stack)
     built = {}
     for members, t in units:
         module = Fp8Linear(t["weight"], t["weight_scale"], t["input_scale"], t.get("bias"), t.get("pre_quant_scale"),

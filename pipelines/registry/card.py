@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 
+from llmopt.tables import beside_base
+
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.4g}"
@@ -34,14 +36,16 @@ def model_card(recipe, artifact, metrics: dict[str, float], lineage: str, gate_l
         shown = [n for n in ("output_tok_s", "ttft_ms", "tpot_ms", "e2e_ms", "peak_allocated_gb", "usd_per_1m_output_tokens",
                              "energy_j_per_output_token") if any(f"bench/{n}/bs{bs}" in metrics for bs in batches)]
         lines += ["## Latency, throughput, memory, cost: optimized (base)", "",
-                  *_beside_base(metrics, "batch", [(str(bs), f"bench/{{}}/bs{bs}") for bs in batches], shown), ""]
+                  *beside_base(metrics, "batch", [(str(bs), f"bench/{{}}/bs{bs}") for bs in batches],
+                              [(n, "{:.4g}") for n in shown], column_suffix="", missing=""), ""]
     points = sorted({k.rsplit("/", 1)[1] for k in metrics if re.fullmatch(r"serve/output_tok_s/[cr][\d.]+", k)},
                     key=lambda p: float(p[1:]))
     if points:
         shown = [n for n in ("requests_s", "output_tok_s", "ttft_ms_p99", "itl_ms_p99", "error_rate", "usd_per_1m_output_tokens")
                  if any(f"serve/{n}/{p}" in metrics for p in points)]
         lines += ["## Under serving load (`runtime: server`): optimized (base)", "",
-                  *_beside_base(metrics, "load", [(p, f"serve/{{}}/{p}") for p in points], shown),
+                  *beside_base(metrics, "load", [(p, f"serve/{{}}/{p}") for p in points], [(n, "{:.4g}") for n in shown],
+                              column_suffix="", missing=""),
                   "", f"At the SLA: {_fmt(metrics.get('serve/tok_s_at_sla'))} output tokens/s "
                       f"(base {_fmt(metrics.get('serve/tok_s_at_sla_base'))}) at load "
                       f"{_fmt(metrics.get('serve/load_at_sla'))}.", ""]
@@ -54,16 +58,6 @@ def model_card(recipe, artifact, metrics: dict[str, float], lineage: str, gate_l
     lines += ["## How to serve it", ""] + _serving(artifact) + [""]
     lines += ["## Known limits", ""] + _limits(artifact, metrics) + [""]
     return "\n".join(lines)
-
-
-def _beside_base(metrics: dict[str, float], first: str, rows: list[tuple[str, str]], shown: list[str]) -> list[str]:
-    """A markdown table, one row per (label, metric name pattern with `{}` for the column): optimized (base)."""
-    lines = [f"| {first} | " + " | ".join(shown) + " |", "|---" * (len(shown) + 1) + "|"]
-    for label, pattern in rows:
-        cells = [_fmt(metrics.get(pattern.format(n))) + (f" ({_fmt(metrics[pattern.format(n) + '_base'])})"
-                                                          if pattern.format(n) + "_base" in metrics else "") for n in shown]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
 
 
 def _serving(artifact) -> list[str]:

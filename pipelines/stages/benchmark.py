@@ -21,6 +21,7 @@ from llmopt.export import trtllm
 from llmopt.models import load_model, weights_bytes
 from llmopt.recipe import Benchmark
 from llmopt.stages import Paired, StageContext
+from llmopt.tables import beside_base
 
 BANDWIDTH = "device-bandwidth"  # <cache root>/device-bandwidth.json: bytes/s per device and torch version
 
@@ -31,7 +32,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
 
     torch.manual_seed(cfg.seed)
     kind = runtimes.get(cfg.runtime)
-    if getattr(kind, "load_sweep", False):
+    if kind.load_sweep:
         return _serve(kind, cfg, src, out, ctx)
     model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code) if kind.loads_model else None
     applied = kernels.Applied("none", "the runtime loads the model itself")
@@ -175,7 +176,7 @@ def environment(device: str) -> dict[str, str]:
 
 def pair(cfg: Benchmark, candidate: Artifact, base: Artifact) -> Paired:
     c, b = candidate.metrics, base.metrics
-    if cfg.runtime == "server":
+    if runtimes.get(cfg.runtime).load_sweep:
         return _pair_serve(cfg, c, b)
     metrics = dict(c)
     for name in c:
@@ -211,14 +212,7 @@ def table(cfg: Benchmark, metrics: dict[str, float]) -> str:
              ("roofline_fraction", "{:.2f}"), ("peak_allocated_gb", "{:.2f}"), ("usd_per_1m_output_tokens", "{:.3f}"),
              ("energy_j_per_output_token", "{:.3f}")]
     shown = [(n, f) for n, f in shown if any(f"bench/{n}/bs{bs}" in metrics for bs in cfg.batch_sizes)]
-    lines = ["| batch | " + " | ".join(f"{n} (base)" for n, _ in shown) + " |", "|---" * (len(shown) + 1) + "|"]
-    for bs in cfg.batch_sizes:
-        cells = []
-        for name, fmt in shown:
-            key = f"bench/{name}/bs{bs}"
-            base = metrics.get(f"{key}_base")
-            cells.append(fmt.format(metrics[key]) + (f" ({fmt.format(base)})" if base is not None else ""))
-        lines.append(f"| {bs} | " + " | ".join(cells) + " |")
+    lines = beside_base(metrics, "batch", [(str(bs), f"bench/{{}}/bs{bs}") for bs in cfg.batch_sizes], shown)
     return "\n".join(lines) + "\n"
 
 
@@ -239,13 +233,9 @@ def _pair_serve(cfg: Benchmark, c: dict, b: dict) -> Paired:
 
 def _plot_serve(cfg: Benchmark, c: dict, b: dict, labels: list[str]) -> bytes:
     """Output tokens/s against p99 TTFT and p99 ITL, one point per load, candidate and base, with the SLA's bounds."""
-    import matplotlib
+    from llmopt.plots import figure, png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from llmopt.plots import png
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = figure(10, 4, ncols=2)
     for ax, (latency, sla_name) in zip(axes, (("ttft_ms_p99", "p99_ttft_ms"), ("itl_ms_p99", "p99_itl_ms")), strict=True):
         for label, source, style in (("candidate", c, "-o"), ("base", b, "--s")):
             points = [(source.get(f"serve/{latency}/{p}"), source.get(f"serve/output_tok_s/{p}")) for p in labels]
@@ -257,9 +247,8 @@ def _plot_serve(cfg: Benchmark, c: dict, b: dict, labels: list[str]) -> bytes:
         ax.set_xlabel(f"{latency.replace('_ms_p99', '').upper()} p99 (ms)")
         ax.set_ylabel("output tokens/s")
         ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
     fig.suptitle(f"server under {cfg.load.profile} load {', '.join(labels)}")
-    return png(fig, axes[0])
+    return png(fig, axes)
 
 
 def serve_table(cfg: Benchmark, metrics: dict[str, float]) -> str:
@@ -270,15 +259,7 @@ def serve_table(cfg: Benchmark, metrics: dict[str, float]) -> str:
              ("e2e_ms_p99", "{:.0f}"), ("error_rate", "{:.3f}"), ("usd_per_1m_output_tokens", "{:.3f}"), ("meets_sla", "{:.0f}")]
     labels = [point_label(cfg.load.profile, v) for v in cfg.load.points]
     shown = [(n, f) for n, f in shown if any(f"serve/{n}/{p}" in metrics for p in labels)]
-    lines = ["| load | " + " | ".join(f"{n} (base)" for n, _ in shown) + " |", "|---" * (len(shown) + 1) + "|"]
-    for p in labels:
-        cells = []
-        for name, fmt in shown:
-            key = f"serve/{name}/{p}"
-            base = metrics.get(f"{key}_base")
-            cell = fmt.format(metrics[key]) if key in metrics else "-"
-            cells.append(cell + (f" ({fmt.format(base)})" if base is not None else ""))
-        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    lines = beside_base(metrics, "load", [(p, f"serve/{{}}/{p}") for p in labels], shown)
     sla = ", ".join(f"{k} <= {v:g}" for k, v in cfg.sla.items()) or "none (every point with no errors meets it)"
     lines += ["", f"SLA: {sla}"]
     for name in ("load_at_sla", "tok_s_at_sla", "usd_per_1m_output_tokens_at_sla"):
@@ -286,3 +267,4 @@ def serve_table(cfg: Benchmark, metrics: dict[str, float]) -> str:
             base = metrics.get(f"serve/{name}_base")
             lines.append(f"- {name}: {metrics[f'serve/{name}']:.4g}" + (f" (base {base:.4g})" if base is not None else ""))
     return "\n".join(lines) + "\n"
+
