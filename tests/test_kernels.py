@@ -218,8 +218,11 @@ def test_siblings_reading_one_input_run_as_one_kernel_call(tiny_model, tmp_path)
     with torch.no_grad():
         compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)(ids).logits
     assert sorted(set(calls)) == [64, 64 + 32 + 32, 2 * 256], "o/down, q+k+v, gate+up"
-    assert relative_error(got, expected) < 1e-5
-    assert relative_error(compiled, got) < 1e-5
+    # the same bf16 kernel on stacked weights: equal here to the last bit, but another CPU may tile a
+    # wider product differently; bf16's resolution (2**-8 of the largest logit) bounds that, while a
+    # slice taken from the wrong member is off by the logits' own size
+    assert relative_error(got, expected) < 2**-8
+    assert relative_error(compiled, got) < 2**-8
     assert all(part._shared[0].x is None for part in fused.modules() if isinstance(part, FusedSlice)), "no activation held"
 
 
