@@ -3,13 +3,21 @@ group 128, on the Marlin kernel) against bf16, both behind `transformers serve` 
 continuous batching, paged KV cache) under the same GuideLLM sweep, in one `llmopt run`. Not a
 test: figures, not asserts. Run from the repository root, with llmopt[serve] installed:
 
-    python benchmarks/serve_7b.py WORKDIR OUTDIR [default|tuned ...]
+    python benchmarks/serve_7b.py WORKDIR OUTDIR [smoke] [default|tuned ...]
 
-`default` is transformers serve as it comes (continuous batching, its own block counts); `tuned`
-adds CUDA graphs for the batching manager and torch.compile. Each preset writes OUTDIR/<preset>.json
-(metrics and tags of the benchmark run) and its log. Marlin's extension builds in the background
-from the start (benchmarks/reference_7b.py). Planned for one 10-minute GPU call per preset: model
-written ~20 s, RTN ~30 s, per model a server start (~1-3 min with Marlin) and 4 points of 20 s.
+`smoke` first serves the embedded tiny Llama on the GPU (no Marlin, 2 short points) and stops the
+script if that fails, so a broken setup costs a minute, not a 7B sweep. `default` is transformers
+serve as it comes (continuous batching, its own block counts; with sdpa's paged attention it runs
+without CUDA graphs); `tuned` turns CUDA graphs on for the batching manager (the server's `compile`
+flag does not reach continuous batching, and validation refuses it there). Each preset writes
+OUTDIR/<preset>.json (metrics and tags of the benchmark run) and its log. Marlin's extension builds
+in the background from the start (benchmarks/reference_7b.py).
+
+Measured on an H200 (benchmarks/results/serve_7b_h200/): the tuned preset took 475 s in all
+(model written 19 s, RTN 30 s, Marlin build 170 s in the background, then per model a server start
+of 14-43 s, a warm-up of about 40 s and 4 points of 15 s); that, plus about 60 s of machine start
+and install, fills one 10-minute call. The default preset does not fit in one: it decodes at about
+46 ms a step, so a 256-token request takes 12 s.
 """
 
 from __future__ import annotations
@@ -22,18 +30,32 @@ from reference_7b import prewarm_marlin, run_recipe
 
 PRESETS = {
     "default": "",
-    "tuned": "    server: {cb_use_cuda_graph: true, compile: true}\n",
+    "tuned": "    server: {cb_use_cuda_graph: true}\n",
 }
 STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"
-          "    output_tokens: 256\n    warmup: 2\n"
-          "    load: {profile: concurrent, points: [1, 8, 32, 64], requests: null, duration_s: 20}\n"
+          "    output_tokens: 256\n    warmup: 1\n"
+          "    load: {profile: concurrent, points: [1, 8, 32, 64], requests: null, duration_s: 15}\n"
           "    sla: {p99_ttft_ms: 500, p99_itl_ms: 50}\n    gpu_hourly_usd: 2.5\n")
+
+
+SMOKE = ("name: serve-smoke\nmodel: {embedded: tiny-llama}\ndevice: cuda\nstages:\n"
+         "  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 32\n"
+         "  - stage: benchmark\n    runtime: server\n    kernel: none\n    input_tokens: {mean: 32, stdev: 4}\n"
+         "    output_tokens: 16\n    warmup: 1\n    load: {profile: concurrent, points: [1, 4], requests: 8}\n"
+         "    sla: {p99_ttft_ms: 5000, p99_itl_ms: 1000}\n")
 
 
 def main(workdir: Path, out: Path, presets: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    workdir.mkdir(parents=True, exist_ok=True)
     prewarm = prewarm_marlin(workdir / "cache", out / "marlin-prewarm.log")  # while the model is written and quantized
+    if "smoke" in presets:
+        presets = [p for p in presets if p != "smoke"]
+        (workdir / "smoke.yaml").write_text(SMOKE)
+        if run_recipe(workdir / "smoke.yaml", "serve-smoke", workdir, out / "smoke", {"preset": "smoke"})["exit"] != 0:
+            prewarm.kill()
+            sys.exit("the smoke run failed: see smoke.log")
     model = random_llama(workdir / "llama-7b", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     for preset in presets:

@@ -127,6 +127,12 @@ def weights_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
+def in_memory_bytes(model) -> int:
+    """Bytes of parameters and buffers as they sit in memory (packed integer tensors at their size):
+    the weights as served, after a kernel repacked them."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
 def quiet_libraries() -> None:
     """Keep library chatter (GPTQModel banners, transformers load bars) out of the run's output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

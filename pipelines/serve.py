@@ -9,7 +9,8 @@ additions made in this process only:
 - `/v1/completions` accepts `ignore_eos` (load generators force the output length with it; stock
   `transformers serve` rejects the field with 422);
 - `GET /llmopt/stats`: the paged KV cache (blocks, block size, bytes reserved, peak blocks in use,
-  sampled every 20 ms) and the process's peak GPU memory.
+  sampled every 20 ms), the process's peak GPU memory, and the weights' bytes as served (after the
+  kernel packed them).
 
 The spec (written by the benchmark stage) is JSON: {"artifact": {"path", "kind", "info"}, "device",
 "dtype", "trust_remote_code", "kernel", "cache_root", "model_name", "host", "port", "options"}, where
@@ -96,12 +97,13 @@ def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     from llmopt import kernels
     from llmopt.cache import Artifact
-    from llmopt.models import load_model, load_tokenizer
+    from llmopt.models import in_memory_bytes, load_model, load_tokenizer
 
     artifact = Artifact(Path(spec["artifact"]["path"]), spec["artifact"]["kind"], {}, spec["artifact"]["info"])
     started = time.perf_counter()
     model = load_model(artifact, spec["device"], spec["dtype"], spec.get("trust_remote_code", False))
     model, applied = kernels.accelerate(model, artifact, spec["device"], spec.get("kernel", "auto"), spec["cache_root"])
+    weights = in_memory_bytes(model)  # as served: packed by the kernel (an RTN artifact is stored dequantized)
     tokenizer = load_tokenizer(artifact.path, spec.get("trust_remote_code", False))  # every artifact keeps its tokenizer
     print(f"llmopt.serve: model loaded in {time.perf_counter() - started:.1f} s; kernel {applied.tag()}", flush=True)
     _patch_transformers(model, tokenizer)
@@ -112,7 +114,8 @@ def main(spec_path: str) -> int:
                   port=int(spec["port"]), non_blocking=True, log_level="warning", **options)
     stats = _Stats(serve)
     app = serve.server.config.app
-    app.add_api_route("/llmopt/stats", lambda: {**stats.report(), "kernel": applied.tag()}, methods=["GET"])
+    app.add_api_route("/llmopt/stats", lambda: {**stats.report(), "kernel": applied.tag(), "weights_bytes": weights},
+                      methods=["GET"])
 
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

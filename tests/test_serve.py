@@ -66,6 +66,9 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
         assert m[f"serve/usd_per_1m_output_tokens_at_sla{suffix}"] == pytest.approx(
             2.5 / 3600 / m[f"serve/tok_s_at_sla{suffix}"] * 1e6)
     assert run.data.tags["env.kernel"] == "int4pack"  # the candidate served on its fast kernel
+    # RTN is stored dequantized (as big as its base on disk); served, int4pack holds its linear layers in 4 bits
+    assert m["memory/weights_gb"] == pytest.approx(m["memory/weights_gb_base"], rel=0.01)
+    assert m["serve/weights_gb_in_memory"] < 0.6 * m["serve/weights_gb_in_memory_base"]
     logged = {a.path for role in ("candidate", "base") for a in client.list_artifacts(run.info.run_id, f"{role}/load")}
     assert logged == {f"{role}/load/{p}.json" for role in ("candidate", "base") for p in ("c1", "c4")}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/throughput_vs_p99_latency.png"}
@@ -116,6 +119,10 @@ BAD = {
     "port in use": (LOAD + "    server: {port: PORT}\n", "stages[0].server.port", "is already in use"),
     "tuning another server": (LOAD + "    server: {command: [python3], compile: true}\n", "stages[0]",
                               "compile: transformers serve options, and `command` runs another server"),
+    "compile under continuous batching": (LOAD + "    server: {compile: true}\n", "stages[0]",
+                                          "compile: transformers serve's compile (a static cache) does not apply"),
+    "cb options without continuous batching": (LOAD + "    server: {continuous_batching: false, cb_use_cuda_graph: true}\n",
+                                               "stages[0]", "cb_use_cuda_graph: continuous-batching options"),
 }
 
 
@@ -247,3 +254,32 @@ def test_compiled_needs_a_compile_stage_and_trtllm_serve(stages, field, words, w
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and field in err and words in err, err
     assert not workdir["mlruns"].exists() and not workdir["cache"].exists()
+
+
+def test_a_point_counts_cancelled_requests_apart_from_errors():
+    """GuideLLM cancels the requests still running when a point's duration ends (`incomplete`): they are
+    not the server's errors; the tokens they streamed inside the window count in the output rate."""
+    from llmopt.eval.runtimes.server import read_point
+
+    percentiles = {"successful": {"percentiles": {"p50": 1.0, "p90": 2.0, "p99": 3.0}}}
+    raw = {"benchmarks": [{
+        "scheduler_metrics": {"requests_made": {"successful": 6, "errored": 2, "incomplete": 4},
+                              "measure_start_time": 100.0, "measure_end_time": 110.0},
+        "metrics": {"output_token_count": {"successful": {"total_sum": 600}, "incomplete": {"total_sum": 40}},
+                    "request_concurrency": {"successful": {"mean": 4.0}},
+                    "time_to_first_token_ms": percentiles, "inter_token_latency_ms": percentiles,
+                    "request_latency": percentiles}}]}
+    row = read_point(raw)
+    assert (row["requests"], row["errors"], row["incomplete"]) == (6, 2, 4)
+    assert row["error_rate"] == pytest.approx(2 / 8)
+    assert row["requests_s"] == pytest.approx(0.6) and row["output_tok_s"] == pytest.approx(64)
+    assert row["e2e_ms_p99"] == pytest.approx(3000) and row["ttft_ms_p50"] == pytest.approx(1.0)
+
+
+def test_warm_up_runs_each_load_points_concurrency():
+    from types import SimpleNamespace
+
+    from llmopt.eval.runtimes.server import warmup_streams
+
+    assert warmup_streams(SimpleNamespace(load=SimpleNamespace(points=[64, 1, 8, 8]))) == [1, 8, 64]
+    assert warmup_streams(SimpleNamespace(load=SimpleNamespace(points=[0.5, 2.5, 1000]))) == [1, 3, 256]

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import os
 import signal
 import socket
@@ -45,13 +47,14 @@ from llmopt.eval.runtimes import Runtime
 
 # bounds an SLA may set (upper bounds): latency percentiles and the error rate
 SLA_METRICS = tuple(f"{p}_{m}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")) + ("error_rate",)
-POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "errors", "error_rate",
+POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "errors", "incomplete", "error_rate",
                  *(f"{m}_{p}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")),
                  "usd_per_1m_output_tokens", "meets_sla")
 HEADLINE = ("load_at_sla", "tok_s_at_sla", "requests_s_at_sla", "usd_per_1m_output_tokens_at_sla", "points_meeting_sla")
-SERVER_FIGURES = ("startup_s", "warmup_s", "kv_blocks", "kv_block_size", "kv_gb_reserved", "kv_blocks_used_peak",
+SERVER_FIGURES = ("startup_s", "warmup_s", "weights_gb_in_memory", "kv_blocks", "kv_block_size", "kv_gb_reserved", "kv_blocks_used_peak",
                   "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb")
 STOP_GRACE_S = 15
+log = logging.getLogger("llmopt")
 
 
 class ServerError(RuntimeError):
@@ -202,16 +205,22 @@ def guidellm_command(cfg, target: str, model_name: str, tokenizer: Path, value: 
 
 def read_point(raw: dict) -> dict[str, float]:
     """One load point's figures from GuideLLM's JSON: throughput over the measured window, latency
-    percentiles over the successful requests, errors over all."""
+    percentiles over the successful requests, the error rate over the requests that ended. Requests
+    still running when a point's duration ran out (GuideLLM's `incomplete`: cancelled by the load
+    generator, not failed by the server) are counted apart, not as errors; the tokens they had
+    streamed count in the output rate (the server produced them inside the window)."""
     bench = raw["benchmarks"][0]
     metrics, scheduler = bench["metrics"], bench["scheduler_metrics"]
     made = scheduler["requests_made"]
     ok, errored, incomplete = made["successful"], made["errored"], made["incomplete"]
     duration = max(scheduler["measure_end_time"] - scheduler["measure_start_time"], 1e-9)
-    total = ok + errored + incomplete
-    row = {"requests": float(ok), "errors": float(errored + incomplete),
-           "error_rate": (errored + incomplete) / total if total else 1.0,
-           "requests_s": ok / duration, "output_tok_s": metrics["output_token_count"]["successful"]["total_sum"] / duration,
+    ended = ok + errored
+    tokens = metrics["output_token_count"]
+    row = {"requests": float(ok), "errors": float(errored), "incomplete": float(incomplete),
+           "error_rate": errored / ended if ended else 1.0,
+           "requests_s": ok / duration,
+           # every token streamed in the window, the cut-off requests' included: what the server produced
+           "output_tok_s": (tokens["successful"]["total_sum"] + tokens["incomplete"]["total_sum"]) / duration,
            "concurrency_mean": metrics["request_concurrency"]["successful"]["mean"]}
     for name, source, scale in (("ttft_ms", "time_to_first_token_ms", 1), ("itl_ms", "inter_token_latency_ms", 1),
                                 ("e2e_ms", "request_latency", 1000)):
@@ -279,8 +288,7 @@ class ServerRuntime(Runtime):
         with Server(command, host, port, log, spec.health_path, spec.startup_timeout_s, env, cwd) as server:
             target = f"http://{host}:{port}"
             started = time.perf_counter()
-            for _ in range(cfg.warmup):
-                _complete(target, model_name, cfg)
+            _warm_up(target, model_name, cfg)
             metrics: dict[str, float] = {"serve/startup_s": server.startup_s, "serve/warmup_s": time.perf_counter() - started}
             with progress_bar(len(cfg.load.points), f"serve load {cfg.load.profile}", enabled=ctx.progress) as advance:
                 for value in cfg.load.points:
@@ -300,6 +308,11 @@ class ServerRuntime(Runtime):
                     if cfg.gpu_hourly_usd is not None and row["output_tok_s"] > 0:
                         row["usd_per_1m_output_tokens"] = cfg.gpu_hourly_usd / 3600 / row["output_tok_s"] * 1e6
                     row["meets_sla"] = float(meets(row, cfg.sla))
+                    if row["incomplete"] > row["requests"]:
+                        log.warning("load %s: %d requests were cut off at the end of the point and %d completed: the "
+                                    "window is short for this server's latency (e2e p50 %.1f s); latency percentiles "
+                                    "count completed requests only. Lengthen load.duration_s or give load.requests",
+                                    label, row["incomplete"], row["requests"], row["e2e_ms_p50"] / 1000)
                     rows.append((value, row))
                     report["points"][label] = row
                     metrics.update({f"serve/{name}/{label}": v for name, v in row.items()})
@@ -310,7 +323,8 @@ class ServerRuntime(Runtime):
                                  ("kv_gb_reserved", "kv_bytes_reserved", 1e-9), ("kv_blocks_used_peak", "kv_blocks_used_peak", 1),
                                  ("kv_gb_used_peak", "kv_bytes_used_peak", 1e-9),
                                  ("peak_allocated_gb", "peak_allocated_bytes", 1e-9),
-                                 ("peak_reserved_gb", "peak_reserved_bytes", 1e-9)):
+                                 ("peak_reserved_gb", "peak_reserved_bytes", 1e-9),
+                                 ("weights_gb_in_memory", "weights_bytes", 1e-9)):
             if key in stats:
                 metrics[f"serve/{name}"] = float(stats[key]) * scale
         metrics.update({f"serve/{k}": v for k, v in headline(rows, cfg.sla, cfg.gpu_hourly_usd).items()})
@@ -359,6 +373,24 @@ def compiled_serve_command(bundle: Path, host: str, port: int) -> list[str]:
 # `transformers serve` options a recipe may set (llmopt.serve passes them on as they are)
 TRANSFORMERS_SERVE_OPTIONS = ("continuous_batching", "compile", "attn_implementation", "cb_block_size", "cb_num_blocks",
                               "cb_max_batch_tokens", "cb_max_memory_percent", "cb_use_cuda_graph")
+
+
+def warmup_streams(cfg) -> list[int]:
+    """Concurrent requests per warm-up round: each load point's stream count (a rate point: its rate,
+    rounded up), so that every batch shape the sweep meets is compiled or graph-captured before it is
+    timed (transformers' continuous batching captures a CUDA graph per padded batch size, lazily)."""
+    return sorted({min(max(1, math.ceil(v)), 256) for v in cfg.load.points})
+
+
+def _warm_up(target: str, model_name: str, cfg) -> None:
+    """`warmup` rounds of concurrent requests at each load point's concurrency."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    for _ in range(cfg.warmup):
+        for streams in warmup_streams(cfg):
+            with ThreadPoolExecutor(streams) as pool:
+                for future in [pool.submit(_complete, target, model_name, cfg) for _ in range(streams)]:
+                    future.result()
 
 
 def _complete(target: str, model_name: str, cfg) -> None:

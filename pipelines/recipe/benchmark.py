@@ -53,6 +53,14 @@ class ServerSpec(Strict):
             if tuned or "continuous_batching" in self.model_fields_set:
                 raise ValueError(f"{', '.join(tuned or ['continuous_batching'])}: transformers serve options, and "
                                  "`command` runs another server; set that server's options in its command")
+        # options that would be silently ignored (transformers 5.17: `compile` sets a static cache, a path
+        # continuous batching does not take; the cb_* options configure continuous batching only)
+        if self.continuous_batching and self.compile:
+            raise ValueError("compile: transformers serve's compile (a static cache) does not apply with continuous "
+                             "batching; for continuous batching use cb_use_cuda_graph, or set continuous_batching: false")
+        cb = [k for k in self.model_fields_set if k.startswith("cb_") and getattr(self, k) is not None]
+        if not self.continuous_batching and cb:
+            raise ValueError(f"{', '.join(sorted(cb))}: continuous-batching options, and continuous_batching is false")
         return self
 
 

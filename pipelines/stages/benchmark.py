@@ -18,7 +18,7 @@ from llmopt import kernels
 from llmopt.cache import Artifact, Cache
 from llmopt.eval import bench, nvml, runtimes
 from llmopt.export import trtllm
-from llmopt.models import load_model, weights_bytes
+from llmopt.models import in_memory_bytes, load_model, weights_bytes
 from llmopt.recipe import Benchmark
 from llmopt.stages import Paired, StageContext
 from llmopt.tables import beside_base
@@ -64,7 +64,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     # only what the runtime measures is reported: a runtime that times whole calls has no TTFT, TPOT or roofline
     report = {"runtime": cfg.runtime, "kernel": applied.tag(), "device": ctx.device, "measures": list(runtime.measures),
               "not_measured": [n for n in bench.TOKEN_METRICS if n not in runtime.measures], "batches": {}}
-    in_memory = _in_memory_bytes(model) if model is not None else stored
+    in_memory = in_memory_bytes(model) if model is not None else stored
     gpu = nvml.open_gpu(ctx.device)  # power and energy where the driver counts them
     with progress_bar(len(cfg.batch_sizes), f"benchmark {cfg.runtime}", enabled=ctx.progress) as advance:
         for index, bs in enumerate(cfg.batch_sizes):
@@ -134,11 +134,6 @@ def torch_dtype_of(model):
         if p.is_floating_point():
             return p.dtype
     return torch.bfloat16
-
-
-def _in_memory_bytes(model) -> int:
-    """Bytes of parameters and buffers as they sit in memory (packed integer tensors at their size)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 def _config(path: Path):
