@@ -8,6 +8,7 @@ handling, not any real server."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -66,6 +67,14 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
         assert m[f"serve/usd_per_1m_output_tokens_at_sla{suffix}"] == pytest.approx(
             2.5 / 3600 / m[f"serve/tok_s_at_sla{suffix}"] * 1e6)
     assert run.data.tags["env.kernel"] == "int4pack"  # the candidate served on its fast kernel
+    # warm-up before each point: its concurrency (warmup: 1) in requests of the same workload, apart from the timed files
+    from llmopt.eval.runtimes.server import read_point
+
+    for point, streams in (("c1", 1), ("c4", 4)):
+        found = sorted(tiny_workdir["cache"].glob(f"stages/*/load/warmup/{point}.json"))
+        assert len(found) == 2, found  # the candidate's and the base's
+        assert all(read_point(json.loads(warm.read_text()))["requests"] == streams for warm in found)
+    assert m["serve/warmup_s"] > 0 and m["serve/warmup_s_base"] > 0
     # RTN is stored dequantized (as big as its base on disk); served, int4pack holds its linear layers in 4 bits
     assert m["memory/weights_gb"] == pytest.approx(m["memory/weights_gb_base"], rel=0.01)
     assert m["serve/weights_gb_in_memory"] < 0.6 * m["serve/weights_gb_in_memory_base"]
@@ -161,6 +170,25 @@ def test_a_server_that_cannot_serve_exit_1_names_its_log_and_leaves_nothing(case
     words = ("exited with code 3 before its health check passed: fake server: bad flag --xyz" if case == "exits"
              else "health check (http://127.0.0.1:")
     assert words in err and "server log: " in err and "server.log" in err, err
+    assert not _alive(int((tmp_path / "pid").read_text()))
+
+
+def test_a_server_that_fails_every_request_exit_1_with_its_error(tiny_workdir, tmp_path, capsys):
+    """A stand-in server (not a real one) that is healthy but answers every completion with HTTP 500:
+    the warm-up finds it, the error names GuideLLM's message and the server log, no process is left."""
+    body = ("import http.server\n"
+            "class H(http.server.BaseHTTPRequestHandler):\n"
+            "    def do_GET(self):\n"
+            "        self.send_response(200); self.end_headers(); self.wfile.write(b'{}')\n"
+            "    def do_POST(self):\n"
+            "        self.send_response(500); self.end_headers(); self.wfile.write(b'{\"error\": \"fake: out of blocks\"}')\n"
+            "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()")
+    command = ", ".join(f"'{part}'" for part in _fake_server(tmp_path, body))
+    recipe = tmp_path / "serve.yaml"
+    recipe.write_text(HEAD + LOAD + f"    warmup: 1\n    server: {{command: [{command}, '{{port}}'], startup_timeout_s: 30}}\n")
+    assert run_cli(tiny_workdir, "run", str(recipe)) == 1
+    err = capsys.readouterr().err
+    assert "every warm-up request at c1 failed: " in err and "500" in err and "server log: " in err, err
     assert not _alive(int((tmp_path / "pid").read_text()))
 
 
@@ -276,10 +304,13 @@ def test_a_point_counts_cancelled_requests_apart_from_errors():
     assert row["e2e_ms_p99"] == pytest.approx(3000) and row["ttft_ms_p50"] == pytest.approx(1.0)
 
 
-def test_warm_up_runs_each_load_points_concurrency():
+def test_warm_up_runs_each_load_points_concurrency_on_prompts_of_its_own():
     from types import SimpleNamespace
 
-    from llmopt.eval.runtimes.server import warmup_streams
+    from llmopt.eval.runtimes.server import point_seeds, warmup_requests
 
-    assert warmup_streams(SimpleNamespace(load=SimpleNamespace(points=[64, 1, 8, 8]))) == [1, 8, 64]
-    assert warmup_streams(SimpleNamespace(load=SimpleNamespace(points=[0.5, 2.5, 1000]))) == [1, 3, 256]
+    cfg = SimpleNamespace(warmup=2, seed=7, load=SimpleNamespace(points=[1, 8, 64]))
+    assert [warmup_requests(cfg, v) for v in (1, 8, 64, 0.5, 2.5, 1000)] == [2, 16, 128, 2, 6, 512]
+    seeds = point_seeds(cfg)
+    assert len(seeds) == 3 and len({s for pair in seeds for s in pair}) == 6, "every run draws prompts of its own"
+    assert seeds[0][1] == 7, "the recipe's seed draws the first point's prompts"

@@ -7,10 +7,13 @@ Per model (the candidate, then the base with the same settings):
    of its own that dies with llmopt (Linux: a parent-death signal);
 2. wait for its health check; a server that exits, or a health check that never passes, is an
    error naming the server log (exit 1); a port in use is refused before anything starts;
-3. warm it up, then run the load generator, GuideLLM (guidellm), once per load point: a fixed
-   number of concurrent streams, or a request rate (constant or Poisson), with the recipe's prompt
-   and output length distributions, request count or duration, and seed; each point's raw JSON is
-   kept;
+3. run the load generator, GuideLLM (guidellm), once per load point: a fixed number of concurrent
+   streams, or a request rate (constant or Poisson), with the recipe's prompt and output length
+   distributions, request count or duration; each point's raw JSON is kept. Before each point, a
+   warm-up run of the same workload at that load (`warmup` x its concurrency requests) compiles or
+   graph-captures the shapes the point will meet. Every run draws its own prompts (a seed per run,
+   the same for candidate and base), so that no point is served from prefixes an earlier run left
+   in the server's prefix cache;
 4. read the server's own figures where it reports them (`llmopt.serve`'s `/llmopt/stats`: paged KV
    blocks and bytes reserved and used, peak GPU memory);
 5. stop the server by its process group: SIGTERM, then SIGKILL after 15 s; on failure and on
@@ -184,8 +187,10 @@ def _tokens(value, name: str) -> str:
     return f"{name}={value.mean},{name}_stdev={max(round(value.stdev), 0)}"
 
 
-def guidellm_command(cfg, target: str, model_name: str, tokenizer: Path, value: float, raw: Path) -> list[str]:
-    """One load point of GuideLLM against `target`: the recipe's profile, lengths, count or duration, seed."""
+def guidellm_command(cfg, target: str, model_name: str, tokenizer: Path, value: float, raw: Path, seed: int,
+                     requests: int | None = None) -> list[str]:
+    """One load point of GuideLLM against `target`: the recipe's profile and lengths, the prompts drawn
+    with `seed`, for the recipe's count or duration (or exactly `requests`, for a warm-up)."""
     load = cfg.load
     profile = f"kind=concurrent,streams={int(value)}" if load.profile == "concurrent" else f"kind={load.profile},rate={value:g}"
     command = [sys.executable, "-m", "guidellm", "run",
@@ -194,13 +199,36 @@ def guidellm_command(cfg, target: str, model_name: str, tokenizer: Path, value: 
                "--data", f"kind=synthetic_text,{_tokens(cfg.input_tokens, 'prompt_tokens')},"
                          f"{_tokens(cfg.output_tokens, 'output_tokens')}",
                "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
-               "--seed", f"kind=static,value={cfg.seed}",
+               "--seed", f"kind=static,value={seed}",
                "--output", f"kind=json,path={raw}", "--disable-console-interactive"]
+    if requests is not None:
+        return command + ["--constraint", f"kind=max_requests,count={requests}"]
     if load.requests is not None:
         command += ["--constraint", f"kind=max_requests,count={load.requests}"]
     if load.duration_s is not None:
         command += ["--constraint", f"kind=max_duration,seconds={load.duration_s:g}"]
     return command
+
+
+def point_seeds(cfg) -> list[tuple[int, int]]:
+    """(warm-up seed, timed seed) per load point: every run draws prompts of its own, so that no point
+    meets prompts an earlier run left in the server's prefix cache (transformers serve and vLLM share
+    KV blocks of identical prefixes by default); the candidate and the base get the same ones."""
+    n = len(cfg.load.points)
+    return [(cfg.seed + n + i, cfg.seed + i) for i in range(n)]
+
+
+def warmup_requests(cfg, value: float) -> int:
+    """Requests per warm-up round at a load point: its concurrency (a rate point: its rate, rounded
+    up), so that every batch shape the point meets is compiled or graph-captured before it is timed
+    (transformers' continuous batching captures a CUDA graph per padded shape, when it first appears)."""
+    return min(max(1, math.ceil(value)), 256) * cfg.warmup
+
+
+def first_error(raw: dict) -> str | None:
+    """The first error message GuideLLM kept for a failed request, if any."""
+    errored = raw["benchmarks"][0].get("requests", {}).get("errored") or []
+    return next((r["info"]["error"] for r in errored if r.get("info", {}).get("error")), None)
 
 
 def read_point(raw: dict) -> dict[str, float]:
@@ -282,37 +310,34 @@ class ServerRuntime(Runtime):
         else:
             model_name = spec.model_name or ("llmopt" if spec.command is None else str(src.path))
             (command, env), cwd = cls.command(cfg, src, out, ctx, host, port, model_name), None
-        (out / "load").mkdir(exist_ok=True)
+        (out / "load" / "warmup").mkdir(parents=True, exist_ok=True)
         rows: list[tuple[float, dict]] = []
         report: dict = {"server_command": command, "model_name": model_name, "port": port, "points": {}}
         with Server(command, host, port, log, spec.health_path, spec.startup_timeout_s, env, cwd) as server:
-            target = f"http://{host}:{port}"
-            started = time.perf_counter()
-            _warm_up(target, model_name, cfg)
-            metrics: dict[str, float] = {"serve/startup_s": server.startup_s, "serve/warmup_s": time.perf_counter() - started}
+            metrics: dict[str, float] = {"serve/startup_s": server.startup_s, "serve/warmup_s": 0.0}
             with progress_bar(len(cfg.load.points), f"serve load {cfg.load.profile}", enabled=ctx.progress) as advance:
-                for value in cfg.load.points:
+                for value, (warmup_seed, seed) in zip(cfg.load.points, point_seeds(cfg), strict=True):
                     label = point_label(cfg.load.profile, value)
-                    raw = out / "load" / f"{label}.json"
-                    with open(out / "load" / f"{label}.log", "wb") as sink:
-                        done = subprocess.run(guidellm_command(cfg, target, model_name, src.path, value, raw),
-                                              stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-                    if done.returncode != 0 or not raw.exists():
-                        raise ServerError(f"the load generator failed at {label} (exit {done.returncode}): "
-                                          f"{_last_line(out / 'load' / f'{label}.log')}; its log: {out / 'load' / f'{label}.log'}"
-                                          f"; server log: {log}")
-                    if server.process.poll() is not None:
-                        raise ServerError(f"the server exited with code {server.process.returncode} during load {label}: "
-                                          f"{_last_line(log)}; server log: {log}")
-                    row = read_point(json.loads(raw.read_text()))
+                    if cfg.warmup:  # the workload's own shapes at this load, on prompts the timed run will not send
+                        started = time.perf_counter()
+                        warm = _generate(cfg, server, model_name, src.path, value, out, f"warmup/{label}", warmup_seed,
+                                         warmup_requests(cfg, value))
+                        metrics["serve/warmup_s"] += time.perf_counter() - started
+                        if warm["requests"] == 0:
+                            raise ServerError(f"every warm-up request at {label} failed: "
+                                              f"{warm['error'] or 'no request completed'}; server log: {log}")
+                    row = _generate(cfg, server, model_name, src.path, value, out, label, seed)
                     if cfg.gpu_hourly_usd is not None and row["output_tok_s"] > 0:
                         row["usd_per_1m_output_tokens"] = cfg.gpu_hourly_usd / 3600 / row["output_tok_s"] * 1e6
                     row["meets_sla"] = float(meets(row, cfg.sla))
+                    if row["errors"]:
+                        log.warning("load %s: %d requests failed; the first: %s", label, row["errors"], row["error"])
                     if row["incomplete"] > row["requests"]:
                         log.warning("load %s: %d requests were cut off at the end of the point and %d completed: the "
                                     "window is short for this server's latency (e2e p50 %.1f s); latency percentiles "
                                     "count completed requests only. Lengthen load.duration_s or give load.requests",
                                     label, row["incomplete"], row["requests"], row["e2e_ms_p50"] / 1000)
+                    del row["error"]
                     rows.append((value, row))
                     report["points"][label] = row
                     metrics.update({f"serve/{name}/{label}": v for name, v in row.items()})
@@ -375,31 +400,20 @@ TRANSFORMERS_SERVE_OPTIONS = ("continuous_batching", "compile", "attn_implementa
                               "cb_max_batch_tokens", "cb_max_memory_percent", "cb_use_cuda_graph")
 
 
-def warmup_streams(cfg) -> list[int]:
-    """Concurrent requests per warm-up round: each load point's stream count (a rate point: its rate,
-    rounded up), so that every batch shape the sweep meets is compiled or graph-captured before it is
-    timed (transformers' continuous batching captures a CUDA graph per padded batch size, lazily)."""
-    return sorted({min(max(1, math.ceil(v)), 256) for v in cfg.load.points})
-
-
-def _warm_up(target: str, model_name: str, cfg) -> None:
-    """`warmup` rounds of concurrent requests at each load point's concurrency."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    for _ in range(cfg.warmup):
-        for streams in warmup_streams(cfg):
-            with ThreadPoolExecutor(streams) as pool:
-                for future in [pool.submit(_complete, target, model_name, cfg) for _ in range(streams)]:
-                    future.result()
-
-
-def _complete(target: str, model_name: str, cfg) -> None:
-    """One warm-up request of the workload's output length (compilation, graph capture, cache allocation)."""
-    output = cfg.output_tokens if isinstance(cfg.output_tokens, int) else cfg.output_tokens.mean
-    body = json.dumps({"model": model_name, "prompt": "Once upon a time", "max_tokens": output, "ignore_eos": True}).encode()
-    request = urllib.request.Request(f"{target}/v1/completions", body, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=cfg.serving.startup_timeout_s) as response:
-            response.read()
-    except urllib.error.HTTPError as e:
-        raise ServerError(f"the warm-up request failed: HTTP {e.code} {e.read()[:300]!r}") from None
+def _generate(cfg, server: Server, model_name: str, tokenizer: Path, value: float, out: Path, name: str, seed: int,
+              requests: int | None = None) -> dict:
+    """One GuideLLM run against the server; its figures (read_point) and first error. The raw JSON and
+    the log stay in `out/load/<name>.{json,log}`."""
+    raw, logfile = out / "load" / f"{name}.json", out / "load" / f"{name}.log"
+    target = f"http://{server.host}:{server.port}"
+    with open(logfile, "wb") as sink:
+        done = subprocess.run(guidellm_command(cfg, target, model_name, tokenizer, value, raw, seed, requests),
+                              stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if done.returncode != 0 or not raw.exists():
+        raise ServerError(f"the load generator failed at {name} (exit {done.returncode}): {_last_line(logfile)}; "
+                          f"its log: {logfile}; server log: {server.log}")
+    if server.process.poll() is not None:
+        raise ServerError(f"the server exited with code {server.process.returncode} during load {name}: "
+                          f"{_last_line(server.log)}; server log: {server.log}")
+    data = json.loads(raw.read_text())
+    return {**read_point(data), "error": first_error(data)}
