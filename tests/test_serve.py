@@ -197,9 +197,11 @@ def test_ctrl_c_stops_the_server(tmp_path):
     command = ", ".join(f"'{part}'" for part in _fake_server(tmp_path, "time.sleep(600)"))
     recipe = tmp_path / "serve.yaml"
     recipe.write_text(HEAD + LOAD + f"    server: {{command: [{command}], startup_timeout_s: 300}}\n")
+    # as from a terminal: SIGINT at its default even where this test runs with SIGINT ignored (a job
+    # started with `&` by a shell without job control inherits SIG_IGN, and Python then keeps ignoring it)
     run = subprocess.Popen([sys.executable, "-m", "llmopt.cli", "run", str(recipe), "--cache-dir", str(tmp_path / "cache"),
                             "--mlruns", str(tmp_path / "mlruns"), "--no-progress"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.PIPE)
+                           stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (tmp_path / "pid").exists() and time.monotonic() < deadline and run.poll() is None:
         time.sleep(0.2)
