@@ -54,8 +54,8 @@ POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "
                  *(f"{m}_{p}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")),
                  "usd_per_1m_output_tokens", "meets_sla")
 HEADLINE = ("load_at_sla", "tok_s_at_sla", "requests_s_at_sla", "usd_per_1m_output_tokens_at_sla", "points_meeting_sla")
-SERVER_FIGURES = ("startup_s", "warmup_s", "weights_gb_in_memory", "kv_blocks", "kv_block_size", "kv_gb_reserved", "kv_blocks_used_peak",
-                  "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb")
+SERVER_FIGURES = ("startup_s", "warmup_s", "weights_gb_in_memory", "kv_blocks", "kv_block_size", "kv_gb_reserved",
+                  "kv_blocks_used_peak", "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb")
 STOP_GRACE_S = 15
 log = logging.getLogger("llmopt")
 
@@ -219,8 +219,8 @@ def point_seeds(cfg) -> list[tuple[int, int]]:
 
 
 def warmup_requests(cfg, value: float) -> int:
-    """Requests per warm-up round at a load point: its concurrency (a rate point: its rate, rounded
-    up), so that every batch shape the point meets is compiled or graph-captured before it is timed
+    """Warm-up requests before a load point: `warmup` rounds of its concurrency (a rate point: its
+    rate, rounded up), so that every batch shape the point meets is compiled or graph-captured before it is timed
     (transformers' continuous batching captures a CUDA graph per padded shape, when it first appears)."""
     return min(max(1, math.ceil(value)), 256) * cfg.warmup
 

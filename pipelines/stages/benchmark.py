@@ -262,4 +262,3 @@ def serve_table(cfg: Benchmark, metrics: dict[str, float]) -> str:
             base = metrics.get(f"serve/{name}_base")
             lines.append(f"- {name}: {metrics[f'serve/{name}']:.4g}" + (f" (base {base:.4g})" if base is not None else ""))
     return "\n".join(lines) + "\n"
-
