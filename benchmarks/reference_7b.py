@@ -13,7 +13,8 @@ The int4 case is round-to-nearest in the GPTQ format (`gptq_rtn`): the same chec
 kernel as calibrated GPTQ, without its ~100 s of calibration on random weights, which would mean
 nothing for speed (GPTQModel's RTN still took 153 s on an H200). The int8 case is llmopt's own `rtn`
 (per channel, saved dequantized; its grid is read back exactly and runs on the same Marlin kernel):
-seconds to quantize, which is what let it fit in one GPU call.
+seconds to quantize, which is what let it fit in one GPU call. `rtn4` is the same for 4 bits, group
+128: the int4 case's kernel and grid without GPTQModel's 153 s.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ MODELOPT = "      dataset: {{path: {data}}}\n      num_samples: 8\n      seq_len
 CASES = {
     "int4": "  - stage: quantize\n    method: gptq_rtn\n    bits: 4\n    group_size: 128\n",
     "int8": "  - stage: quantize\n    method: rtn\n    bits: 8\n    group_size: -1\n",
+    # GPTQ's grid (4-bit, group 128, symmetric) by llmopt's own round-to-nearest: the same Marlin layers
+    # as `int4`, quantized in seconds instead of GPTQModel's 153 s
+    "rtn4": "  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n",
     "fp8": "  - stage: quantize\n    method: modelopt\n    format: fp8\n    calibration:\n" + MODELOPT,
     "awq": "  - stage: quantize\n    method: modelopt\n    format: int4_awq\n    group_size: 128\n    calibration:\n"
            + MODELOPT,

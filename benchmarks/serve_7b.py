@@ -3,17 +3,24 @@ group 128, on the Marlin kernel) against bf16, both behind `transformers serve` 
 continuous batching, paged KV cache) under the same GuideLLM sweep, in one `llmopt run`. Not a
 test: figures, not asserts. Run from the repository root, with llmopt[serve] installed:
 
-    python benchmarks/serve_7b.py WORKDIR OUTDIR [smoke] [default|tuned ...]
+    python benchmarks/serve_7b.py WORKDIR OUTDIR [smoke] [default|graphs|tuned ...]
 
-`smoke` first serves the embedded tiny Llama on the GPU (no Marlin, 2 short points) and stops the
-script if that fails, so a broken setup costs a minute, not a 7B sweep. `default` is transformers
-serve as it comes (continuous batching, its own block counts; with sdpa's paged attention it runs
-without CUDA graphs); `tuned` turns CUDA graphs on for the batching manager (the server's `compile`
-flag does not reach continuous batching, and validation refuses it there). Each preset writes
-OUTDIR/<preset>.json (metrics and tags of the benchmark run) and its log. Marlin's extension builds
-in the background from the start (benchmarks/reference_7b.py).
+`smoke` first serves the embedded tiny Llama on the GPU (no Marlin, 2 short points) with the first
+preset's server settings, and stops the script if that fails, so a broken setup costs a minute, not
+a 7B sweep. The presets:
+- `default`: transformers serve as it comes (continuous batching, its own block counts; with sdpa's
+  paged attention it runs without CUDA graphs);
+- `graphs`: CUDA graphs on for the batching manager (the server's `compile` flag does not reach
+  continuous batching, and validation refuses it there). With sdpa's mask, graphs pad each step's
+  KV read to transformers' default interval of 16384 tokens: one lone request gathers and attends
+  over 16384 keys per layer per step (about 25 GB of traffic a step for this 7B);
+- `tuned`: graphs with padding intervals sized to this workload (queries to 16 tokens, the KV read
+  to 2048: a 128+256-token request fits one interval, 64 of them 13), and double-buffered (async)
+  batching, which transformers turns on by itself only for attention without a mask.
+Each preset writes OUTDIR/<preset>.json (metrics and tags of the benchmark run) and its log.
+Marlin's extension builds in the background from the start (benchmarks/reference_7b.py).
 
-Measured on an H200 (benchmarks/results/serve_7b_h200/): the tuned preset took 475 s in all
+Measured on an H200 (benchmarks/results/serve_7b_h200/): the graphs preset took 475 s in all
 (model written 19 s, RTN 30 s, Marlin build 170 s in the background, then per model a server start
 of 14-43 s, a warm-up of about 40 s and 4 points of 15 s); that, plus about 60 s of machine start
 and install, fills one 10-minute call. The default preset does not fit in one: it decodes at about
@@ -30,7 +37,9 @@ from reference_7b import prewarm_marlin, run_recipe
 
 PRESETS = {
     "default": "",
-    "tuned": "    server: {cb_use_cuda_graph: true}\n",
+    "graphs": "    server: {cb_use_cuda_graph: true}\n",
+    "tuned": "    server: {cb_use_cuda_graph: true, cb_q_padding_interval_size: 16, cb_kv_padding_interval_size: 2048,\n"
+             "             cb_use_async_batching: true}\n",
 }
 STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"
@@ -52,7 +61,7 @@ def main(workdir: Path, out: Path, presets: list[str]) -> None:
     prewarm = prewarm_marlin(workdir / "cache", out / "marlin-prewarm.log")  # while the model is written and quantized
     if "smoke" in presets:
         presets = [p for p in presets if p != "smoke"]
-        (workdir / "smoke.yaml").write_text(SMOKE)
+        (workdir / "smoke.yaml").write_text(SMOKE + (PRESETS[presets[0]] if presets else ""))
         if run_recipe(workdir / "smoke.yaml", "serve-smoke", workdir, out / "smoke", {"preset": "smoke"})["exit"] != 0:
             prewarm.kill()
             sys.exit("the smoke run failed: see smoke.log")

@@ -14,7 +14,10 @@ additions made in this process only:
 
 The spec (written by the benchmark stage) is JSON: {"artifact": {"path", "kind", "info"}, "device",
 "dtype", "trust_remote_code", "kernel", "cache_root", "model_name", "host", "port", "options"}, where
-options are `transformers serve`'s own (continuous_batching, compile, attn_implementation, cb_*).
+options are `transformers serve`'s own (continuous_batching, compile, attn_implementation) and the
+fields of its ContinuousBatchingConfig as `cb_<field>` (block_size, use_cuda_graph, and those its
+command line lacks: q/kv_padding_interval_size, use_async_batching, default_compile_level, ...).
+`/llmopt/stats` also reports the batching config as resolved (what auto-detection chose).
 It exits on SIGTERM or SIGINT, stopping the batching thread first.
 """
 
@@ -36,11 +39,11 @@ class _Stats:
         self._stop = threading.Event()
         threading.Thread(target=self._poll, daemon=True).start()
 
+    def _manager(self):
+        return getattr(getattr(self.serve._generation_state, "_cb_manager", None), "_cb", None)
+
     def _cache(self):
-        manager = getattr(self.serve._generation_state, "_cb_manager", None)
-        cb = getattr(manager, "_cb", None)
-        processor = getattr(cb, "batch_processor", None)
-        return getattr(processor, "cache", None)
+        return getattr(getattr(self._manager(), "batch_processor", None), "cache", None)
 
     def _poll(self) -> None:
         while not self._stop.wait(0.02):
@@ -58,6 +61,12 @@ class _Stats:
             out.update({"kv_blocks": cache.num_blocks, "kv_block_size": cache.block_size, "kv_bytes_reserved": reserved,
                         "kv_blocks_used_peak": self.peak_used_blocks,
                         "kv_bytes_used_peak": reserved * self.peak_used_blocks / max(cache.num_blocks, 1)})
+        config = getattr(self._manager(), "continuous_batching_config", None)
+        if config is not None:  # as resolved: what auto-detection chose (CUDA graphs, async batching, paddings)
+            fields = ("block_size", "num_blocks", "max_batch_tokens", "max_requests_per_batch", "use_cuda_graph",
+                      "use_async_batching", "q_padding_interval_size", "kv_padding_interval_size",
+                      "default_compile_level", "max_blocks_per_request", "scheduler_type")
+            out["batching"] = {k: getattr(config, k, None) for k in fields}
         if torch.cuda.is_available():
             out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
             out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
@@ -109,9 +118,14 @@ def main(spec_path: str) -> int:
     _patch_transformers(model, tokenizer)
     from transformers.cli.serve import Serve
 
-    options = spec.get("options", {})
+    options = dict(spec.get("options", {}))
+    batching = {k.removeprefix("cb_"): options.pop(k) for k in list(options) if k.startswith("cb_")}
     serve = Serve(force_model=spec["model_name"], device=spec["device"], host=spec.get("host", "127.0.0.1"),
                   port=int(spec["port"]), non_blocking=True, log_level="warning", **options)
+    if batching:  # the whole config, not only the fields Serve's command line takes (read when the first request comes)
+        from transformers import ContinuousBatchingConfig
+
+        serve._generation_state._cb_config = ContinuousBatchingConfig(**batching)
     stats = _Stats(serve)
     app = serve.server.config.app
     app.add_api_route("/llmopt/stats", lambda: {**stats.report(), "kernel": applied.tag(), "weights_bytes": weights},

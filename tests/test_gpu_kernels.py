@@ -114,3 +114,24 @@ def test_compiled_runtime_runs_marlin_in_its_cuda_graph(tiny_model, kernel_cache
     result = benchmark.run(cfg, artifact, tmp_path / "b", ctx)
     assert result.info["environment"]["kernel"] == "marlin"
     assert result.metrics["kernel/layers"] == LAYERS and result.metrics["bench/output_tok_s/bs8"] > 0
+
+
+def test_compiled_runtime_decodes_what_generate_decodes(tiny_model, ids):
+    """The compiled runtime (prefill and decode step, each one CUDA graph) produces greedy decoding's
+    tokens: the first 8 as `generate` (the module's tolerance: inductor's fusions round differently
+    from eager), and a second run (graph replays after a cache reset) the first run's 24 exactly."""
+    from llmopt.eval.runtimes.compiled import CompiledRuntime
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).to("cuda").eval()
+    batch = [list(ids[:16]), list(ids[100:116])]  # equal lengths: no padding, so generate's rows are the same
+    with torch.no_grad():
+        expected = model.generate(torch.tensor(batch, device="cuda"), max_new_tokens=24, min_new_tokens=24,
+                                  do_sample=False)[:, 16:]
+    runtime = CompiledRuntime(model, "cuda")
+    runtime.prepare(batch, 24)
+    runtime.run(batch, 24)
+    first = runtime.tokens.clone()
+    assert torch.equal(first[:, :8], expected[:, :8]), (first, expected)
+    runtime.run(batch, 24)
+    assert torch.equal(runtime.tokens, first)

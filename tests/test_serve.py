@@ -67,6 +67,13 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
         assert m[f"serve/usd_per_1m_output_tokens_at_sla{suffix}"] == pytest.approx(
             2.5 / 3600 / m[f"serve/tok_s_at_sla{suffix}"] * 1e6)
     assert run.data.tags["env.kernel"] == "int4pack"  # the candidate served on its fast kernel
+    # the recipe's batching settings, as each server's batching manager resolved them (candidate and base)
+    reports = [json.loads(r.read_text()) for r in tiny_workdir["cache"].glob("stages/*/report.json")]
+    batching = [r["server_stats"]["batching"] for r in reports if "server_stats" in r]
+    assert len(batching) == 2
+    for resolved in batching:
+        assert (resolved["max_requests_per_batch"], resolved["kv_padding_interval_size"]) == (4, 512), resolved
+        assert resolved["use_cuda_graph"] == [False, False]  # no CUDA here: graphs are off whatever the recipe says
     # warm-up before each point: its concurrency (warmup: 1) in requests of the same workload, apart from the timed files
     from llmopt.eval.runtimes.server import read_point
 
@@ -130,6 +137,10 @@ BAD = {
                               "compile: transformers serve options, and `command` runs another server"),
     "compile under continuous batching": (LOAD + "    server: {compile: true}\n", "stages[0]",
                                           "compile: transformers serve's compile (a static cache) does not apply"),
+    "batching options for another server": (LOAD + "    server: {command: [python3], cb_use_async_batching: true}\n",
+                                            "stages[0]", "cb_use_async_batching: transformers serve options"),
+    "compile level out of range": (LOAD + "    server: {cb_default_compile_level: 4}\n",
+                                   "stages[0].server.cb_default_compile_level", "less than or equal to 3"),
     "cb options without continuous batching": (LOAD + "    server: {continuous_batching: false, cb_use_cuda_graph: true}\n",
                                                "stages[0]", "cb_use_cuda_graph: continuous-batching options"),
 }

@@ -395,9 +395,12 @@ def compiled_serve_command(bundle: Path, host: str, port: int) -> list[str]:
     return command
 
 
-# `transformers serve` options a recipe may set (llmopt.serve passes them on as they are)
+# `transformers serve` options a recipe may set (llmopt.serve passes them on: the cb_* ones become its
+# ContinuousBatchingConfig, the others go to `transformers serve` as they are)
 TRANSFORMERS_SERVE_OPTIONS = ("continuous_batching", "compile", "attn_implementation", "cb_block_size", "cb_num_blocks",
-                              "cb_max_batch_tokens", "cb_max_memory_percent", "cb_use_cuda_graph")
+                              "cb_max_batch_tokens", "cb_max_memory_percent", "cb_use_cuda_graph",
+                              "cb_q_padding_interval_size", "cb_kv_padding_interval_size", "cb_use_async_batching",
+                              "cb_default_compile_level", "cb_max_requests_per_batch")
 
 
 def _generate(cfg, server: Server, model_name: str, tokenizer: Path, value: float, out: Path, name: str, seed: int,

@@ -44,12 +44,20 @@ class ServerSpec(Strict):
     cb_max_batch_tokens: PositiveInt | None = None
     cb_max_memory_percent: float | None = Field(None, gt=0, le=1)
     cb_use_cuda_graph: bool | None = None
+    # continuous batching's own settings that the `transformers serve` command line does not expose
+    # (llmopt.serve sets them on its ContinuousBatchingConfig): with sdpa's paged attention (which
+    # needs a mask) CUDA graphs pad the batch's query tokens and its KV read to these intervals
+    # (transformers' defaults: 64 and 16384 tokens, so one lone request attends over 16384 keys a step)
+    cb_q_padding_interval_size: PositiveInt | None = None
+    cb_kv_padding_interval_size: PositiveInt | None = None
+    cb_use_async_batching: bool | None = None  # double-buffered inputs: the CPU prepares step n+1 during step n
+    cb_default_compile_level: int | None = Field(None, ge=0, le=3)  # torch.compile of the step (1-3: longer warm-up)
+    cb_max_requests_per_batch: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _options_for_the_default_server(self) -> ServerSpec:
         if self.command is not None:
-            tuned = [k for k in ("compile", "attn_implementation", "cb_block_size", "cb_num_blocks", "cb_max_batch_tokens",
-                                 "cb_max_memory_percent", "cb_use_cuda_graph") if k in self.model_fields_set]
+            tuned = sorted(k for k in self.model_fields_set if k in ("compile", "attn_implementation") or k.startswith("cb_"))
             if tuned or "continuous_batching" in self.model_fields_set:
                 raise ValueError(f"{', '.join(tuned or ['continuous_batching'])}: transformers serve options, and "
                                  "`command` runs another server; set that server's options in its command")
