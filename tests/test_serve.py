@@ -317,6 +317,29 @@ def test_a_point_counts_cancelled_requests_apart_from_errors():
     assert row["e2e_ms_p99"] == pytest.approx(3000) and row["ttft_ms_p50"] == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("completed", [2, 0])
+def test_a_point_with_errors_and_a_short_window_is_reported_and_said(completed, caplog):
+    """A point with failed requests, and one whose window cut off more requests than completed: cost
+    and SLA verdict added, both said in the log (on an H200 this path crashed a 7B sweep), the error
+    text kept out of the metrics."""
+    import logging
+    from types import SimpleNamespace
+
+    from llmopt.eval.runtimes.server import finish_point
+
+    cfg = SimpleNamespace(gpu_hourly_usd=3.6, sla={"p99_ttft_ms": 500})
+    row = {"requests": completed, "errors": 1, "incomplete": 5, "error": "HTTP 500: boom", "output_tok_s": 250.0,
+           "requests_s": 0.2, "error_rate": 1 / (completed + 1), "ttft_ms_p99": 100.0, "e2e_ms_p50": 4000.0 if completed else 0.0}
+    with caplog.at_level(logging.WARNING, logger="llmopt"):
+        out = finish_point(row, "c8", cfg)
+    assert "error" not in out and out["meets_sla"] == 0.0  # an error fails the point when the SLA allows none
+    assert out["usd_per_1m_output_tokens"] == pytest.approx(3.6 / 3600 / 250 * 1e6)
+    said = caplog.text
+    assert "load c8: 1 requests failed; the first: HTTP 500: boom" in said
+    assert f"5 requests were cut off at the end of the point and {completed} completed" in said
+    assert ("e2e p50 4.0 s" if completed else "no request completed") in said
+
+
 def test_warm_up_runs_each_load_points_concurrency_on_prompts_of_its_own():
     from types import SimpleNamespace
 

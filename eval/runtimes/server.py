@@ -303,7 +303,7 @@ class ServerRuntime(Runtime):
         spec = cfg.serving
         host = spec.host
         port = spec.port or free_port(host)
-        log = out / "server.log"
+        server_log = out / "server.log"
         if spec.command == "compiled":  # the compile stage's trtllm-serve, run in its bundle
             command, env, cwd = compiled_serve_command(src.path, host, port), None, src.path
             model_name = spec.model_name or command[1]  # trtllm-serve names the model by its path argument
@@ -313,7 +313,7 @@ class ServerRuntime(Runtime):
         (out / "load" / "warmup").mkdir(parents=True, exist_ok=True)
         rows: list[tuple[float, dict]] = []
         report: dict = {"server_command": command, "model_name": model_name, "port": port, "points": {}}
-        with Server(command, host, port, log, spec.health_path, spec.startup_timeout_s, env, cwd) as server:
+        with Server(command, host, port, server_log, spec.health_path, spec.startup_timeout_s, env, cwd) as server:
             metrics: dict[str, float] = {"serve/startup_s": server.startup_s, "serve/warmup_s": 0.0}
             with progress_bar(len(cfg.load.points), f"serve load {cfg.load.profile}", enabled=ctx.progress) as advance:
                 for value, (warmup_seed, seed) in zip(cfg.load.points, point_seeds(cfg), strict=True):
@@ -325,19 +325,8 @@ class ServerRuntime(Runtime):
                         metrics["serve/warmup_s"] += time.perf_counter() - started
                         if warm["requests"] == 0:
                             raise ServerError(f"every warm-up request at {label} failed: "
-                                              f"{warm['error'] or 'no request completed'}; server log: {log}")
-                    row = _generate(cfg, server, model_name, src.path, value, out, label, seed)
-                    if cfg.gpu_hourly_usd is not None and row["output_tok_s"] > 0:
-                        row["usd_per_1m_output_tokens"] = cfg.gpu_hourly_usd / 3600 / row["output_tok_s"] * 1e6
-                    row["meets_sla"] = float(meets(row, cfg.sla))
-                    if row["errors"]:
-                        log.warning("load %s: %d requests failed; the first: %s", label, row["errors"], row["error"])
-                    if row["incomplete"] > row["requests"]:
-                        log.warning("load %s: %d requests were cut off at the end of the point and %d completed: the "
-                                    "window is short for this server's latency (e2e p50 %.1f s); latency percentiles "
-                                    "count completed requests only. Lengthen load.duration_s or give load.requests",
-                                    label, row["incomplete"], row["requests"], row["e2e_ms_p50"] / 1000)
-                    del row["error"]
+                                              f"{warm['error'] or 'no request completed'}; server log: {server_log}")
+                    row = finish_point(_generate(cfg, server, model_name, src.path, value, out, label, seed), label, cfg)
                     rows.append((value, row))
                     report["points"][label] = row
                     metrics.update({f"serve/{name}/{label}": v for name, v in row.items()})
@@ -401,6 +390,23 @@ TRANSFORMERS_SERVE_OPTIONS = ("continuous_batching", "compile", "attn_implementa
                               "cb_max_batch_tokens", "cb_max_memory_percent", "cb_use_cuda_graph",
                               "cb_q_padding_interval_size", "cb_kv_padding_interval_size", "cb_use_async_batching",
                               "cb_default_compile_level", "cb_max_requests_per_batch")
+
+
+def finish_point(row: dict, label: str, cfg) -> dict:
+    """One load point's figures as reported: its cost and SLA verdict added, its first error (if any)
+    and a window too short for the server's latency said in the log, the error text taken out."""
+    if cfg.gpu_hourly_usd is not None and row["output_tok_s"] > 0:
+        row["usd_per_1m_output_tokens"] = cfg.gpu_hourly_usd / 3600 / row["output_tok_s"] * 1e6
+    row["meets_sla"] = float(meets(row, cfg.sla))
+    if row["errors"]:
+        log.warning("load %s: %d requests failed; the first: %s", label, row["errors"], row["error"])
+    if row["incomplete"] > row["requests"]:
+        e2e = f"e2e p50 {row['e2e_ms_p50'] / 1000:.1f} s" if row["requests"] else "no request completed"
+        log.warning("load %s: %d requests were cut off at the end of the point and %d completed: the window is short "
+                    "for this server's latency (%s); latency percentiles count completed requests only. Lengthen "
+                    "load.duration_s or give load.requests", label, row["incomplete"], row["requests"], e2e)
+    del row["error"]
+    return row
 
 
 def _generate(cfg, server: Server, model_name: str, tokenizer: Path, value: float, out: Path, name: str, seed: int,
