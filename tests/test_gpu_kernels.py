@@ -117,9 +117,9 @@ def test_compiled_runtime_runs_marlin_in_its_cuda_graph(tiny_model, kernel_cache
 
 
 def test_compiled_runtime_decodes_what_generate_decodes(tiny_model, ids):
-    """The compiled runtime (prefill and decode step, each one CUDA graph) produces greedy decoding's
-    tokens: the first 8 as `generate` (the module's tolerance: inductor's fusions round differently
-    from eager), and a second run (graph replays after a cache reset) the first run's 24 exactly."""
+    """The compiled runtime (its decode step one CUDA graph) produces greedy decoding's tokens: the
+    first 8 as `generate` (the module's tolerance: inductor's fusions round differently from eager),
+    and a second run (graph replays after a cache reset) the first run's 24 exactly."""
     from llmopt.eval.runtimes.compiled import CompiledRuntime
     from transformers import AutoModelForCausalLM
 

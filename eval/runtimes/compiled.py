@@ -1,11 +1,13 @@
-"""`transformers-compiled`: a static KV cache, and the prefill and a one-token decode step each
-compiled with `torch.compile(mode="reduce-overhead")` (CUDA graphs) for the batch's shape, in a lean
-loop, so neither has per-layer Python overhead: one graph replay for the prefill, one per token.
-CUDA only.
+"""`transformers-compiled`: a static KV cache, the prefill run eagerly, and a one-token decode step
+compiled with `torch.compile(mode="reduce-overhead")` (CUDA graphs) in a lean loop, so the decode has
+no per-token Python overhead beyond one graph replay. CUDA only.
 
-The prefill was eager until the H200 runs showed what that cost: a 7B's TTFT at batch 1 was 25-52 ms
-for the same bf16 model in three runs (kernel launches from Python, at the mercy of the CPU), about
-5% of a 256-token request, where its compiled prefill is a few ms of GPU work."""
+The eager prefill costs TTFT: a 7B's at batch 1 was 25-52 ms for the same bf16 model in three H200
+runs (kernel launches from Python). Compiling the prefill too was tried (session 8): its tokens
+matched `generate` on an H200 (the cache must then be made eagerly, `early_initialization`, or the
+decode graph finds the prefill graph's cache tensors overwritten), but a 7B benchmark with it (AWQ
+candidate and bf16 base, batches 1/8/32) did not finish in 350 s where the eager-prefill one took
+264 s, and its timings were never compared: it stays eager until they are."""
 
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from llmopt.eval.runtimes import Runtime
 
 
 class CompiledRuntime(Runtime):
-    """Static cache; compiled prefill and one-token decode step (CUDA graphs) in a lean loop, timed
-    with CUDA events recorded after each step (one synchronisation at the end)."""
+    """Static cache; eager prefill; compiled one-token decode step (CUDA graphs) in a lean loop,
+    timed with CUDA events recorded after each step (one synchronisation at the end)."""
 
     name = "transformers-compiled"
     summary = "static KV cache, compiled decode step with CUDA graphs (CUDA only)"
@@ -49,9 +51,7 @@ class CompiledRuntime(Runtime):
             return logits[:, -1].argmax(-1, keepdim=True)
 
         torch._dynamo.reset()
-        # one function, two static shapes: the prompt (bs x width) and the decode step (bs x 1), each
-        # compiled and captured once (the first run of a shape is the benchmark's warm-up)
-        self.step = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        self.step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
 
     def run(self, batch: list[list[int]], output_tokens: int, stamped: bool = True) -> Sample:
         import torch
@@ -69,14 +69,14 @@ class CompiledRuntime(Runtime):
         cache_positions = [torch.tensor([width + i], device=self.device) for i in range(out)]
         tokens = torch.empty(out, bs, 1, dtype=torch.long, device=self.device)  # step i's input is tokens[i - 1]
         events = [torch.cuda.Event(enable_timing=True) for _ in range(out + 1)]
-        prefill_cache_position = torch.arange(width, device=self.device)
-        prefill_mask = mask[:, :width].contiguous()
         sync(self.device)
         started = time.perf_counter()
         events[0].record()
         with torch.no_grad():  # not inference_mode: the static cache's tensors are reset in place between calls
-            torch.compiler.cudagraph_mark_step_begin()
-            tokens[0] = self.step(ids, prefill_positions, prefill_cache_position, prefill_mask)
+            logits = self.model(input_ids=ids, attention_mask=mask[:, :width], position_ids=prefill_positions,
+                                cache_position=torch.arange(width, device=self.device), past_key_values=self.cache,
+                                use_cache=True).logits
+            tokens[0] = logits[:, -1].argmax(-1, keepdim=True)
             events[1].record()
             for i in range(1, out):
                 # the graph's output buffer is reused by the next replay: copy each token out at once
