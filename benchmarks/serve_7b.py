@@ -16,7 +16,13 @@ a 7B sweep. The presets:
   over 16384 keys per layer per step (about 25 GB of traffic a step for this 7B);
 - `tuned`: graphs with padding intervals sized to this workload (queries to 16 tokens, the KV read
   to 2048: a 128+256-token request fits one interval, 64 of them 13), and double-buffered (async)
-  batching, which transformers turns on by itself only for attention without a mask.
+  batching, which transformers turns on by itself only for attention without a mask;
+- `lean` (not run yet): `tuned` with small batching buffers, 512 tokens a step and 192 blocks of 256
+  (49k tokens of KV cache: 64 requests of up to 416 tokens take 128 blocks). With sdpa, async
+  batching copies its whole host-side attention mask, max_batch_tokens x (KV pages + max_batch_tokens)
+  elements, to the GPU every step (transformers 5.17, read in its source, not profiled): with the
+  auto-sized 8192 tokens and 676 blocks that is about 3 GB a step, which would explain the ~33 ms
+  step that `tuned` measured at 1, 8 and 32 streams alike. `lean`'s mask is about 51 MB.
 Each preset writes OUTDIR/<preset>.json (metrics and tags of the benchmark run) and its log.
 Marlin's extension builds in the background from the start (benchmarks/reference_7b.py).
 
@@ -40,6 +46,9 @@ PRESETS = {
     "graphs": "    server: {cb_use_cuda_graph: true}\n",
     "tuned": "    server: {cb_use_cuda_graph: true, cb_q_padding_interval_size: 16, cb_kv_padding_interval_size: 2048,\n"
              "             cb_use_async_batching: true}\n",
+    # not run yet: tuned with small batching buffers (benchmarks/cb_mask_probe.py says why)
+    "lean": "    server: {cb_use_cuda_graph: true, cb_q_padding_interval_size: 16, cb_kv_padding_interval_size: 2048,\n"
+            "             cb_use_async_batching: true, cb_max_batch_tokens: 512, cb_num_blocks: 192}\n",
 }
 STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"
