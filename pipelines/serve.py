@@ -125,6 +125,8 @@ def main(spec_path: str) -> int:
     if batching:  # the whole config, not only the fields Serve's command line takes (read when the first request comes)
         from transformers import ContinuousBatchingConfig
 
+        if not hasattr(serve._generation_state, "_cb_config"):  # a transformers other than 5.17's layout: never ignore them
+            raise RuntimeError(f"llmopt.serve: this transformers serve keeps no _cb_config; cannot apply {sorted(batching)}")
         serve._generation_state._cb_config = ContinuousBatchingConfig(**batching)
     stats = _Stats(serve)
     app = serve.server.config.app
