@@ -41,14 +41,13 @@ from pathlib import Path
 from llmopt.eval.random_llama import random_llama
 from reference_7b import prewarm_marlin, run_recipe
 
+TUNED = "cb_use_cuda_graph: true, cb_q_padding_interval_size: 16, cb_kv_padding_interval_size: 2048, cb_use_async_batching: true"
 PRESETS = {
     "default": "",
     "graphs": "    server: {cb_use_cuda_graph: true}\n",
-    "tuned": "    server: {cb_use_cuda_graph: true, cb_q_padding_interval_size: 16, cb_kv_padding_interval_size: 2048,\n"
-             "             cb_use_async_batching: true}\n",
+    "tuned": f"    server: {{{TUNED}}}\n",
     # not run yet: tuned with small batching buffers (benchmarks/cb_mask_probe.py says why)
-    "lean": "    server: {cb_use_cuda_graph: true, cb_q_padding_interval_size: 16, cb_kv_padding_interval_size: 2048,\n"
-            "             cb_use_async_batching: true, cb_max_batch_tokens: 512, cb_num_blocks: 192}\n",
+    "lean": f"    server: {{{TUNED}, cb_max_batch_tokens: 512, cb_num_blocks: 192}}\n",
 }
 STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"

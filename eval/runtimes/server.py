@@ -353,7 +353,7 @@ class ServerRuntime(Runtime):
         if spec.command is not None:
             fill = {"model": str(src.path), "port": str(port), "host": host, "model_name": model_name}
             return [part.format(**fill) for part in spec.command], None
-        options = {k: v for k, v in spec.model_dump().items() if k in TRANSFORMERS_SERVE_OPTIONS and v is not None}
+        options = spec.transformers_serve_options()
         spec_file = out / "server-spec.json"
         spec_file.write_text(json.dumps({
             "artifact": {"path": str(src.path), "kind": src.kind, "info": src.info}, "device": ctx.device,
@@ -382,14 +382,6 @@ def compiled_serve_command(bundle: Path, host: str, port: int) -> list[str]:
         else:
             command += [flag, value]
     return command
-
-
-# `transformers serve` options a recipe may set (llmopt.serve passes them on: the cb_* ones become its
-# ContinuousBatchingConfig, the others go to `transformers serve` as they are)
-TRANSFORMERS_SERVE_OPTIONS = ("continuous_batching", "compile", "attn_implementation", "cb_block_size", "cb_num_blocks",
-                              "cb_max_batch_tokens", "cb_max_memory_percent", "cb_use_cuda_graph",
-                              "cb_q_padding_interval_size", "cb_kv_padding_interval_size", "cb_use_async_batching",
-                              "cb_default_compile_level", "cb_max_requests_per_batch")
 
 
 def finish_point(row: dict, label: str, cfg) -> dict:

@@ -54,10 +54,20 @@ class ServerSpec(Strict):
     cb_default_compile_level: int | None = Field(None, ge=0, le=3)  # torch.compile of the step (1-3: longer warm-up)
     cb_max_requests_per_batch: PositiveInt | None = None
 
+    @staticmethod
+    def is_transformers_serve_option(name: str) -> bool:
+        """Whether a field is one of `transformers serve`'s own (llmopt.serve passes it on: the cb_*
+        ones become its ContinuousBatchingConfig, the others go to `transformers serve` as they are)."""
+        return name in ("continuous_batching", "compile", "attn_implementation") or name.startswith("cb_")
+
+    def transformers_serve_options(self) -> dict:
+        """The options llmopt.serve gives `transformers serve`: those the recipe set, or that have a default."""
+        return {k: v for k, v in self.model_dump().items() if self.is_transformers_serve_option(k) and v is not None}
+
     @model_validator(mode="after")
     def _options_for_the_default_server(self) -> ServerSpec:
         if self.command is not None:
-            tuned = sorted(k for k in self.model_fields_set if k in ("compile", "attn_implementation") or k.startswith("cb_"))
+            tuned = sorted(k for k in self.model_fields_set - {"continuous_batching"} if self.is_transformers_serve_option(k))
             if tuned or "continuous_batching" in self.model_fields_set:
                 raise ValueError(f"{', '.join(tuned or ['continuous_batching'])}: transformers serve options, and "
                                  "`command` runs another server; set that server's options in its command")
