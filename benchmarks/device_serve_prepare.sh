@@ -19,5 +19,6 @@ $pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implement
   -d "$dst/wheels" \
   guidellm==0.8.1 openai==3.57.0 jiter==0.19.0 distro click==8.4.2 culsans==0.10.0 aiologic eval_type_backport ftfy \
   faker loguru msgpack pydantic-settings sanic sanic-routing html5tagger tracerite httptools ujson uvloop websockets \
-  multidict wrapt aiofiles h2 hpack hyperframe httpx2 httpcore2 truststore tabulate sniffio idna anyio h11 typing_extensions
+  multidict wrapt aiofiles h2 hpack hyperframe httpx2 httpcore2 truststore tabulate sniffio idna anyio h11 typing_extensions \
+  yappi==1.7.6  # benchmarks/cb_step_profile.py
 du -sh "$dst"

@@ -17,12 +17,13 @@ a 7B sweep. The presets:
 - `tuned`: graphs with padding intervals sized to this workload (queries to 16 tokens, the KV read
   to 2048: a 128+256-token request fits one interval, 64 of them 13), and double-buffered (async)
   batching, which transformers turns on by itself only for attention without a mask;
-- `lean` (not run yet): `tuned` with small batching buffers, 512 tokens a step and 192 blocks of 256
-  (49k tokens of KV cache: 64 requests of up to 416 tokens take 128 blocks). With sdpa, async
+- `sized`: `tuned` with the batching buffers llmopt now sizes to the load by default
+  (`size_batching_from_load`: 160 blocks of 256 for 64 streams of up to 512 tokens, 512 tokens a
+  step). The three presets above ran before that, with the buffers transformers sizes to fill the GPU
+  (8192 tokens a step, 676 blocks), and keep them (`size_batching_from_load: false`). With sdpa, async
   batching copies its whole host-side attention mask, max_batch_tokens x (KV pages + max_batch_tokens)
-  elements, to the GPU every step (transformers 5.17, read in its source, not profiled): with the
-  auto-sized 8192 tokens and 676 blocks that is about 3 GB a step, which would explain the ~33 ms
-  step that `tuned` measured at 1, 8 and 32 streams alike. `lean`'s mask is about 51 MB.
+  elements, to the GPU every step: about 3 GB for those buffers, 42 MB for `sized`'s
+  (benchmarks/cb_mask_probe.py measured 139 against 20 ms a step).
 Each preset writes OUTDIR/<preset>.json (metrics and tags of the benchmark run) and its log.
 Marlin's extension builds in the background from the start (benchmarks/reference_7b.py).
 
@@ -42,12 +43,13 @@ from llmopt.eval.random_llama import random_llama
 from reference_7b import prewarm_marlin, run_recipe
 
 TUNED = "cb_use_cuda_graph: true, cb_q_padding_interval_size: 16, cb_kv_padding_interval_size: 2048, cb_use_async_batching: true"
+AUTO = "size_batching_from_load: false"  # the runs before llmopt sized the buffers: transformers fills the GPU
 PRESETS = {
-    "default": "",
-    "graphs": "    server: {cb_use_cuda_graph: true}\n",
-    "tuned": f"    server: {{{TUNED}}}\n",
-    # not run yet: tuned with small batching buffers (benchmarks/cb_mask_probe.py says why)
-    "lean": f"    server: {{{TUNED}, cb_max_batch_tokens: 512, cb_num_blocks: 192}}\n",
+    "default": f"    server: {{{AUTO}}}\n",
+    "graphs": f"    server: {{cb_use_cuda_graph: true, {AUTO}}}\n",
+    "tuned": f"    server: {{{TUNED}, {AUTO}}}\n",
+    # tuned with the batching buffers llmopt sizes to the load (160 blocks of 256, 512 tokens a step)
+    "sized": f"    server: {{{TUNED}}}\n",
 }
 STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"

@@ -254,3 +254,27 @@ def test_bad_benchmark_input_exit_2_nothing_written(case, workdir, tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and field in err and words in err, err
     assert not workdir["mlruns"].exists() and not workdir["cache"].exists()
+
+
+def test_the_random_llama_decodes_to_text_token_by_token(tmp_path):
+    """The benchmarks' random Llama (32000 rows, a tokenizer of some 500 tokens) greedily picks only tokens that
+    decode to text, so a server streams it token by token (its TTFT and ITL are then per token)."""
+    from llmopt.eval.random_llama import random_llama, visible
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = random_llama(tmp_path / "m", device="cpu", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    size = len(tokenizer)
+    assert model.config.vocab_size == 32000 and 256 < size < 32000
+    rows = model.lm_head.weight.abs().sum(dim=1)
+    assert (rows[size:] == 0).all() and (rows[:2] == 0).all()  # past the tokenizer, and <s> </s>
+    assert (rows[:size] > 0).sum() > 0.5 * size  # the visible tokens keep their random rows
+    prompt = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    new = model.generate(prompt, max_new_tokens=48, min_new_tokens=48, do_sample=False)[0, prompt.shape[1]:].tolist()
+    assert max(new) < size and len(set(new)) > 1
+    assert all(visible(tokenizer.decode([t])) for t in new)
+    # a streaming detokenizer's text grows with every token
+    lengths = [len(tokenizer.decode(new[:i])) for i in range(1, len(new) + 1)]
+    assert all(b > a for a, b in zip(lengths, lengths[1:], strict=False)), lengths

@@ -60,6 +60,8 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
                 p50, p90, p99 = (m[f"serve/{latency}_{p}/{point}{suffix}"] for p in ("p50", "p90", "p99"))
                 assert 0 < p50 <= p90 <= p99
             assert m[f"serve/e2e_ms_p50/{point}{suffix}"] > m[f"serve/ttft_ms_p50/{point}{suffix}"]
+            # a trained model's tokens decode to text: streamed one by one, so TTFT and ITL are per token
+            assert m[f"serve/tokens_per_chunk/{point}{suffix}"] <= 1.5
         assert m[f"serve/kv_blocks{suffix}"] > 0 and 1 <= m[f"serve/kv_blocks_used_peak{suffix}"] <= m[f"serve/kv_blocks{suffix}"]
         # the headline is the highest load meeting the SLA (both do here: the bounds are loose on purpose)
         assert m[f"serve/load_at_sla{suffix}"] == 4
@@ -74,6 +76,9 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
     for resolved in batching:
         assert (resolved["max_requests_per_batch"], resolved["kv_padding_interval_size"]) == (4, 512), resolved
         assert resolved["use_cuda_graph"] == [False, False]  # no CUDA here: graphs are off whatever the recipe says
+        # the buffers the recipe left unset, sized to its load: 4 streams of up to 32+4x4 prompt and 16 output
+        # tokens take a block of 256 each, plus a quarter spare; 512 tokens a step
+        assert (resolved["num_blocks"], resolved["max_batch_tokens"]) == (5, 512), resolved
     # warm-up before each point: its concurrency (warmup: 1) in requests of the same workload, apart from the timed files
     from llmopt.eval.runtimes.server import read_point
 
@@ -137,6 +142,8 @@ BAD = {
                               "compile: transformers serve options, and `command` runs another server"),
     "compile under continuous batching": (LOAD + "    server: {compile: true}\n", "stages[0]",
                                           "compile: transformers serve's compile (a static cache) does not apply"),
+    "buffer sizing for another server": (LOAD + "    server: {command: [python3], size_batching_from_load: false}\n",
+                                         "stages[0]", "size_batching_from_load: transformers serve options"),
     "batching options for another server": (LOAD + "    server: {command: [python3], cb_use_async_batching: true}\n",
                                             "stages[0]", "cb_use_async_batching: transformers serve options"),
     "compile level out of range": (LOAD + "    server: {cb_default_compile_level: 4}\n",
@@ -315,6 +322,25 @@ def test_a_point_counts_cancelled_requests_apart_from_errors():
     assert row["error_rate"] == pytest.approx(2 / 8)
     assert row["requests_s"] == pytest.approx(0.6) and row["output_tok_s"] == pytest.approx(64)
     assert row["e2e_ms_p99"] == pytest.approx(3000) and row["ttft_ms_p50"] == pytest.approx(1.0)
+    assert "tokens_per_chunk" not in row  # a GuideLLM that does not count streamed chunks: nothing invented
+    raw["benchmarks"][0]["metrics"]["output_tokens_per_iteration"] = {"successful": {"median": 51.0}}
+    assert read_point(raw)["tokens_per_chunk"] == 51.0
+
+
+@pytest.mark.parametrize("per_chunk, said", [(51.0, True), (1.0, False)])
+def test_a_point_streamed_in_chunks_of_many_tokens_says_its_ttft_and_itl_are_per_chunk(per_chunk, said, caplog):
+    """On an H200 a random-weight 7B (its tokenizer some 500 tokens, its vocabulary 32000) streamed 256 tokens in
+    2-3 chunks: GuideLLM's TTFT waited for the first visible text and its ITL spread one chunk over 255 tokens."""
+    import logging
+    from types import SimpleNamespace
+
+    from llmopt.eval.runtimes.server import finish_point
+
+    row = {"requests": 8, "errors": 0, "incomplete": 0, "error": None, "output_tok_s": 500.0, "requests_s": 2.0,
+           "error_rate": 0.0, "ttft_ms_p99": 100.0, "tokens_per_chunk": per_chunk}
+    with caplog.at_level(logging.WARNING, logger="llmopt"):
+        finish_point(row, "c8", SimpleNamespace(gpu_hourly_usd=None, sla={}))
+    assert ("load c8: the server streamed 51.0 tokens per chunk (median), so TTFT and ITL time chunks" in caplog.text) is said
 
 
 @pytest.mark.parametrize("completed", [2, 0])
@@ -350,3 +376,23 @@ def test_warm_up_runs_each_load_points_concurrency_on_prompts_of_its_own():
     seeds = point_seeds(cfg)
     assert len(seeds) == 3 and len({s for pair in seeds for s in pair}) == 6, "every run draws prompts of its own"
     assert seeds[0][1] == 7, "the recipe's seed draws the first point's prompts"
+
+
+def test_batching_buffers_are_sized_to_the_load_unless_the_recipe_sets_them():
+    from llmopt.eval.runtimes.server import batching_for_load
+    from llmopt.recipe import Benchmark
+
+    def stage(server=None, profile="concurrent", points=(1, 8, 32, 64)):
+        return Benchmark(stage="benchmark", runtime="server", input_tokens={"mean": 128, "stdev": 32}, output_tokens=256,
+                         load={"profile": profile, "points": list(points), "requests": 8}, server=server)
+
+    # 64 streams of up to 128+4x32 prompt and 256 output tokens: 2 blocks of 256 each, a quarter spare
+    assert batching_for_load(stage()) == {"cb_num_blocks": 160, "cb_max_batch_tokens": 512}
+    assert batching_for_load(stage({"cb_block_size": 128}))["cb_num_blocks"] == 320
+    # a rate point's concurrency is the server's: plan for 256 streams
+    assert batching_for_load(stage(profile="poisson", points=(0.5, 4)))["cb_num_blocks"] == 640
+    # what the recipe sets stays; opting out, or another server, gets nothing
+    assert batching_for_load(stage({"cb_num_blocks": 1000})) == {"cb_max_batch_tokens": 512}
+    assert batching_for_load(stage({"size_batching_from_load": False})) == {}
+    assert batching_for_load(stage({"command": ["vllm", "serve", "{model}"]})) == {}
+    assert batching_for_load(stage({"continuous_batching": False})) == {}

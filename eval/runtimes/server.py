@@ -52,11 +52,17 @@ from llmopt.eval.runtimes import Runtime
 SLA_METRICS = tuple(f"{p}_{m}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")) + ("error_rate",)
 POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "errors", "incomplete", "error_rate",
                  *(f"{m}_{p}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")),
-                 "usd_per_1m_output_tokens", "meets_sla")
+                 "tokens_per_chunk", "usd_per_1m_output_tokens", "meets_sla")
 HEADLINE = ("load_at_sla", "tok_s_at_sla", "requests_s_at_sla", "usd_per_1m_output_tokens_at_sla", "points_meeting_sla")
 SERVER_FIGURES = ("startup_s", "warmup_s", "weights_gb_in_memory", "kv_blocks", "kv_block_size", "kv_gb_reserved",
                   "kv_blocks_used_peak", "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb")
 STOP_GRACE_S = 15
+CHUNKY = 1.5  # tokens per streamed chunk above which a point's TTFT and ITL are not per token (finish_point)
+# transformers' paged KV cache block (ContinuousBatchingConfig.block_size's default), and what llmopt
+# sizes the batching buffers with (batching_for_load)
+CB_BLOCK_SIZE = 256
+CB_STEP_TOKENS = 512
+RATE_STREAMS = 256  # the streams a rate point plans for (its concurrency is the server's, not the recipe's)
 log = logging.getLogger("llmopt")
 
 
@@ -225,6 +231,23 @@ def warmup_requests(cfg, value: float) -> int:
     return min(max(1, math.ceil(value)), 256) * cfg.warmup
 
 
+def batching_for_load(cfg) -> dict[str, int]:
+    """The batching buffers llmopt.serve gets when the recipe leaves them unset (`size_batching_from_load`,
+    on by default): a paged KV cache that holds the sweep's most concurrent streams at their longest
+    (prompt mean + 4 sd, plus the longest output), with a quarter spare, and 512 tokens a step (prefill
+    is chunked to that). transformers would otherwise fill the GPU, and with sdpa's paged attention
+    every step then carries a mask of max_batch_tokens x (KV pages + max_batch_tokens) elements
+    (ServerSpec.size_batching_from_load has the measured cost). A rate point plans for RATE_STREAMS."""
+    spec = cfg.serving
+    if spec.command is not None or not spec.continuous_batching or not spec.size_batching_from_load:
+        return {}
+    block = spec.cb_block_size or CB_BLOCK_SIZE
+    streams = int(max(cfg.load.points)) if cfg.load.profile == "concurrent" else RATE_STREAMS
+    blocks_per_request = math.ceil((cfg.longest_input + cfg.longest_output) / block)
+    sized = {"cb_num_blocks": math.ceil(1.25 * streams * blocks_per_request), "cb_max_batch_tokens": CB_STEP_TOKENS}
+    return {k: v for k, v in sized.items() if getattr(spec, k) is None}
+
+
 def first_error(raw: dict) -> str | None:
     """The first error message GuideLLM kept for a failed request, if any."""
     errored = raw["benchmarks"][0].get("requests", {}).get("errored") or []
@@ -255,6 +278,11 @@ def read_point(raw: dict) -> dict[str, float]:
         percentiles = metrics[source]["successful"]["percentiles"]
         for p in ("p50", "p90", "p99"):
             row[f"{name}_{p}"] = percentiles[p] * scale
+    # output tokens per streamed chunk (median over requests): TTFT and ITL are per chunk, so they are
+    # per token only when this is 1 (finish_point says so when it is not)
+    per_chunk = metrics.get("output_tokens_per_iteration", {}).get("successful", {}).get("median")
+    if per_chunk is not None:
+        row["tokens_per_chunk"] = float(per_chunk)
     return row
 
 
@@ -353,7 +381,11 @@ class ServerRuntime(Runtime):
         if spec.command is not None:
             fill = {"model": str(src.path), "port": str(port), "host": host, "model_name": model_name}
             return [part.format(**fill) for part in spec.command], None
-        options = spec.transformers_serve_options()
+        sized = batching_for_load(cfg)
+        if sized:
+            log.info("serve: batching sized to the load: %s (size_batching_from_load)",
+                     ", ".join(f"{k}={v}" for k, v in sized.items()))
+        options = {**spec.transformers_serve_options(), **sized}
         spec_file = out / "server-spec.json"
         spec_file.write_text(json.dumps({
             "artifact": {"path": str(src.path), "kind": src.kind, "info": src.info}, "device": ctx.device,
@@ -397,6 +429,11 @@ def finish_point(row: dict, label: str, cfg) -> dict:
         log.warning("load %s: %d requests were cut off at the end of the point and %d completed: the window is short "
                     "for this server's latency (%s); latency percentiles count completed requests only. Lengthen "
                     "load.duration_s or give load.requests", label, row["incomplete"], row["requests"], e2e)
+    if row.get("tokens_per_chunk", 1.0) > CHUNKY:
+        log.warning("load %s: the server streamed %.1f tokens per chunk (median), so TTFT and ITL time chunks, not tokens; "
+                    "output tok/s and e2e latency stay exact. A server streams text deltas: tokens that decode to no "
+                    "text (random weights, a tokenizer smaller than the model's vocabulary) are held back",
+                    label, row["tokens_per_chunk"])
     del row["error"]
     return row
 
