@@ -40,15 +40,21 @@ CONFIGS["small-async-nocudnn"] = {**CONFIGS["small-async"], "cudnn_sdp": False}
 CONFIGS["small-async-compile1-nocudnn"] = {**CONFIGS["small-async-compile1"], "cudnn_sdp": False}
 
 
-def main(out: str, names: list[str]) -> None:
+def random_7b_and_prompts(n: int, steps: int) -> tuple[LlamaForCausalLM, GenerationConfig, list[list[int]]]:
+    """A Llama-shaped 7B with random bf16 weights on the GPU (seed 0; in memory, no tokenizer: the probes
+    read tokens, not text), a greedy config forcing `steps` new tokens, and `n` prompts of 128 tokens."""
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).eval()
-    gen = GenerationConfig(max_new_tokens=128, min_new_tokens=128, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    prompts = torch.randint(100, 31000, (32, 128)).tolist()
+    gen = GenerationConfig(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    return model, gen, torch.randint(100, 31000, (n, 128)).tolist()
+
+
+def main(out: str, names: list[str]) -> None:
+    model, gen, prompts = random_7b_and_prompts(32, 128)
     results: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     for name in names or ["auto-async", "small-async", "auto-sync", "small-sync"]:
         options = dict(CONFIGS[name])

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from cb_mask_probe import random_7b_and_prompts
+from transformers import ContinuousBatchingConfig
 
 SMALL = dict(use_cuda_graph=True, use_async_batching=False, kv_padding_interval_size=2048, q_padding_interval_size=16,
              num_blocks=128, max_batch_tokens=512)
@@ -37,14 +38,7 @@ def timed(model, prompts, gen, options) -> float:
 
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config).eval()
-    gen = GenerationConfig(max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    prompts = torch.randint(100, 31000, (8, 128)).tolist()
+    model, gen, prompts = random_7b_and_prompts(8, STEPS)
     report: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "ms_per_step": {}}
     for name, options in {"eager": {**SMALL, "use_cuda_graph": False}, "graphs": SMALL}.items():
         timed(model, prompts, gen, options)

@@ -12,10 +12,10 @@ def random_llama(path: Path, device: str = "cuda", **shape) -> Path:
     saved to `path` unless it is there already; GPU memory is released afterwards.
 
     Its vocabulary keeps the shape's 32000 rows, but the tokenizer has some 500 tokens (1024 asked of
-    2000 stories): the output rows of every id that decodes to no text (past the tokenizer, special,
-    or a lone byte of a multi-byte character) are zero, so greedy decoding picks tokens that decode to text. Otherwise a server,
-    which streams text deltas, holds them back: on an H200 such a model streamed 256 tokens in 2-3
-    chunks, and the load generator's TTFT and ITL timed chunks, not tokens."""
+    2000 stories). The output rows of every id that decodes to no text (past the tokenizer, special,
+    or a lone byte of a multi-byte character) are zero, so greedy decoding picks tokens that decode
+    to text. Otherwise a server, which streams text deltas, holds them back: on an H200 such a model
+    streamed 256 tokens in 2-3 chunks, and the load generator's TTFT and ITL timed chunks, not tokens."""
     import torch
     from llmopt.embedded import stories, train_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
