@@ -337,10 +337,13 @@ def test_a_point_streamed_in_chunks_of_many_tokens_says_its_ttft_and_itl_are_per
     from llmopt.eval.runtimes.server import finish_point
 
     row = {"requests": 8, "errors": 0, "incomplete": 0, "error": None, "output_tok_s": 500.0, "requests_s": 2.0,
-           "error_rate": 0.0, "ttft_ms_p99": 100.0, "tokens_per_chunk": per_chunk}
+           "error_rate": 0.0, "ttft_ms_p99": 100.0, "e2e_ms_p99": 3000.0, "tokens_per_chunk": per_chunk}
     with caplog.at_level(logging.WARNING, logger="llmopt"):
-        finish_point(row, "c8", SimpleNamespace(gpu_hourly_usd=None, sla={}))
+        out = finish_point(dict(row), "c8", SimpleNamespace(gpu_hourly_usd=None, sla={"p99_ttft_ms": 500}))
     assert ("load c8: the server streamed 51.0 tokens per chunk (median), so TTFT and ITL time chunks" in caplog.text) is said
+    # a TTFT bound cannot be checked on chunk timings: the point does not meet it; an e2e bound still can be
+    assert out["meets_sla"] == (0.0 if said else 1.0)
+    assert meets(row, {"p99_e2e_ms": 4000}) and not meets(row, {"p99_e2e_ms": 2000})
 
 
 @pytest.mark.parametrize("completed", [2, 0])
