@@ -36,8 +36,8 @@ def _alive(pid: int) -> bool:
     return not (status.exists() and "State:\tZ" in status.read_text())
 
 
-def _serve_processes() -> list[str]:
-    found = subprocess.run(["pgrep", "-af", "llmopt.serve"], capture_output=True, text=True).stdout.splitlines()
+def _serve_processes(name: str = "llmopt.serve") -> list[str]:
+    found = subprocess.run(["pgrep", "-af", name], capture_output=True, text=True).stdout.splitlines()
     return [line for line in found if "pgrep" not in line]
 
 
@@ -93,7 +93,7 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
     logged = {a.path for role in ("candidate", "base") for a in client.list_artifacts(run.info.run_id, f"{role}/load")}
     assert logged == {f"{role}/load/{p}.json" for role in ("candidate", "base") for p in ("c1", "c4")}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/throughput_vs_p99_latency.png"}
-    assert not _serve_processes()
+    assert not _serve_processes() and not _serve_processes("llmopt.eval.runtimes.loadgen")
     # promoted on the serving gates; the model card carries the table under load
     from llmopt import registry
     from llmopt.cli import main
@@ -399,3 +399,23 @@ def test_batching_buffers_are_sized_to_the_load_unless_the_recipe_sets_them():
     assert batching_for_load(stage({"size_batching_from_load": False})) == {}
     assert batching_for_load(stage({"command": ["vllm", "serve", "{model}"]})) == {}
     assert batching_for_load(stage({"continuous_batching": False})) == {}
+
+
+def test_the_load_generator_process_runs_one_run_after_another_and_says_each_status(tmp_path):
+    """GuideLLM in one process for a sweep: a run that fails (here a usage error) is its status and its
+    log, the next run still runs, the process ends with its input; if it dies, a run says so."""
+    from llmopt.eval.runtimes.server import LoadGenerator
+
+    with LoadGenerator(tmp_path / "loadgen.log") as generator:
+        assert generator.run(["run", "--no-such-option"], tmp_path / "bad.log") == 2
+        assert generator.run(["run", "--help"], tmp_path / "help.log") == 0
+        process = generator.process
+    assert "Usage: guidellm run" in (bad := (tmp_path / "bad.log").read_text()) and "No such option '--no-such-option'" in bad
+    assert "--profile" in (tmp_path / "help.log").read_text()  # each run's output in its own log
+    assert process.returncode == 0, (tmp_path / "loadgen.log").read_text()
+
+    with LoadGenerator(tmp_path / "loadgen2.log") as generator:
+        generator.process.kill()
+        generator.process.wait()
+        assert generator.run(["run", "--help"], tmp_path / "dead.log") == 1
+    assert "the load generator's process exited" in (tmp_path / "dead.log").read_text()

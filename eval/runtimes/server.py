@@ -7,13 +7,13 @@ Per model (the candidate, then the base with the same settings):
    of its own that dies with llmopt (Linux: a parent-death signal);
 2. wait for its health check; a server that exits, or a health check that never passes, is an
    error naming the server log (exit 1); a port in use is refused before anything starts;
-3. run the load generator, GuideLLM (guidellm), once per load point: a fixed number of concurrent
-   streams, or a request rate (constant or Poisson), with the recipe's prompt and output length
-   distributions, request count or duration; each point's raw JSON is kept. Before each point, a
-   warm-up run of the same workload at that load (`warmup` x its concurrency requests) compiles or
-   graph-captures the shapes the point will meet. Every run draws its own prompts (a seed per run,
-   the same for candidate and base), so that no point is served from prefixes an earlier run left
-   in the server's prefix cache;
+3. run the load generator, GuideLLM (guidellm, kept in one process for the sweep: loadgen), once per
+   load point: a fixed number of concurrent streams, or a request rate (constant or Poisson), with
+   the recipe's prompt and output length distributions, request count or duration; each point's raw
+   JSON is kept. Before each point, a warm-up run of the same workload at that load (`warmup` x its
+   concurrency requests) compiles or graph-captures the shapes the point will meet. Every run draws
+   its own prompts (a seed per run, the same for candidate and base), so that no point is served
+   from prefixes an earlier run left in the server's prefix cache;
 4. read the server's own figures where it reports them (`llmopt.serve`'s `/llmopt/stats`: paged KV
    blocks and bytes reserved and used, peak GPU memory);
 5. stop the server by its process group: SIGTERM, then SIGKILL after 15 s; on failure and on
@@ -46,7 +46,7 @@ import urllib.request
 from pathlib import Path
 
 from llmopt import serve as default_server  # imported so that its code is in this runtime's cache key
-from llmopt.eval.runtimes import Runtime
+from llmopt.eval.runtimes import Runtime, loadgen
 
 # bounds an SLA may set (upper bounds): latency percentiles and the error rate
 SLA_METRICS = tuple(f"{p}_{m}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")) + ("error_rate",)
@@ -179,6 +179,47 @@ class Server:
             return None
 
 
+class LoadGenerator:
+    """GuideLLM kept in one process for a sweep (llmopt.eval.runtimes.loadgen, which says why): each run
+    is sent to it and waited for; the process dies with llmopt, and is stopped on the way out."""
+
+    def __init__(self, log: Path):
+        self.log = log  # the driver's own output (a crash of it), apart from each run's log
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> LoadGenerator:
+        with open(self.log, "ab") as sink:
+            self.process = subprocess.Popen([sys.executable, "-m", loadgen.__name__], stdin=subprocess.PIPE,
+                                            stdout=subprocess.PIPE, stderr=sink, text=True, preexec_fn=_die_with_parent)
+        return self
+
+    def run(self, args: list[str], log: Path) -> int:
+        """One GuideLLM run (`args` from `run` on), its output in `log`; its exit status (1 if the
+        driver itself died: then `log` says so and names the driver's log)."""
+        try:
+            self.process.stdin.write(json.dumps({"args": args, "log": str(log)}) + "\n")
+            self.process.stdin.flush()
+            answer = self.process.stdout.readline()
+        except BrokenPipeError:
+            answer = ""
+        if not answer:
+            with open(log, "a") as f:
+                f.write(f"the load generator's process exited ({self.process.poll()}); its log: {self.log}\n")
+            return 1
+        return int(json.loads(answer)["exit"])
+
+    def __exit__(self, *exc) -> None:
+        if self.process is None:
+            return
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()  # the driver ends when its input does
+        try:
+            self.process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
 def _last_line(log: Path) -> str:
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     return lines[-1][:300] if lines else "(no output)"
@@ -193,13 +234,14 @@ def _tokens(value, name: str) -> str:
     return f"{name}={value.mean},{name}_stdev={max(round(value.stdev), 0)}"
 
 
-def guidellm_command(cfg, target: str, model_name: str, tokenizer: Path, value: float, raw: Path, seed: int,
-                     requests: int | None = None) -> list[str]:
-    """One load point of GuideLLM against `target`: the recipe's profile and lengths, the prompts drawn
-    with `seed`, for the recipe's count or duration (or exactly `requests`, for a warm-up)."""
+def guidellm_args(cfg, target: str, model_name: str, tokenizer: Path, value: float, raw: Path, seed: int,
+                  requests: int | None = None) -> list[str]:
+    """One load point of GuideLLM against `target` (its command line from `run` on): the recipe's
+    profile and lengths, the prompts drawn with `seed`, for the recipe's count or duration (or exactly
+    `requests`, for a warm-up)."""
     load = cfg.load
     profile = f"kind=concurrent,streams={int(value)}" if load.profile == "concurrent" else f"kind={load.profile},rate={value:g}"
-    command = [sys.executable, "-m", "guidellm", "run",
+    command = ["run",
                "--backend", f"kind=openai_http,target={target},model={model_name},request_format=/v1/completions",
                "--profile", profile,
                "--data", f"kind=synthetic_text,{_tokens(cfg.input_tokens, 'prompt_tokens')},"
@@ -344,20 +386,22 @@ class ServerRuntime(Runtime):
         (out / "load" / "warmup").mkdir(parents=True, exist_ok=True)
         rows: list[tuple[float, dict]] = []
         report: dict = {"server_command": command, "model_name": model_name, "port": port, "points": {}}
-        with Server(command, host, port, server_log, spec.health_path, spec.startup_timeout_s, env, cwd) as server:
+        with (Server(command, host, port, server_log, spec.health_path, spec.startup_timeout_s, env, cwd) as server,
+              LoadGenerator(out / "load" / "loadgen.log") as generator):
             metrics: dict[str, float] = {"serve/startup_s": server.startup_s, "serve/warmup_s": 0.0}
             with progress_bar(len(cfg.load.points), f"serve load {cfg.load.profile}", enabled=ctx.progress) as advance:
                 for value, (warmup_seed, seed) in zip(cfg.load.points, point_seeds(cfg), strict=True):
                     label = point_label(cfg.load.profile, value)
                     if cfg.warmup:  # the workload's own shapes at this load, on prompts the timed run will not send
                         started = time.perf_counter()
-                        warm = _generate(cfg, server, model_name, src.path, value, out, f"warmup/{label}", warmup_seed,
+                        warm = _generate(cfg, server, generator, model_name, src.path, value, out, f"warmup/{label}", warmup_seed,
                                          warmup_requests(cfg, value))
                         metrics["serve/warmup_s"] += time.perf_counter() - started
                         if warm["requests"] == 0:
                             raise ServerError(f"every warm-up request at {label} failed: "
                                               f"{warm['error'] or 'no request completed'}; server log: {server_log}")
-                    row = finish_point(_generate(cfg, server, model_name, src.path, value, out, label, seed), label, cfg)
+                    row = finish_point(_generate(cfg, server, generator, model_name, src.path, value, out, label, seed),
+                                       label, cfg)
                     rows.append((value, row))
                     report["points"][label] = row
                     metrics.update({f"serve/{name}/{label}": v for name, v in row.items()})
@@ -441,17 +485,16 @@ def finish_point(row: dict, label: str, cfg) -> dict:
     return row
 
 
-def _generate(cfg, server: Server, model_name: str, tokenizer: Path, value: float, out: Path, name: str, seed: int,
-              requests: int | None = None) -> dict:
+def _generate(cfg, server: Server, generator: LoadGenerator, model_name: str, tokenizer: Path, value: float, out: Path,
+              name: str, seed: int, requests: int | None = None) -> dict:
     """One GuideLLM run against the server; its figures (read_point) and first error. The raw JSON and
     the log stay in `out/load/<name>.{json,log}`."""
     raw, logfile = out / "load" / f"{name}.json", out / "load" / f"{name}.log"
     target = f"http://{server.host}:{server.port}"
-    with open(logfile, "wb") as sink:
-        done = subprocess.run(guidellm_command(cfg, target, model_name, tokenizer, value, raw, seed, requests),
-                              stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    if done.returncode != 0 or not raw.exists():
-        raise ServerError(f"the load generator failed at {name} (exit {done.returncode}): {_last_line(logfile)}; "
+    logfile.unlink(missing_ok=True)
+    code = generator.run(guidellm_args(cfg, target, model_name, tokenizer, value, raw, seed, requests), logfile)
+    if code != 0 or not raw.exists():
+        raise ServerError(f"the load generator failed at {name} (exit {code}): {_last_line(logfile)}; "
                           f"its log: {logfile}; server log: {server.log}")
     if server.process.poll() is not None:
         raise ServerError(f"the server exited with code {server.process.returncode} during load {name}: "
