@@ -17,10 +17,10 @@ a 7B sweep. The presets:
 - `tuned`: graphs with padding intervals sized to this workload (queries to 16 tokens, the KV read
   to 2048: a 128+256-token request fits one interval, 64 of them 13), and double-buffered (async)
   batching, which transformers turns on by itself only for attention without a mask;
-- `sized`: `tuned` with the batching buffers llmopt now sizes to the load by default
-  (`size_batching_from_load`: 160 blocks of 256 for 64 streams of up to 512 tokens, 512 tokens a
-  step). The three presets above ran before that, with the buffers transformers sizes to fill the GPU
-  (8192 tokens a step, 676 blocks), and keep them (`size_batching_from_load: false`). With sdpa, async
+- `sized`: llmopt's defaults (`tune_batching`): on CUDA `tuned`'s settings, and batching buffers
+  sized to the load (160 blocks of 256 for 64 streams of up to 512 tokens, 512 tokens a step).
+  The three presets above ran before that, with the buffers transformers sizes to fill the GPU
+  (8192 tokens a step, 676 blocks), and keep them (`tune_batching: false`). With sdpa, async
   batching copies its whole host-side attention mask, max_batch_tokens x (KV pages + max_batch_tokens)
   elements, to the GPU every step: about 3 GB for those buffers, 42 MB for `sized`'s
   (benchmarks/cb_mask_probe.py measured 139 against 20 ms a step).
@@ -31,7 +31,9 @@ Measured on an H200 (benchmarks/results/serve_7b_h200/): the graphs preset took 
 (model written 19 s, RTN 30 s, Marlin build 170 s in the background, then per model a server start
 of 14-43 s, a warm-up of about 40 s and 4 points of 15 s); that, plus about 60 s of machine start
 and install, fills one 10-minute call. The default preset does not fit in one: it decodes at about
-46 ms a step, so a 256-token request takes 12 s.
+46 ms a step, so a 256-token request takes 12 s. The sized preset (2026-11-29) ran out of the call's
+545 s during the base's last point: each of a model's 8 GuideLLM runs then began with ~18 s of
+GuideLLM's own start, which a sweep now pays once a model (llmopt.eval.runtimes.loadgen).
 """
 
 from __future__ import annotations
@@ -43,13 +45,14 @@ from llmopt.eval.random_llama import random_llama
 from reference_7b import prewarm_marlin, run_recipe
 
 TUNED = "cb_use_cuda_graph: true, cb_q_padding_interval_size: 16, cb_kv_padding_interval_size: 2048, cb_use_async_batching: true"
-AUTO = "size_batching_from_load: false"  # the runs before llmopt sized the buffers: transformers fills the GPU
+AUTO = "tune_batching: false"  # the runs before llmopt tuned batching: transformers' defaults where unset
 PRESETS = {
     "default": f"    server: {{{AUTO}}}\n",
     "graphs": f"    server: {{cb_use_cuda_graph: true, {AUTO}}}\n",
     "tuned": f"    server: {{{TUNED}, {AUTO}}}\n",
-    # tuned with the batching buffers llmopt sizes to the load (160 blocks of 256, 512 tokens a step)
-    "sized": f"    server: {{{TUNED}}}\n",
+    # llmopt's defaults (tune_batching): tuned's settings on CUDA and buffers sized to the load (160 blocks
+    # of 256, 512 tokens a step); its 2026-11-29 run named tuned's settings itself, which resolved the same
+    "sized": "",
 }
 STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"

@@ -76,8 +76,8 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
     for resolved in batching:
         assert (resolved["max_requests_per_batch"], resolved["kv_padding_interval_size"]) == (4, 512), resolved
         assert resolved["use_cuda_graph"] == [False, False]  # no CUDA here: graphs are off whatever the recipe says
-        # the buffers the recipe left unset, sized to its load: 4 streams of up to 32+4x4 prompt and 16 output
-        # tokens take a block of 256 each, plus a quarter spare; 512 tokens a step
+        # the buffers the recipe left unset, sized to its load (tune_batching): 4 streams of up to 32+4x4
+        # prompt and 16 output tokens take a block of 256 each, plus a quarter spare; 512 tokens a step
         assert (resolved["num_blocks"], resolved["max_batch_tokens"]) == (5, 512), resolved
     # warm-up before each point: its concurrency (warmup: 1) in requests of the same workload, apart from the timed files
     from llmopt.eval.runtimes.server import read_point
@@ -142,8 +142,8 @@ BAD = {
                               "compile: transformers serve options, and `command` runs another server"),
     "compile under continuous batching": (LOAD + "    server: {compile: true}\n", "stages[0]",
                                           "compile: transformers serve's compile (a static cache) does not apply"),
-    "buffer sizing for another server": (LOAD + "    server: {command: [python3], size_batching_from_load: false}\n",
-                                         "stages[0]", "size_batching_from_load: transformers serve options"),
+    "buffer sizing for another server": (LOAD + "    server: {command: [python3], tune_batching: false}\n",
+                                         "stages[0]", "tune_batching: transformers serve options"),
     "batching options for another server": (LOAD + "    server: {command: [python3], cb_use_async_batching: true}\n",
                                             "stages[0]", "cb_use_async_batching: transformers serve options"),
     "compile level out of range": (LOAD + "    server: {cb_default_compile_level: 4}\n",
@@ -381,8 +381,8 @@ def test_warm_up_runs_each_load_points_concurrency_on_prompts_of_its_own():
     assert seeds[0][1] == 7, "the recipe's seed draws the first point's prompts"
 
 
-def test_batching_buffers_are_sized_to_the_load_unless_the_recipe_sets_them():
-    from llmopt.eval.runtimes.server import batching_for_load
+def test_batching_is_tuned_for_the_load_and_device_unless_the_recipe_sets_it():
+    from llmopt.eval.runtimes.server import CUDA_BATCHING, tuned_batching
     from llmopt.recipe import Benchmark
 
     def stage(server=None, profile="concurrent", points=(1, 8, 32, 64)):
@@ -390,15 +390,19 @@ def test_batching_buffers_are_sized_to_the_load_unless_the_recipe_sets_them():
                          load={"profile": profile, "points": list(points), "requests": 8}, server=server)
 
     # 64 streams of up to 128+4x32 prompt and 256 output tokens: 2 blocks of 256 each, a quarter spare
-    assert batching_for_load(stage()) == {"cb_num_blocks": 160, "cb_max_batch_tokens": 512}
-    assert batching_for_load(stage({"cb_block_size": 128}))["cb_num_blocks"] == 320
+    assert tuned_batching(stage(), "cpu") == {"cb_num_blocks": 160, "cb_max_batch_tokens": 512}
+    assert tuned_batching(stage({"cb_block_size": 128}), "cpu")["cb_num_blocks"] == 320
     # a rate point's concurrency is the server's: plan for 256 streams
-    assert batching_for_load(stage(profile="poisson", points=(0.5, 4)))["cb_num_blocks"] == 640
+    assert tuned_batching(stage(profile="poisson", points=(0.5, 4)), "cpu")["cb_num_blocks"] == 640
+    # on CUDA also graphs, padded, double-buffered (the H200 sweep's sized preset)
+    assert tuned_batching(stage(), "cuda:0") == {"cb_num_blocks": 160, "cb_max_batch_tokens": 512, **CUDA_BATCHING}
+    assert CUDA_BATCHING["cb_use_cuda_graph"] is True
     # what the recipe sets stays; opting out, or another server, gets nothing
-    assert batching_for_load(stage({"cb_num_blocks": 1000})) == {"cb_max_batch_tokens": 512}
-    assert batching_for_load(stage({"size_batching_from_load": False})) == {}
-    assert batching_for_load(stage({"command": ["vllm", "serve", "{model}"]})) == {}
-    assert batching_for_load(stage({"continuous_batching": False})) == {}
+    kept = tuned_batching(stage({"cb_num_blocks": 1000, "cb_use_cuda_graph": False}), "cuda")
+    assert "cb_num_blocks" not in kept and "cb_use_cuda_graph" not in kept and kept["cb_max_batch_tokens"] == 512
+    assert tuned_batching(stage({"tune_batching": False}), "cuda") == {}
+    assert tuned_batching(stage({"command": ["vllm", "serve", "{model}"]}), "cuda") == {}
+    assert tuned_batching(stage({"continuous_batching": False}), "cuda") == {}
 
 
 def test_the_load_generator_process_runs_one_run_after_another_and_says_each_status(tmp_path):

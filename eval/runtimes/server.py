@@ -59,10 +59,12 @@ SERVER_FIGURES = ("startup_s", "warmup_s", "weights_gb_in_memory", "kv_blocks", 
 STOP_GRACE_S = 15
 CHUNKY = 1.5  # tokens per streamed chunk above which a point's TTFT and ITL are not per token (finish_point)
 # transformers' paged KV cache block (ContinuousBatchingConfig.block_size's default), and what llmopt
-# sizes the batching buffers with (batching_for_load)
+# tunes continuous batching with (tuned_batching)
 CB_BLOCK_SIZE = 256
 CB_STEP_TOKENS = 512
 RATE_STREAMS = 256  # the streams a rate point plans for (its concurrency is the server's, not the recipe's)
+CUDA_BATCHING = {"cb_use_cuda_graph": True, "cb_q_padding_interval_size": 16, "cb_kv_padding_interval_size": 2048,
+                 "cb_use_async_batching": True}
 log = logging.getLogger("llmopt")
 
 
@@ -273,21 +275,23 @@ def warmup_requests(cfg, value: float) -> int:
     return min(max(1, math.ceil(value)), 256) * cfg.warmup
 
 
-def batching_for_load(cfg) -> dict[str, int]:
-    """The batching buffers llmopt.serve gets when the recipe leaves them unset (`size_batching_from_load`,
-    on by default): a paged KV cache that holds the sweep's most concurrent streams at their longest
-    (prompt mean + 4 sd, plus the longest output), with a quarter spare, and 512 tokens a step (prefill
-    is chunked to that). transformers would otherwise fill the GPU, and with sdpa's paged attention
-    every step then carries a mask of max_batch_tokens x (KV pages + max_batch_tokens) elements
-    (ServerSpec.size_batching_from_load has the measured cost). A rate point plans for RATE_STREAMS."""
+def tuned_batching(cfg, device: str) -> dict[str, int | bool]:
+    """The continuous-batching settings llmopt.serve gets where the recipe leaves them unset
+    (`tune_batching`, on by default; ServerSpec.tune_batching has the measured costs):
+    - a paged KV cache that holds the sweep's most concurrent streams at their longest (prompt mean
+      + 4 sd, plus the longest output), with a quarter spare, and 512 tokens a step (prefill is
+      chunked to that), where transformers would fill the GPU; a rate point plans for RATE_STREAMS;
+    - on CUDA, CUDA_BATCHING: the settings of the H200 sweep's `sized` preset, the fastest measured."""
     spec = cfg.serving
-    if spec.command is not None or not spec.continuous_batching or not spec.size_batching_from_load:
+    if spec.command is not None or not spec.continuous_batching or not spec.tune_batching:
         return {}
     block = spec.cb_block_size or CB_BLOCK_SIZE
     streams = int(max(cfg.load.points)) if cfg.load.profile == "concurrent" else RATE_STREAMS
     blocks_per_request = math.ceil((cfg.longest_input + cfg.longest_output) / block)
-    sized = {"cb_num_blocks": math.ceil(1.25 * streams * blocks_per_request), "cb_max_batch_tokens": CB_STEP_TOKENS}
-    return {k: v for k, v in sized.items() if getattr(spec, k) is None}
+    tuned = {"cb_num_blocks": math.ceil(1.25 * streams * blocks_per_request), "cb_max_batch_tokens": CB_STEP_TOKENS}
+    if device.startswith("cuda"):
+        tuned.update(CUDA_BATCHING)
+    return {k: v for k, v in tuned.items() if getattr(spec, k) is None}
 
 
 def first_error(raw: dict) -> str | None:
@@ -428,11 +432,10 @@ class ServerRuntime(Runtime):
         if spec.command is not None:
             fill = {"model": str(src.path), "port": str(port), "host": host, "model_name": model_name}
             return [part.format(**fill) for part in spec.command], None
-        sized = batching_for_load(cfg)
-        if sized:
-            log.info("serve: batching sized to the load: %s (size_batching_from_load)",
-                     ", ".join(f"{k}={v}" for k, v in sized.items()))
-        options = {**spec.transformers_serve_options(), **sized}
+        tuned = tuned_batching(cfg, ctx.device)
+        if tuned:
+            log.info("serve: batching tuned for the load (tune_batching): %s", ", ".join(f"{k}={v}" for k, v in tuned.items()))
+        options = {**spec.transformers_serve_options(), **tuned}
         spec_file = out / "server-spec.json"
         spec_file.write_text(json.dumps({
             "artifact": {"path": str(src.path), "kind": src.kind, "info": src.info}, "device": ctx.device,

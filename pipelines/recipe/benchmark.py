@@ -53,13 +53,15 @@ class ServerSpec(Strict):
     cb_use_async_batching: bool | None = None  # double-buffered inputs: the CPU prepares step n+1 during step n
     cb_default_compile_level: int | None = Field(None, ge=0, le=3)  # torch.compile of the step (1-3: longer warm-up)
     cb_max_requests_per_batch: PositiveInt | None = None
-    # llmopt's own: size the paged KV cache (cb_num_blocks) and the step's token budget
-    # (cb_max_batch_tokens) to the recipe's workload where the recipe leaves them unset, rather than
-    # let transformers fill the GPU. With sdpa's paged attention the step's mask is max_batch_tokens x
-    # (KV pages + max_batch_tokens): auto-sized for a 7B on an H200 that is ~3 GB, and a decoding step
-    # took 139 ms with async batching, 45 ms without, against 20 ms with small buffers
-    # (benchmarks/results/serve_7b_h200/cb_mask_probe.json)
-    size_batching_from_load: bool = True
+    # llmopt's own: choose the cb_* settings the recipe leaves unset for its load and device
+    # (eval/runtimes/server.py, tuned_batching), rather than take transformers' defaults:
+    # - the paged KV cache (cb_num_blocks) and the step's token budget (cb_max_batch_tokens) sized to
+    #   the load, not to fill the GPU. With sdpa's paged attention the step's mask is max_batch_tokens
+    #   x (KV pages + max_batch_tokens): auto-sized for a 7B on an H200 that is ~3 GB, and a decoding
+    #   step took 139 ms with async batching, 45 ms without, against 20 ms with small buffers;
+    # - on CUDA, the step as CUDA graphs, padded to 16 query and 2048 KV tokens, double-buffered: a
+    #   7B step took 97 ms without graphs (benchmarks/results/serve_7b_h200/: cb_*_probe, sized-*)
+    tune_batching: bool = True
 
     @staticmethod
     def is_transformers_serve_option(name: str) -> bool:
@@ -75,7 +77,7 @@ class ServerSpec(Strict):
     def _options_for_the_default_server(self) -> ServerSpec:
         if self.command is not None:
             tuned = sorted(k for k in self.model_fields_set - {"continuous_batching"}
-                           if self.is_transformers_serve_option(k) or k == "size_batching_from_load")
+                           if self.is_transformers_serve_option(k) or k == "tune_batching")
             if tuned or "continuous_batching" in self.model_fields_set:
                 raise ValueError(f"{', '.join(tuned or ['continuous_batching'])}: transformers serve options, and "
                                  "`command` runs another server; set that server's options in its command")
