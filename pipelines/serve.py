@@ -4,7 +4,7 @@ the same fast kernels the benchmark measured (llmopt.kernels), not on the format
 
 It is transformers' own server (its app, handlers and continuous-batching manager), with three
 additions made in this process only:
-- the model comes from `llmopt.models.load_model` + `llmopt.kernels.accelerate` (the spec names the
+- the model comes from `llmopt.kernels.load_accelerated` (load, then the fast kernel; the spec names the
   artifact, device, dtype and kernel), pinned as the server's one model;
 - `/v1/completions` accepts `ignore_eos` (load generators force the output length with it; stock
   `transformers serve` rejects the field with 422);
@@ -106,12 +106,12 @@ def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     from llmopt import kernels
     from llmopt.cache import Artifact
-    from llmopt.models import in_memory_bytes, load_model, load_tokenizer
+    from llmopt.models import in_memory_bytes, load_tokenizer
 
     artifact = Artifact(Path(spec["artifact"]["path"]), spec["artifact"]["kind"], {}, spec["artifact"]["info"])
     started = time.perf_counter()
-    model = load_model(artifact, spec["device"], spec["dtype"], spec.get("trust_remote_code", False))
-    model, applied = kernels.accelerate(model, artifact, spec["device"], spec.get("kernel", "auto"), spec["cache_root"])
+    model, applied = kernels.load_accelerated(artifact, spec["device"], spec["dtype"], spec.get("trust_remote_code", False),
+                                              spec.get("kernel", "auto"), spec["cache_root"])
     weights = in_memory_bytes(model)  # as served: packed by the kernel (an RTN artifact is stored dequantized)
     tokenizer = load_tokenizer(artifact.path, spec.get("trust_remote_code", False))  # every artifact keeps its tokenizer
     print(f"llmopt.serve: model loaded in {time.perf_counter() - started:.1f} s; kernel {applied.tag()}", flush=True)

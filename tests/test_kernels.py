@@ -97,6 +97,27 @@ def test_modelopt_formats_run_their_exported_weights(fmt, kernel, tiny_model, id
     assert _ppl(fast, ids) == pytest.approx(expected, rel=5e-3)
 
 
+def test_load_accelerated_builds_modelopt_from_its_source_without_the_fake_quantization(tiny_model, ids, tmp_path,
+                                                                                       monkeypatch):
+    """Where a kernel runs the export's real weights, restoring ModelOpt's fake quantization first was
+    loading the model twice: load_accelerated starts from the plain source. kernel: none still gets the
+    fake-quantized model (the format's own library)."""
+    from llmopt.export import modelopt
+
+    cfg = ModeloptQuantize(stage="quantize", method="modelopt", format="int4_awq", group_size=64, calibration=CALIBRATION)
+    artifact = _quantized(cfg, tiny_model, tmp_path / "q")
+    expected = _ppl(load_model(artifact, "cpu", "float32"), ids)
+    restore = modelopt.restore
+    monkeypatch.setattr(modelopt, "restore", lambda *a: pytest.fail("the fake quantization was restored"))
+    fast, applied = kernels.load_accelerated(artifact, "cpu", "float32", False, "auto", tmp_path)
+    assert (applied.kernel, applied.layers) == ("int4pack", LAYERS), applied
+    assert not any("quantizer" in name for name, _ in fast.named_modules())
+    assert _ppl(fast, ids) == pytest.approx(expected, rel=5e-3)
+    monkeypatch.setattr(modelopt, "restore", restore)
+    library, applied = kernels.load_accelerated(artifact, "cpu", "float32", False, "none", tmp_path)
+    assert applied.kernel == "none" and any("quantizer" in name for name, _ in library.named_modules())
+
+
 def test_auto_without_a_kernel_warns_and_says_why(tiny_model, tmp_path, caplog):
     """3-bit rtn has no fast kernel: never a silent fallback, the warning and the tag say so."""
     artifact = _quantized(RtnQuantize(stage="quantize", method="rtn", bits=3, group_size=32), tiny_model, tmp_path / "q")

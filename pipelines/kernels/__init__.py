@@ -95,6 +95,23 @@ class KernelBuildError(RuntimeError):
     """A kernel's extension failed to build: names the kernel and its build log (exit 1)."""
 
 
+def load_accelerated(artifact, device: str, dtype: str, trust_remote_code: bool, wanted: str,
+                     cache_root) -> tuple[object, Applied]:
+    """`load_model` then `accelerate`, loading only what the fast path needs: where a kernel will be
+    tried, the method's `load_for_kernel` (ModelOpt: the plain source model, without the fake
+    quantization its kernels replace)."""
+    from llmopt import methods
+    from llmopt.models import load_model
+
+    method = next((m for m in methods.discover().values() if artifact.info.get("format") in m.formats), None)
+    spec = artifact.info.get("kernel_spec") or {}
+    if method is not None and wanted != "none" and method.kernels(spec, device, _sm(device)):
+        model = method.load_for_kernel(artifact, device, dtype, trust_remote_code)
+    else:
+        model = load_model(artifact, device, dtype, trust_remote_code)
+    return accelerate(model, artifact, device, wanted, cache_root)
+
+
 def accelerate(model, artifact, device: str, wanted: str, cache_root) -> tuple[object, Applied]:
     """Swap the quantized layers of `model` (loaded from `artifact`) for `wanted` (`auto`, a kernel
     name, or `none`). Never silent: with no fast kernel, `auto` logs a warning and says why in the

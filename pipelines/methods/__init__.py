@@ -110,6 +110,12 @@ class Method:
 
         return load_plain(artifact.path, device, dtype, trust_remote_code)
 
+    @classmethod
+    def load_for_kernel(cls, artifact: Artifact, device: str, dtype: str, trust_remote_code: bool):
+        """The model a fast kernel's `fast_path` starts from (llmopt.kernels.load_accelerated): the
+        artifact's model unless the fast path rebuilds it from elsewhere and needs less."""
+        return cls.load(artifact, device, dtype, trust_remote_code)
+
     # --- decode kernels (llmopt.kernels) -------------------------------------------------------------
 
     @classmethod

@@ -146,6 +146,18 @@ class Modelopt(Method):
         return modelopt.restore(model, artifact.path / modelopt.STATE_DIR).eval()
 
     @classmethod
+    def load_for_kernel(cls, artifact, device, dtype, trust_remote_code):
+        """The plain source model: the fast path copies the export's tensors into it, so restoring the
+        fake quantization first (`load`) would only be thrown away."""
+        from pathlib import Path
+
+        from llmopt.cache import Artifact
+        from llmopt.models import load_model
+
+        source = artifact.info["source"]
+        return load_model(Artifact(Path(source["path"]), "hf-checkpoint", info=source["info"]), device, dtype, False)
+
+    @classmethod
     def kernel_spec(cls, cfg) -> dict:
         return {"format": cfg.format, "group_size": cfg.group_size if cfg.format in AWQ else None, "kv_cache": cfg.kv_cache}
 
@@ -184,9 +196,11 @@ class Modelopt(Method):
         # a plain model of the source to swap into: ModelOpt's wrappers stay out of compiled steps.
         # Each kernel is checked against the exported weights it runs; those are what serving stacks
         # load, and they differ from the fake quantization where the export dtype rounds the weights
-        # before they are quantized (a float32 model exported in bf16)
-        del model
-        model = load_pretrained(artifact.info["source"]["path"], device, False, dtype=dtype)
+        # before they are quantized (a float32 model exported in bf16). load_for_kernel gives that
+        # plain model; a fake-quantized one (from `load`) is replaced by it
+        if any("quantizer" in name for name, _ in model.named_modules()):
+            del model
+            model = load_pretrained(artifact.info["source"]["path"], device, False, dtype=dtype)
         with torch.no_grad():
             for prefix, t in tensors.items():
                 if prefix in quantized:

@@ -18,7 +18,7 @@ from llmopt import kernels
 from llmopt.cache import Artifact, Cache
 from llmopt.eval import bench, nvml, runtimes
 from llmopt.export import trtllm
-from llmopt.models import in_memory_bytes, load_model, weights_bytes
+from llmopt.models import in_memory_bytes, weights_bytes
 from llmopt.recipe import Benchmark
 from llmopt.stages import Paired, StageContext
 from llmopt.tables import beside_base
@@ -34,10 +34,10 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     kind = runtimes.get(cfg.runtime)
     if kind.load_sweep:
         return _serve(kind, cfg, src, out, ctx)
-    model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code) if kind.loads_model else None
-    applied = kernels.Applied("none", "the runtime loads the model itself")
-    if model is not None:
-        model, applied = kernels.accelerate(model, src, ctx.device, cfg.kernel, ctx.cache_dir())
+    model, applied = None, kernels.Applied("none", "the runtime loads the model itself")
+    if kind.loads_model:
+        model, applied = kernels.load_accelerated(src, ctx.device, ctx.dtype, ctx.trust_remote_code, cfg.kernel,
+                                                  ctx.cache_dir())
     # the LLM API loads a bundle's checkpoint/ (or engine/ with tokenizer/), or an HF checkpoint (the base model)
     found = trtllm.loadable(src.path) if model is None else None
     config = model.config if model is not None else _config(found.config)

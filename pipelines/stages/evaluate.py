@@ -20,8 +20,7 @@ def run(cfg: Evaluate, src: Artifact, out: Path, ctx: StageContext, base: Artifa
     """Perplexity of `src` (given the `base` model, also the KL divergence of `src` from it) and
     the lm-eval tasks."""
     tokenizer = load_tokenizer(src.path, ctx.trust_remote_code)
-    model = load_model(src, ctx.device, ctx.dtype, ctx.trust_remote_code)
-    model, applied = kernels.accelerate(model, src, ctx.device, cfg.kernel, ctx.cache_dir())
+    model, applied = kernels.load_accelerated(src, ctx.device, ctx.dtype, ctx.trust_remote_code, cfg.kernel, ctx.cache_dir())
     metrics: dict[str, float] = {}  # the kernel's costs are the benchmark's to report; the tag says which ran
     info: dict = {}
     report: dict = {"model": str(src.path), "kernel": applied.tag()}
