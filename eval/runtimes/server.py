@@ -110,6 +110,19 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTER
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def stop_group(process: subprocess.Popen, grace_s: float) -> None:
+    """SIGTERM to the process group that `process` leads (started with start_new_session), SIGKILL to
+    what is left after `grace_s`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
 class Server:
     """A server process: started in its own process group, healthy or an error, always stopped."""
 
@@ -160,14 +173,7 @@ class Server:
         """SIGTERM to the server's process group, SIGKILL after the grace period."""
         if self.process is None or self.process.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGTERM)
-        try:
-            self.process.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_group(self.process, STOP_GRACE_S)
 
     def __exit__(self, *exc) -> None:
         self.stop()
@@ -183,7 +189,8 @@ class Server:
 
 class LoadGenerator:
     """GuideLLM kept in one process for a sweep (llmopt.eval.runtimes.loadgen, which says why): each run
-    is sent to it and waited for; the process dies with llmopt, and is stopped on the way out."""
+    is sent to it and waited for. It leads a process group of its own (GuideLLM's workers are in it),
+    dies with llmopt, ends when its input does, and on an error or Ctrl-C is stopped with its workers."""
 
     def __init__(self, log: Path):
         self.log = log  # the driver's own output (a crash of it), apart from each run's log
@@ -192,7 +199,8 @@ class LoadGenerator:
     def __enter__(self) -> LoadGenerator:
         with open(self.log, "ab") as sink:
             self.process = subprocess.Popen([sys.executable, "-m", loadgen.__name__], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=sink, text=True, preexec_fn=_die_with_parent)
+                                            stdout=subprocess.PIPE, stderr=sink, text=True, start_new_session=True,
+                                            preexec_fn=_die_with_parent)
         return self
 
     def run(self, args: list[str], log: Path) -> int:
@@ -210,16 +218,18 @@ class LoadGenerator:
             return 1
         return int(json.loads(answer)["exit"])
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
         if self.process is None:
             return
         with contextlib.suppress(OSError):
             self.process.stdin.close()  # the driver ends when its input does
+        if exc_type is not None:  # a run may be under way: stop it, workers and all
+            stop_group(self.process, 5)
+            return
         try:
             self.process.wait(timeout=STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            stop_group(self.process, 5)
 
 
 def _last_line(log: Path) -> str:
