@@ -103,7 +103,7 @@ def load_accelerated(artifact, device: str, dtype: str, trust_remote_code: bool,
     from llmopt import methods
     from llmopt.models import load_model
 
-    method = next((m for m in methods.discover().values() if artifact.info.get("format") in m.formats), None)
+    method = methods.writing(artifact.info.get("format"))
     spec = artifact.info.get("kernel_spec") or {}
     if method is not None and wanted != "none" and method.kernels(spec, device, _sm(device)):
         model = method.load_for_kernel(artifact, device, dtype, trust_remote_code)
@@ -118,8 +118,7 @@ def accelerate(model, artifact, device: str, wanted: str, cache_root) -> tuple[o
     result; a named kernel that cannot run here is an error."""
     from llmopt import methods
 
-    fmt = artifact.info.get("format")
-    method = next((m for m in methods.discover().values() if fmt in m.formats), None)
+    method = methods.writing(artifact.info.get("format"))
     if method is None:
         return model, Applied("none", "not quantized")
     sm = _sm(device)

@@ -176,9 +176,14 @@ def get(name: str) -> type[Method]:
     return methods[name]
 
 
+def writing(fmt: str | None) -> type[Method] | None:
+    """The method that writes artifacts of this `info["format"]`, if any (none for a plain checkpoint)."""
+    return next((method for method in discover().values() if fmt in method.formats), None)
+
+
 def by_format(fmt: str) -> type[Method]:
     """The method that writes artifacts of this `info["format"]`."""
-    for method in discover().values():
-        if fmt in method.formats:
-            return method
-    raise KeyError(f"no quantization method writes format {fmt!r}")
+    method = writing(fmt)
+    if method is None:
+        raise KeyError(f"no quantization method writes format {fmt!r}")
+    return method

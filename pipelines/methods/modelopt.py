@@ -134,28 +134,20 @@ class Modelopt(Method):
     def load(cls, artifact, device, dtype, trust_remote_code):
         """transformers cannot reload ModelOpt's exports: rebuild the fake-quantized model from its
         source and the calibrated quantizer state the quantize stage kept."""
-        from pathlib import Path
-
-        from llmopt.cache import Artifact
         from llmopt.export import modelopt
         from llmopt.models import load_model
 
-        source = artifact.info["source"]
-        model = load_model(Artifact(Path(source["path"]), "hf-checkpoint", info=source["info"]), device, dtype,
-                           trust_remote_code)
+        model = load_model(_source(artifact), device, dtype, trust_remote_code)
         return modelopt.restore(model, artifact.path / modelopt.STATE_DIR).eval()
 
     @classmethod
     def load_for_kernel(cls, artifact, device, dtype, trust_remote_code):
         """The plain source model: the fast path copies the export's tensors into it, so restoring the
-        fake quantization first (`load`) would only be thrown away."""
-        from pathlib import Path
-
-        from llmopt.cache import Artifact
+        fake quantization first (`load`) would only be thrown away. Without remote code, as the fast
+        path loads it: ModelOpt's formats are for stock architectures."""
         from llmopt.models import load_model
 
-        source = artifact.info["source"]
-        return load_model(Artifact(Path(source["path"]), "hf-checkpoint", info=source["info"]), device, dtype, False)
+        return load_model(_source(artifact), device, dtype, False)
 
     @classmethod
     def kernel_spec(cls, cfg) -> dict:
@@ -232,6 +224,16 @@ class Modelopt(Method):
     def limits(cls, info: dict) -> list[str]:
         return ["- Quality was measured in llmopt's runtime, not on a TensorRT-LLM engine: on the exported weights where a "
                 "fast kernel runs them (the run's `env.kernel` tag names it), else on ModelOpt's fake quantization."]
+
+
+def _source(artifact):
+    """The checkpoint ModelOpt quantized (its path and info, kept by the quantize stage)."""
+    from pathlib import Path
+
+    from llmopt.cache import Artifact
+
+    source = artifact.info["source"]
+    return Artifact(Path(source["path"]), "hf-checkpoint", info=source["info"])
 
 
 def read_export(path) -> dict[str, dict]:
