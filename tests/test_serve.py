@@ -424,10 +424,10 @@ def test_the_load_generator_process_runs_one_run_after_another_and_says_each_sta
         assert generator.run(["run", "--help"], tmp_path / "dead.log") == 1
     assert "the load generator's process exited" in (tmp_path / "dead.log").read_text()
 
-    # an error (or Ctrl-C) in llmopt stops it at once, in its own process group, leaving nothing
-    started = time.perf_counter()
+    # an error (or Ctrl-C) in llmopt stops it, in its own process group, by SIGTERM (or its input's end),
+    # never needing the SIGKILL that follows the grace period; nothing is left
     with pytest.raises(KeyboardInterrupt), LoadGenerator(tmp_path / "loadgen3.log") as generator:
         assert os.getpgid(generator.process.pid) == generator.process.pid
         raise KeyboardInterrupt
-    assert generator.process.poll() is not None and time.perf_counter() - started < 5
+    assert generator.process.returncode in (0, -signal.SIGTERM), generator.process.returncode
     assert not _serve_processes("llmopt.eval.runtimes.loadgen")
