@@ -151,6 +151,46 @@ def test_a_kernel_that_fails_to_build_names_itself_and_its_log(tmp_path):
     assert log == tmp_path / kernels.BUILD_DIR / "marlin-build.log" and log.is_file()
 
 
+@pytest.mark.parametrize("fp32, k_full", [(True, True), (False, False)])
+def test_marlin_is_called_with_the_arguments_gptqmodels_wrapper_gives_it(monkeypatch, fp32, k_full):
+    """MarlinLinear.product calls Marlin's GEMM op itself (GPTQModel's per-call Python cost ~80 us of
+    host time on an H200). The op cannot run without CUDA; a recorder stands in for it, and each of
+    the 18 arguments must be what GPTQModel's own `apply_gptq_marlin_linear` (called as its
+    MarlinLinear.forward calls it) hands the same op for the same layer."""
+    from types import SimpleNamespace
+
+    from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear as GptqModelMarlin
+    from gptqmodel.utils import marlin as gptqmodel_marlin
+    from llmopt.kernels.linear import MarlinLinear
+
+    calls = []
+
+    def recorder(*args):
+        calls.append(args)
+        return torch.zeros(args[0].shape[0], args[12], dtype=args[0].dtype)
+
+    tensors = {name: torch.full((2,), float(i)) for i, name in
+               enumerate(["qweight", "scales", "qzeros", "g_idx", "g_idx_sort_indices", "workspace"])}
+    layer = SimpleNamespace(**tensors, weight_type=GptqModelMarlin.TYPE_MAP[(4, True)], in_features=64, out_features=32,
+                            is_k_full=k_full, fp32=fp32, bias=None)
+    monkeypatch.setattr(gptqmodel_marlin, "_marlin_resolve_op",
+                        lambda dtype, op_name: recorder if op_name == "gptq_marlin_gemm_bf16" else None)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    gptqmodel_marlin.apply_gptq_marlin_linear(
+        input=x, weight=layer.qweight, weight_scale=layer.scales, weight_zp=layer.qzeros, g_idx=layer.g_idx,
+        g_idx_sort_indices=layer.g_idx_sort_indices, workspace=layer.workspace, wtype=layer.weight_type,
+        output_size_per_partition=layer.out_features, input_size_per_partition=layer.in_features,
+        is_k_full=layer.is_k_full, bias=layer.bias, use_fp32_reduce=layer.fp32, use_atomics=False)
+    out = MarlinLinear.product(SimpleNamespace(gemm=recorder, marlin=layer), x)
+    assert out.shape == (5, 32) and len(calls) == 2
+    theirs, ours = calls
+    assert len(ours) == len(theirs) == 18
+    for i, (a, b) in enumerate(zip(theirs, ours, strict=True)):
+        same = (isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr() and torch.equal(a, b)
+                if isinstance(a, torch.Tensor) else type(a) is type(b) and a == b)
+        assert same, f"argument {i}: GPTQModel passes {a!r}, llmopt {b!r}"
+
+
 def test_gptq_packing_round_trips_and_matches_the_grid():
     g = torch.Generator().manual_seed(0)
     for bits in (4, 8):

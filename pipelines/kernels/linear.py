@@ -229,7 +229,7 @@ _MARLIN_LAYERS: list = []  # the custom op below finds its layer by index (a mod
 def marlin_mm(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
     """One GPTQModel Marlin layer's product, opaque to torch.compile (its Python wrapper reads a
     ContextVar, which dynamo cannot trace), so a compiled step captures it in its CUDA graph whole."""
-    return _MARLIN_LAYERS[layer](x)
+    return _MARLIN_LAYERS[layer].product(x)
 
 
 @marlin_mm.register_fake
@@ -268,14 +268,39 @@ class MarlinLinear(QuantLinear):
         layer.g_idx.data = weight.groups().to(device=device, dtype=torch.int32)
         layer = layer.to(device)
         layer.post_init()
-        self.index = len(_MARLIN_LAYERS)
-        _MARLIN_LAYERS.append(layer)
-        # a submodule too, so that the model's buffers (the benchmark's weight bytes) and `.to()` see its
-        # packed weights; the forward reaches it through the custom op only
+        # a submodule, so that the model's buffers (the benchmark's weight bytes) and `.to()` see its packed
+        # weights; the forward reaches it through `product` only
         self.marlin = layer
+        self.gemm = marlin_gemm_op(layer)
+        self.index = len(_MARLIN_LAYERS)
+        _MARLIN_LAYERS.append(self)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] bf16, contiguous: Marlin's GEMM called as GPTQModel's `apply_gptq_marlin_linear` calls
+        it, without its per-call Python (an extension lookup under a lock, a scratch context, reshapes):
+        an H200 profile of a 7B's eager prefill found ~80 us of host time a call around a 49 us kernel,
+        which made int4's TTFT about twice bf16's. Layers GPTQModel pads to a tile go through its forward."""
+        if self.gemm is None:
+            return self.marlin(x)
+        m = self.marlin
+        return self.gemm(x, None, m.qweight, None, m.scales, None, m.qzeros, m.g_idx, m.g_idx_sort_indices, m.workspace,
+                         m.weight_type.id, x.shape[0], m.out_features, m.in_features, m.is_k_full, False, m.fp32, False)
 
     def _mm(self, x):
-        return marlin_mm(x.to(torch.bfloat16).contiguous(), self.index, self.out_features).to(x.dtype)
+        a = x.to(torch.bfloat16).contiguous()
+        # the custom op only where torch.compile traces: in eager code its dispatch is host time for nothing
+        y = marlin_mm(a, self.index, self.out_features) if torch.compiler.is_compiling() else self.product(a)
+        return y.to(x.dtype)
+
+
+def marlin_gemm_op(layer):
+    """The torch op GPTQModel's wrapper ends in, for a layer it runs unpadded and without an adapter;
+    None for the others (they keep GPTQModel's forward)."""
+    if getattr(layer, "_marlin_tile_padding", None) is not None or getattr(layer, "adapter", None) is not None:
+        return None
+    from gptqmodel import extension
+
+    return extension.op("marlin_bf16", "gptq_marlin_gemm_bf16")
 
 
 def pack_gptq(codes: torch.Tensor, bits: int) -> torch.Tensor:
