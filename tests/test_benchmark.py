@@ -278,3 +278,50 @@ def test_the_random_llama_decodes_to_text_token_by_token(tmp_path):
     # a streaming detokenizer's text grows with every token
     lengths = [len(tokenizer.decode(new[:i])) for i in range(1, len(new) + 1)]
     assert all(b > a for a, b in zip(lengths, lengths[1:], strict=False)), lengths
+
+
+@pytest.mark.parametrize("lengths", [(16, 16), (16, 9)], ids=["no padding", "left padding"])
+def test_the_compiled_prefill_is_given_the_mask_the_model_would_make(tiny_model, lengths, monkeypatch):
+    """The compiled runtime captures its prefill in a CUDA graph (CUDA only; tests/test_gpu_kernels.py
+    checks its tokens against `generate`), so it makes the prefill's 4D mask itself, beforehand.
+    On CPU: given `prefill_inputs`, the model makes no mask of its own (a captured call cannot: the
+    mask maker is made to fail here), its last logits equal the 2D-mask prefill's, and greedy decoding
+    from the cache it filled gives the same tokens."""
+    import transformers.masking_utils as masking
+    from llmopt.eval.bench import _left_padded
+    from llmopt.eval.runtimes.compiled import prefill_inputs
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    batch = [[(7 * i + 3 * row) % 500 + 3 for i in range(n)] for row, n in enumerate(lengths)]
+    ids, prompt_mask = _left_padded(batch, model.config.pad_token_id, "cpu")
+    width, out = ids.shape[1], 8
+
+    def prefill_and_decode(four_d: bool):
+        cache = StaticCache(config=model.config, max_cache_len=width + out)
+        with torch.no_grad():
+            if four_d:
+                inputs = prefill_inputs(model, cache, ids, prompt_mask)
+                with monkeypatch.context() as m:
+                    m.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa",
+                              lambda *a, **k: pytest.fail("the model made its own mask"))
+                    logits = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+            else:
+                logits = model(input_ids=ids, attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                               cache_position=torch.arange(width), past_key_values=cache, use_cache=True).logits[:, -1]
+            mask = torch.cat([prompt_mask, torch.ones(len(batch), out, dtype=torch.long)], 1)
+            token, tokens = logits.argmax(-1, keepdim=True), []
+            for i in range(out):
+                tokens.append(token)
+                step = model(input_ids=token, position_ids=prompt_mask.sum(-1, keepdim=True) + i,
+                             cache_position=torch.tensor([width + i]), attention_mask=mask, past_key_values=cache,
+                             use_cache=True).logits[:, -1]
+                token = step.argmax(-1, keepdim=True)
+        return logits, torch.cat(tokens, 1)
+
+    inputs = prefill_inputs(model, StaticCache(config=model.config, max_cache_len=width + out), ids, prompt_mask)
+    assert inputs["attention_mask"].shape == (len(batch), 1, width, width + out)
+    expected_logits, expected_tokens = prefill_and_decode(False)
+    logits, tokens = prefill_and_decode(True)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(tokens, expected_tokens)

@@ -135,3 +135,23 @@ def test_compiled_runtime_decodes_what_generate_decodes(tiny_model, ids):
     assert torch.equal(first[:, :8], expected[:, :8]), (first, expected)
     runtime.run(batch, 24)
     assert torch.equal(runtime.tokens, first)
+
+
+def test_compiled_runtime_decodes_a_left_padded_batch_as_generate_does(tiny_model, ids):
+    """Prompts of different lengths, left-padded: the captured prefill's 4D mask and the decode
+    step's mask keep each row to its own tokens, so each row's first 8 tokens are `generate`'s on the
+    same padded batch."""
+    from llmopt.eval.bench import _left_padded
+    from llmopt.eval.runtimes.compiled import CompiledRuntime
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).to("cuda").eval()
+    batch = [list(ids[:16]), list(ids[100:111])]
+    padded, mask = _left_padded(batch, model.config.pad_token_id, "cuda")
+    with torch.no_grad():
+        expected = model.generate(padded, attention_mask=mask, max_new_tokens=24, min_new_tokens=24,
+                                  do_sample=False)[:, 16:]
+    runtime = CompiledRuntime(model, "cuda")
+    runtime.prepare(batch, 24)
+    runtime.run(batch, 24)
+    assert torch.equal(runtime.tokens[:, :8], expected[:, :8]), (runtime.tokens, expected)

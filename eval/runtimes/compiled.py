@@ -1,13 +1,18 @@
-"""`transformers-compiled`: a static KV cache, the prefill run eagerly, and a one-token decode step
-compiled with `torch.compile(mode="reduce-overhead")` (CUDA graphs) in a lean loop, so the decode has
-no per-token Python overhead beyond one graph replay. CUDA only.
+"""`transformers-compiled`: a static KV cache, the prefill replayed as a CUDA graph of the eager
+model, and a one-token decode step compiled with `torch.compile(mode="reduce-overhead")` (CUDA
+graphs) in a lean loop, so the decode has no per-token Python overhead beyond one graph replay. CUDA
+only.
 
-The eager prefill costs TTFT: a 7B's at batch 1 was 25-52 ms for the same bf16 model in three H200
-runs (kernel launches from Python). Compiling the prefill too was tried (session 8): its tokens
-matched `generate` on an H200 (the cache must then be made eagerly, `early_initialization`, or the
-decode graph finds the prefill graph's cache tensors overwritten), but a 7B benchmark with it (AWQ
-candidate and bf16 base, batches 1/8/32) did not finish in 350 s where the eager-prefill one took
-264 s, and its timings were never compared: it stays eager until they are."""
+The prefill was run eagerly until 2026-11-29, and its TTFT was launch overhead: on an H200 a 7B's
+prefill (batch 1, 128 tokens) took 24 ms of host time for 8 ms of kernels in bf16, and 45 ms for 10
+in int4 (benchmarks/decode_probe.py). Compiling it was tried (session 8): its tokens matched
+`generate` on an H200, but a 7B benchmark with it (AWQ candidate and bf16 base, batches 1/8/32) did
+not finish in 350 s where the eager-prefill one took 264 s: compiling costs a minute a shape. So the
+prefill is now the eager model captured once per batch shape in a `torch.cuda.CUDAGraph` (the cost
+of one more eager call), then replayed. A captured call may not synchronise with the host, and
+transformers, given a 2D mask, tests it on the host to decide whether it can skip the mask; so the
+runtime makes the 4D mask itself, before the clock, with transformers' own `create_causal_mask`
+(`prefill_inputs`), and the model, given a 4D mask, uses it as it is."""
 
 from __future__ import annotations
 
@@ -18,8 +23,9 @@ from llmopt.eval.runtimes import Runtime
 
 
 class CompiledRuntime(Runtime):
-    """Static cache; eager prefill; compiled one-token decode step (CUDA graphs) in a lean loop,
-    timed with CUDA events recorded after each step (one synchronisation at the end)."""
+    """Static cache; the prefill a CUDA graph of the eager model; a compiled one-token decode step
+    (CUDA graphs) in a lean loop, timed with CUDA events recorded after each step (one
+    synchronisation at the end)."""
 
     name = "transformers-compiled"
     summary = "static KV cache, compiled decode step with CUDA graphs (CUDA only)"
@@ -52,6 +58,7 @@ class CompiledRuntime(Runtime):
 
         torch._dynamo.reset()
         self.step = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+        self.prefill = None  # captured on this shape's first run
 
     def run(self, batch: list[list[int]], output_tokens: int, stamped: bool = True) -> Sample:
         import torch
@@ -61,10 +68,14 @@ class CompiledRuntime(Runtime):
         ids, prompt_mask = _left_padded(batch, pad, self.device)
         with torch.no_grad():
             self.cache.reset()
+            inputs = prefill_inputs(self.model, self.cache, ids, prompt_mask)
+            if self.prefill is None:
+                self.prefill = PrefillGraph(self.model, self.cache, inputs)
+                self.cache.reset()
+            self.prefill.load(inputs)
         mask = torch.ones(bs, width + out, dtype=torch.long, device=self.device)
         mask[:, :width] = prompt_mask
         lengths = prompt_mask.sum(-1, keepdim=True)
-        prefill_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
         decode_positions = [lengths + i for i in range(out)]  # made before the clock starts
         cache_positions = [torch.tensor([width + i], device=self.device) for i in range(out)]
         tokens = torch.empty(out, bs, 1, dtype=torch.long, device=self.device)  # step i's input is tokens[i - 1]
@@ -73,10 +84,7 @@ class CompiledRuntime(Runtime):
         started = time.perf_counter()
         events[0].record()
         with torch.no_grad():  # not inference_mode: the static cache's tensors are reset in place between calls
-            logits = self.model(input_ids=ids, attention_mask=mask[:, :width], position_ids=prefill_positions,
-                                cache_position=torch.arange(width, device=self.device), past_key_values=self.cache,
-                                use_cache=True).logits
-            tokens[0] = logits[:, -1].argmax(-1, keepdim=True)
+            tokens[0] = self.prefill.replay()
             events[1].record()
             for i in range(1, out):
                 # the graph's output buffer is reused by the next replay: copy each token out at once
@@ -87,3 +95,56 @@ class CompiledRuntime(Runtime):
         ended = time.perf_counter() - started
         self.tokens = tokens[:, :, 0].t()  # [bs, out]: the last run's greedy tokens (what the tests compare)
         return Sample(started, _on_host_clock(events[0], events[1:], ended), tokens.shape[0])
+
+
+def prefill_inputs(model, cache, ids, prompt_mask) -> dict:
+    """The prefill's keyword arguments for a left-padded batch, with the attention mask the model
+    would make from `prompt_mask` (transformers' `create_causal_mask` over `cache`, freshly reset),
+    but always made, as a 4D tensor: transformers skips a mask it can prove causal by testing the 2D
+    mask on the host, which a CUDA graph cannot capture; given a 4D mask, the model makes none."""
+    import torch
+    from transformers.masking_utils import create_causal_mask
+
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    mask = create_causal_mask(config=model.config, inputs_embeds=model.get_input_embeddings()(ids),
+                              attention_mask=prompt_mask, past_key_values=cache, position_ids=positions,
+                              allow_is_causal_skip=False)
+    if mask is None or mask.dim() != 4:
+        raise ValueError(f"the compiled runtime's prefill needs a 4D attention mask; attention "
+                         f"{model.config._attn_implementation!r} made {None if mask is None else tuple(mask.shape)}")
+    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
+            "cache_position": torch.arange(ids.shape[1], device=ids.device)}
+
+
+class PrefillGraph:
+    """One batch shape's prefill (the eager model, last token's logits only, greedy pick) captured
+    in a CUDA graph: a replay launches its ~1000 kernels at once. Its inputs are static buffers that
+    `load` fills; it writes the static cache in place, as the eager call does."""
+
+    def __init__(self, model, cache, inputs: dict):
+        import torch
+
+        self.model, self.cache = model, cache
+        self.inputs = {name: value.clone() for name, value in inputs.items()}
+        side = torch.cuda.Stream()  # warm-up off the capturing stream, as torch's graph capture asks
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward()  # also allocates the static cache, outside the graph's memory pool
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.first = self._forward()
+
+    def _forward(self):
+        logits = self.model(**self.inputs, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    def load(self, inputs: dict) -> None:
+        for name, value in inputs.items():
+            self.inputs[name].copy_(value)
+
+    def replay(self):
+        """Run the captured prefill (after `load` and a cache reset); the first new token of each row."""
+        self.graph.replay()
+        return self.first
