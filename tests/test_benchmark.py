@@ -5,6 +5,7 @@ MLflow, and bad input refused before anything runs."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -289,7 +290,7 @@ def test_the_compiled_prefill_is_given_the_mask_the_model_would_make(tiny_model,
     from the cache it filled gives the same tokens."""
     import transformers.masking_utils as masking
     from llmopt.eval.bench import _left_padded
-    from llmopt.eval.runtimes.compiled import prefill_inputs
+    from llmopt.eval.runtimes.compiled import EagerPrefill, prefill_inputs
     from transformers import AutoModelForCausalLM, StaticCache
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
@@ -325,3 +326,23 @@ def test_the_compiled_prefill_is_given_the_mask_the_model_would_make(tiny_model,
     logits, tokens = prefill_and_decode(True)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(tokens, expected_tokens)
+    # the eager prefill (attentions without a 4D mask) picks the 2D-mask prefill's first tokens
+    with torch.no_grad():
+        first = EagerPrefill(model, StaticCache(config=model.config, max_cache_len=width + out), ids, prompt_mask).replay()
+    assert torch.equal(first, expected_tokens[:, :1])
+
+
+def test_an_attention_without_a_4d_mask_keeps_the_prefill_eager_and_says_so(tiny_model, caplog):
+    """flash attention takes the 2D mask: `prefill_inputs` gives None (the runtime then runs the eager
+    prefill) and warns that TTFT includes the prefill's launches."""
+    from llmopt.eval.bench import _left_padded
+    from llmopt.eval.runtimes.compiled import _eager_prefill_warning, prefill_inputs
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    _eager_prefill_warning.cache_clear()  # it warns once per attention implementation and process
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    model.config._attn_implementation = "flash_attention_2"  # only the mask is made: flash-attn need not be installed
+    ids, prompt_mask = _left_padded([[5, 6, 7, 8], [9, 10]], model.config.pad_token_id, "cpu")
+    with caplog.at_level(logging.WARNING, logger="llmopt"):
+        assert prefill_inputs(model, StaticCache(config=model.config, max_cache_len=12), ids, prompt_mask) is None
+    assert "'flash_attention_2' makes no 4D mask: the compiled runtime's prefill runs eagerly" in caplog.text

@@ -16,10 +16,14 @@ runtime makes the 4D mask itself, before the clock, with transformers' own `crea
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 
 from llmopt.eval.bench import REQUEST_METRICS, TOKEN_METRICS, Sample, _left_padded, _on_host_clock, sync
 from llmopt.eval.runtimes import Runtime
+
+log = logging.getLogger("llmopt")
 
 
 class CompiledRuntime(Runtime):
@@ -69,7 +73,9 @@ class CompiledRuntime(Runtime):
         with torch.no_grad():
             self.cache.reset()
             inputs = prefill_inputs(self.model, self.cache, ids, prompt_mask)
-            if self.prefill is None:
+            if inputs is None:  # an attention without a 4D mask: the prefill stays eager
+                self.prefill = EagerPrefill(self.model, self.cache, ids, prompt_mask)
+            elif self.prefill is None:
                 self.prefill = PrefillGraph(self.model, self.cache, inputs)
                 self.cache.reset()
             self.prefill.load(inputs)
@@ -97,11 +103,19 @@ class CompiledRuntime(Runtime):
         return Sample(started, _on_host_clock(events[0], events[1:], ended), tokens.shape[0])
 
 
-def prefill_inputs(model, cache, ids, prompt_mask) -> dict:
+@functools.cache
+def _eager_prefill_warning(attention: str) -> None:
+    log.warning("attention %r makes no 4D mask: the compiled runtime's prefill runs eagerly, not as a CUDA graph "
+                "(its TTFT then includes the prefill's kernel launches from Python)", attention)
+
+
+def prefill_inputs(model, cache, ids, prompt_mask) -> dict | None:
     """The prefill's keyword arguments for a left-padded batch, with the attention mask the model
     would make from `prompt_mask` (transformers' `create_causal_mask` over `cache`, freshly reset),
     but always made, as a 4D tensor: transformers skips a mask it can prove causal by testing the 2D
-    mask on the host, which a CUDA graph cannot capture; given a 4D mask, the model makes none."""
+    mask on the host, which a CUDA graph cannot capture; given a 4D mask, the model makes none.
+    None (and a warning, once) for an attention implementation that makes no 4D mask (flash
+    attention takes the 2D one): its prefill stays eager."""
     import torch
     from transformers.masking_utils import create_causal_mask
 
@@ -109,9 +123,9 @@ def prefill_inputs(model, cache, ids, prompt_mask) -> dict:
     mask = create_causal_mask(config=model.config, inputs_embeds=model.get_input_embeddings()(ids),
                               attention_mask=prompt_mask, past_key_values=cache, position_ids=positions,
                               allow_is_causal_skip=False)
-    if mask is None or mask.dim() != 4:
-        raise ValueError(f"the compiled runtime's prefill needs a 4D attention mask; attention "
-                         f"{model.config._attn_implementation!r} made {None if mask is None else tuple(mask.shape)}")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        _eager_prefill_warning(model.config._attn_implementation)
+        return None
     return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
             "cache_position": torch.arange(ids.shape[1], device=ids.device)}
 
@@ -148,3 +162,24 @@ class PrefillGraph:
         """Run the captured prefill (after `load` and a cache reset); the first new token of each row."""
         self.graph.replay()
         return self.first
+
+
+class EagerPrefill:
+    """The prefill as a plain eager call with the 2D mask (`PrefillGraph`'s interface), for attention
+    implementations whose mask is not 4D."""
+
+    def __init__(self, model, cache, ids, prompt_mask):
+        self.model, self.cache, self.ids, self.prompt_mask = model, cache, ids, prompt_mask
+
+    def load(self, inputs) -> None:
+        pass
+
+    def replay(self):
+        import torch
+
+        width = self.ids.shape[1]
+        logits = self.model(input_ids=self.ids, attention_mask=self.prompt_mask,
+                            position_ids=(self.prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                            cache_position=torch.arange(width, device=self.ids.device), past_key_values=self.cache,
+                            use_cache=True, logits_to_keep=1).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
