@@ -144,7 +144,8 @@ class PrefillGraph:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._forward()  # also allocates the static cache, outside the graph's memory pool
+                cache.reset()  # each call writes the prompt's slots from the start: a second would overrun a short cache
+                self._forward()  # the first also allocates the static cache, outside the graph's memory pool
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
