@@ -89,17 +89,26 @@ def fake_quantize(weight, bits: int, group_size: int, sym: bool):
     if cols % group:
         raise ValueError(f"group_size {group_size} does not divide the layer width {cols}")
     w = weight.float().reshape(rows, cols // group, group)
+    _, _, rounded = _rounded(w, bits, sym)
+    return rounded.reshape(rows, cols).to(weight.dtype)
+
+
+def _rounded(w, bits: int, sym: bool):
+    """Weights grouped [rows, groups, group] onto the grid: (codes, (scale, zero) per group, the
+    rounded weights). Symmetric: scale max|w| / (2**(bits-1) - 1) around the code 2**(bits-1);
+    otherwise min to max over 2**bits - 1 steps, with a rounded zero code. `fake_quantize` rounds
+    with it and `regrid` reads the rounded weights back with it: one formula, so they agree."""
+    import torch
+
     if sym:
-        qmax = 2 ** (bits - 1) - 1
-        scale = w.abs().amax(-1, keepdim=True).clamp(min=1e-8) / qmax
-        q = (w / scale).round().clamp(-qmax - 1, qmax) * scale
+        scale = w.abs().amax(-1).clamp(min=1e-8) / (2 ** (bits - 1) - 1)  # [rows, groups]
+        zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
-        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+        lo, hi = w.amin(-1), w.amax(-1)
         scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
         zero = (-lo / scale).round()
-        q = ((w / scale).round() + zero).clamp(0, 2**bits - 1)
-        q = (q - zero) * scale
-    return q.reshape(rows, cols).to(weight.dtype)
+    codes = ((w / scale[..., None]).round() + zero[..., None]).clamp(0, 2**bits - 1)
+    return codes, (scale, zero), (codes - zero[..., None]) * scale[..., None]
 
 
 def regrid(weight, bits: int, group_size: int, sym: bool, bias=None):
@@ -111,15 +120,7 @@ def regrid(weight, bits: int, group_size: int, sym: bool, bias=None):
     rows, cols = weight.shape
     group = cols if group_size == -1 else group_size
     w = weight.float().reshape(rows, cols // group, group)
-    if sym:
-        scale = (w.abs().amax(-1) / (2 ** (bits - 1) - 1)).clamp(min=1e-8)  # [rows, groups]
-        zero = torch.full_like(scale, 2 ** (bits - 1))
-    else:
-        lo, hi = w.amin(-1), w.amax(-1)
-        scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
-        zero = (-lo / scale).round()
-    codes = ((w / scale[..., None]).round() + zero[..., None]).clamp(0, 2**bits - 1)
-    rebuilt = (codes - zero[..., None]) * scale[..., None]
+    codes, (scale, zero), rebuilt = _rounded(w, bits, sym)
     error = ((rebuilt - w).abs().amax() / w.abs().amax().clamp(min=1e-12)).item()
     if error > 1e-2:
         raise ValueError(f"the weights are not on a {bits}-bit grid of {group} columns ({error:.2%} off): "
