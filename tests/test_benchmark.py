@@ -220,6 +220,7 @@ def test_benchmark_in_the_pipeline_lands_in_mlflow(tiny_workdir, tmp_path):
     assert "memory/kv_bytes_per_token" in m and "memory/weights_gb_base" in m
     tags = run.data.tags
     assert tags["env.runtime"] == "transformers-eager" and tags["env.torch"] == torch.__version__
+    assert tags["env.cpu_threads"] == str(torch.get_num_threads())  # CPU figures depend on it
     files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert files == {"plots/latency_vs_batch.png", "plots/throughput_vs_batch.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"benchmark.md", "candidate", "base"}
