@@ -333,17 +333,22 @@ def test_the_compiled_prefill_is_given_the_mask_the_model_would_make(tiny_model,
     assert torch.equal(first, expected_tokens[:, :1])
 
 
-def test_an_attention_without_a_4d_mask_keeps_the_prefill_eager_and_says_so(tiny_model, caplog):
-    """flash attention takes the 2D mask: `prefill_inputs` gives None (the runtime then runs the eager
-    prefill) and warns that TTFT includes the prefill's launches."""
+@pytest.mark.parametrize("change, named", [({"_attn_implementation": "flash_attention_2"}, "'flash_attention_2'"),
+                                           ({"sliding_window": 32}, "'sdpa, with a sliding window'")],
+                         ids=["flash attention", "sliding window"])
+def test_a_model_without_one_causal_mask_keeps_the_prefill_eager_and_says_so(tiny_model, caplog, change, named):
+    """Flash attention takes the 2D mask, and a sliding-window model makes its own kind of mask:
+    `prefill_inputs` gives None (the runtime then runs the eager prefill) and warns that TTFT
+    includes the prefill's launches."""
     from llmopt.eval.bench import _left_padded
     from llmopt.eval.runtimes.compiled import _eager_prefill_warning, prefill_inputs
     from transformers import AutoModelForCausalLM, StaticCache
 
     _eager_prefill_warning.cache_clear()  # it warns once per attention implementation and process
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    model.config._attn_implementation = "flash_attention_2"  # only the mask is made: flash-attn need not be installed
+    for name, value in change.items():  # only the mask is made: flash-attn need not be installed
+        setattr(model.config, name, value)
     ids, prompt_mask = _left_padded([[5, 6, 7, 8], [9, 10]], model.config.pad_token_id, "cpu")
     with caplog.at_level(logging.WARNING, logger="llmopt"):
         assert prefill_inputs(model, StaticCache(config=model.config, max_cache_len=12), ids, prompt_mask) is None
-    assert "'flash_attention_2' makes no 4D mask: the compiled runtime's prefill runs eagerly" in caplog.text
+    assert f"attention {named}: no single 4D causal mask, so the compiled runtime's prefill runs eagerly" in caplog.text

@@ -105,8 +105,8 @@ class CompiledRuntime(Runtime):
 
 @functools.cache
 def _eager_prefill_warning(attention: str) -> None:
-    log.warning("attention %r makes no 4D mask: the compiled runtime's prefill runs eagerly, not as a CUDA graph "
-                "(its TTFT then includes the prefill's kernel launches from Python)", attention)
+    log.warning("attention %r: no single 4D causal mask, so the compiled runtime's prefill runs eagerly, not as a "
+                "CUDA graph (its TTFT then includes the prefill's kernel launches from Python)", attention)
 
 
 def prefill_inputs(model, cache, ids, prompt_mask) -> dict | None:
@@ -115,10 +115,15 @@ def prefill_inputs(model, cache, ids, prompt_mask) -> dict | None:
     but always made, as a 4D tensor: transformers skips a mask it can prove causal by testing the 2D
     mask on the host, which a CUDA graph cannot capture; given a 4D mask, the model makes none.
     None (and a warning, once) for an attention implementation that makes no 4D mask (flash
-    attention takes the 2D one): its prefill stays eager."""
+    attention takes the 2D one), or a model with sliding-window layers: its prefill stays eager."""
     import torch
     from transformers.masking_utils import create_causal_mask
 
+    text = model.config.get_text_config()
+    if getattr(text, "sliding_window", None) or "sliding_attention" in (getattr(text, "layer_types", None) or ()):
+        # the model makes a sliding-window mask (or one per layer type) that one causal mask would replace
+        _eager_prefill_warning(f"{model.config._attn_implementation}, with a sliding window")
+        return None
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     mask = create_causal_mask(config=model.config, inputs_embeds=model.get_input_embeddings()(ids),
                               attention_mask=prompt_mask, past_key_values=cache, position_ids=positions,
