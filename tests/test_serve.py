@@ -8,6 +8,7 @@ handling, not any real server."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -403,6 +404,38 @@ def test_batching_is_tuned_for_the_load_and_device_unless_the_recipe_sets_it():
     assert tuned_batching(stage({"tune_batching": False}), "cuda") == {}
     assert tuned_batching(stage({"command": ["vllm", "serve", "{model}"]}), "cuda") == {}
     assert tuned_batching(stage({"continuous_batching": False}), "cuda") == {}
+
+
+@pytest.mark.parametrize("handled", [False, True], ids=["without the handler", "with it"])
+def test_the_load_generators_workers_end_with_it_when_llmopt_dies(handled):
+    """llmopt's death reaches the load generator as a SIGTERM to it alone (PR_SET_PDEATHSIG); its handler
+    passes it to its process group, where GuideLLM's workers are. A sleeping child stands in for a
+    worker; without the handler it outlives its parent (the control: what the handler prevents)."""
+    script = ("import subprocess, sys, time\n"
+              "from llmopt.eval.runtimes import loadgen\n"
+              + ("loadgen.stop_with_group_on_sigterm()\n" if handled else "")
+              + "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              "print(worker.pid, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    worker = int(parent.stdout.readline())
+    try:
+        os.kill(parent.pid, signal.SIGTERM)
+        assert parent.wait(10) == -signal.SIGTERM
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(worker) is not handled
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie awaiting its reaper)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_the_load_generator_process_runs_one_run_after_another_and_says_each_status(tmp_path):

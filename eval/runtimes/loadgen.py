@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 
@@ -36,7 +37,24 @@ def _run(cli, args: list[str]) -> int:
     return 0
 
 
+def stop_with_group_on_sigterm() -> None:
+    """On SIGTERM, take GuideLLM's workers along: they are in this process's group (the server runtime
+    starts it as a group's leader), and a worker left without this process would go on loading the
+    server. SIGTERM comes from llmopt stopping the sweep, or from llmopt's death (PR_SET_PDEATHSIG,
+    which signals this process alone). A process that leads no group of its own only ends itself."""
+
+    def handler(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if os.getpgrp() == os.getpid():
+            os.killpg(os.getpid(), signal.SIGTERM)  # the workers, and this process by the default action
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> int:
+    stop_with_group_on_sigterm()
     reply = os.fdopen(os.dup(sys.stdout.fileno()), "w")  # answers keep the real stdout; runs write to their logs
     from guidellm.__main__ import cli
     from llmopt.models import output_to
