@@ -264,6 +264,36 @@ def _promote_in_process(mlruns: str, artifact: str, tag: str, go) -> None:
                           {"llmopt.recipe": tag}, registry.content_digest(Path(artifact)))
 
 
+def test_a_registry_write_that_lost_a_race_is_tried_again_and_other_errors_are_not(monkeypatch):
+    """Two promotions at once: MLflow reads, then inserts, so the second insert of an alias (or a version
+    number) fails its UNIQUE constraint (seen in CI: `registered_model_aliases`); tried again, it reads
+    the first writer's row. A lock is retried too; any other error is raised at once."""
+    from llmopt.registry import store
+    from mlflow.exceptions import MlflowException
+
+    monkeypatch.setattr(store.time, "sleep", lambda s: None)
+    failures = [MlflowException("(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_aliases.workspace, "
+                                "registered_model_aliases.name, registered_model_aliases.alias"),
+                MlflowException("(sqlite3.OperationalError) database is locked")]
+    calls = []
+
+    def write():
+        calls.append(1)
+        if failures:
+            raise failures.pop(0)
+        return "done"
+
+    assert store._retry(write) == "done" and len(calls) == 3
+
+    def missing():
+        calls.append(1)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: no model")
+
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        store._retry(missing)
+    assert len(calls) == 4, "not retried"
+
+
 def test_two_concurrent_promotions_leave_a_consistent_state(tmp_path):
     mlruns = tmp_path / "mlruns"
     from llmopt.tracking import Tracker

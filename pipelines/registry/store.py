@@ -54,15 +54,23 @@ class Registration:
     note: str = ""  # why a version was reused, or why the same content got a new one; empty for new content
 
 
+# what a registry write can meet when another process writes at the same moment; the write failed
+# whole (its transaction rolled back), so it is tried again
+RACES = ("locked",  # SQLite refuses a writer while another holds the lock
+         # MLflow reads, then inserts (the next version number, a new alias): two writers can insert the
+         # same row; the second attempt reads the first writer's row and updates it, or takes the next number
+         "unique constraint failed")
+
+
 def _retry(call, attempts: int = 8):
-    """SQLite stores refuse a writer while another holds the lock ("database is locked"): retry."""
+    """`call()`, tried again (with a growing pause) while it fails on a race with another writer."""
     from mlflow.exceptions import MlflowException
 
     for attempt in range(attempts):
         try:
             return call()
         except MlflowException as e:
-            if "locked" not in str(e).lower() or attempt == attempts - 1:
+            if not any(race in str(e).lower() for race in RACES) or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
     raise AssertionError("unreachable")
