@@ -303,7 +303,8 @@ def test_the_compiled_prefill_is_given_the_mask_the_model_would_make(tiny_model,
         cache = StaticCache(config=model.config, max_cache_len=width + out)
         with torch.no_grad():
             if four_d:
-                inputs = prefill_inputs(model, cache, ids, prompt_mask)
+                inputs, capturable = prefill_inputs(model, cache, ids, prompt_mask)
+                assert capturable
                 with monkeypatch.context() as m:
                     m.setitem(masking.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "sdpa",
                               lambda *a, **k: pytest.fail("the model made its own mask"))
@@ -321,15 +322,16 @@ def test_the_compiled_prefill_is_given_the_mask_the_model_would_make(tiny_model,
                 token = step.argmax(-1, keepdim=True)
         return logits, torch.cat(tokens, 1)
 
-    inputs = prefill_inputs(model, StaticCache(config=model.config, max_cache_len=width + out), ids, prompt_mask)
+    inputs, _ = prefill_inputs(model, StaticCache(config=model.config, max_cache_len=width + out), ids, prompt_mask)
     assert inputs["attention_mask"].shape == (len(batch), 1, width, width + out)
     expected_logits, expected_tokens = prefill_and_decode(False)
     logits, tokens = prefill_and_decode(True)
     torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(tokens, expected_tokens)
-    # the eager prefill (attentions without a 4D mask) picks the 2D-mask prefill's first tokens
+    # the eager prefill (attentions without a 4D mask: the inputs with the 2D mask) picks the 2D-mask prefill's first tokens
     with torch.no_grad():
-        first = EagerPrefill(model, StaticCache(config=model.config, max_cache_len=width + out), ids, prompt_mask).replay()
+        first = EagerPrefill(model, StaticCache(config=model.config, max_cache_len=width + out),
+                             {**inputs, "attention_mask": prompt_mask}).replay()
     assert torch.equal(first, expected_tokens[:, :1])
 
 
@@ -338,8 +340,8 @@ def test_the_compiled_prefill_is_given_the_mask_the_model_would_make(tiny_model,
                          ids=["flash attention", "sliding window"])
 def test_a_model_without_one_causal_mask_keeps_the_prefill_eager_and_says_so(tiny_model, caplog, change, named):
     """Flash attention takes the 2D mask, and a sliding-window model makes its own kind of mask:
-    `prefill_inputs` gives None (the runtime then runs the eager prefill) and warns that TTFT
-    includes the prefill's launches."""
+    `prefill_inputs` says the call cannot be captured and keeps the 2D mask (the runtime then runs the
+    eager prefill), and warns that TTFT includes the prefill's launches."""
     from llmopt.eval.bench import _left_padded
     from llmopt.eval.runtimes.compiled import _eager_prefill_warning, prefill_inputs
     from transformers import AutoModelForCausalLM, StaticCache
@@ -350,5 +352,6 @@ def test_a_model_without_one_causal_mask_keeps_the_prefill_eager_and_says_so(tin
         setattr(model.config, name, value)
     ids, prompt_mask = _left_padded([[5, 6, 7, 8], [9, 10]], model.config.pad_token_id, "cpu")
     with caplog.at_level(logging.WARNING, logger="llmopt"):
-        assert prefill_inputs(model, StaticCache(config=model.config, max_cache_len=12), ids, prompt_mask) is None
+        inputs, capturable = prefill_inputs(model, StaticCache(config=model.config, max_cache_len=12), ids, prompt_mask)
+    assert not capturable and inputs["attention_mask"] is prompt_mask
     assert f"attention {named}: no single 4D causal mask, so the compiled runtime's prefill runs eagerly" in caplog.text

@@ -72,11 +72,9 @@ class CompiledRuntime(Runtime):
         ids, prompt_mask = _left_padded(batch, pad, self.device)
         with torch.no_grad():
             self.cache.reset()
-            inputs = prefill_inputs(self.model, self.cache, ids, prompt_mask)
-            if inputs is None:  # an attention without a 4D mask: the prefill stays eager
-                self.prefill = EagerPrefill(self.model, self.cache, ids, prompt_mask)
-            elif self.prefill is None:
-                self.prefill = PrefillGraph(self.model, self.cache, inputs)
+            inputs, capturable = prefill_inputs(self.model, self.cache, ids, prompt_mask)
+            if self.prefill is None:
+                self.prefill = (PrefillGraph if capturable else EagerPrefill)(self.model, self.cache, inputs)
                 self.cache.reset()
             self.prefill.load(inputs)
         mask = torch.ones(bs, width + out, dtype=torch.long, device=self.device)
@@ -109,36 +107,57 @@ def _eager_prefill_warning(attention: str) -> None:
                 "CUDA graph (its TTFT then includes the prefill's kernel launches from Python)", attention)
 
 
-def prefill_inputs(model, cache, ids, prompt_mask) -> dict | None:
-    """The prefill's keyword arguments for a left-padded batch, with the attention mask the model
-    would make from `prompt_mask` (transformers' `create_causal_mask` over `cache`, freshly reset),
-    but always made, as a 4D tensor: transformers skips a mask it can prove causal by testing the 2D
-    mask on the host, which a CUDA graph cannot capture; given a 4D mask, the model makes none.
-    None (and a warning, once) for an attention implementation that makes no 4D mask (flash
-    attention takes the 2D one), or a model with sliding-window layers: its prefill stays eager."""
+def prefill_inputs(model, cache, ids, prompt_mask) -> tuple[dict, bool]:
+    """The prefill's keyword arguments for a left-padded batch, and whether a CUDA graph can capture
+    the call. Capturable: the attention mask is the one the model would make from `prompt_mask`
+    (transformers' `create_causal_mask` over `cache`, freshly reset), but always made, as a 4D tensor:
+    transformers skips a mask it can prove causal by testing the 2D mask on the host, which a CUDA
+    graph cannot capture; given a 4D mask, the model makes none. Not capturable (the 2D mask, and a
+    warning, once): an attention implementation that makes no 4D mask (flash attention takes the 2D
+    one), or a model with sliding-window layers."""
     import torch
     from transformers.masking_utils import create_causal_mask
 
+    inputs = {"input_ids": ids, "attention_mask": prompt_mask, "position_ids": (prompt_mask.cumsum(-1) - 1).clamp(min=0),
+              "cache_position": torch.arange(ids.shape[1], device=ids.device)}
     text = model.config.get_text_config()
     if getattr(text, "sliding_window", None) or "sliding_attention" in (getattr(text, "layer_types", None) or ()):
         # the model makes a sliding-window mask (or one per layer type) that one causal mask would replace
         _eager_prefill_warning(f"{model.config._attn_implementation}, with a sliding window")
-        return None
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        return inputs, False
     mask = create_causal_mask(config=model.config, inputs_embeds=model.get_input_embeddings()(ids),
-                              attention_mask=prompt_mask, past_key_values=cache, position_ids=positions,
+                              attention_mask=prompt_mask, past_key_values=cache, position_ids=inputs["position_ids"],
                               allow_is_causal_skip=False)
     if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
         _eager_prefill_warning(model.config._attn_implementation)
-        return None
-    return {"input_ids": ids, "attention_mask": mask, "position_ids": positions,
-            "cache_position": torch.arange(ids.shape[1], device=ids.device)}
+        return inputs, False
+    return {**inputs, "attention_mask": mask}, True
+
+
+def first_tokens(model, cache, inputs: dict):
+    """The prefill: `inputs` through the model into `cache`, the last token's logits only; each row's
+    greedy first token."""
+    logits = model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return logits[:, -1].argmax(-1, keepdim=True)
+
+
+class EagerPrefill:
+    """The prefill as a plain eager call (`PrefillGraph`'s interface), where it cannot be captured."""
+
+    def __init__(self, model, cache, inputs: dict):
+        self.model, self.cache, self.inputs = model, cache, inputs
+
+    def load(self, inputs: dict) -> None:
+        self.inputs = inputs
+
+    def replay(self):
+        return first_tokens(self.model, self.cache, self.inputs)
 
 
 class PrefillGraph:
-    """One batch shape's prefill (the eager model, last token's logits only, greedy pick) captured
-    in a CUDA graph: a replay launches its ~1000 kernels at once. Its inputs are static buffers that
-    `load` fills; it writes the static cache in place, as the eager call does."""
+    """One batch shape's prefill (`first_tokens`) captured in a CUDA graph: a replay launches its ~1000
+    kernels at once. Its inputs are static buffers that `load` fills; it writes the static cache in
+    place, as the eager call does."""
 
     def __init__(self, model, cache, inputs: dict):
         import torch
@@ -150,15 +169,11 @@ class PrefillGraph:
         with torch.cuda.stream(side):
             for _ in range(2):
                 cache.reset()  # each call writes the prompt's slots from the start: a second would overrun a short cache
-                self._forward()  # the first also allocates the static cache, outside the graph's memory pool
+                first_tokens(model, cache, self.inputs)  # the first also allocates the static cache, outside the graph's pool
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.first = self._forward()
-
-    def _forward(self):
-        logits = self.model(**self.inputs, past_key_values=self.cache, use_cache=True, logits_to_keep=1).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
+            self.first = first_tokens(model, cache, self.inputs)
 
     def load(self, inputs: dict) -> None:
         for name, value in inputs.items():
@@ -168,24 +183,3 @@ class PrefillGraph:
         """Run the captured prefill (after `load` and a cache reset); the first new token of each row."""
         self.graph.replay()
         return self.first
-
-
-class EagerPrefill:
-    """The prefill as a plain eager call with the 2D mask (`PrefillGraph`'s interface), for attention
-    implementations whose mask is not 4D."""
-
-    def __init__(self, model, cache, ids, prompt_mask):
-        self.model, self.cache, self.ids, self.prompt_mask = model, cache, ids, prompt_mask
-
-    def load(self, inputs) -> None:
-        pass
-
-    def replay(self):
-        import torch
-
-        width = self.ids.shape[1]
-        logits = self.model(input_ids=self.ids, attention_mask=self.prompt_mask,
-                            position_ids=(self.prompt_mask.cumsum(-1) - 1).clamp(min=0),
-                            cache_position=torch.arange(width, device=self.ids.device), past_key_values=self.cache,
-                            use_cache=True, logits_to_keep=1).logits
-        return logits[:, -1].argmax(-1, keepdim=True)
