@@ -58,6 +58,24 @@ def quant_config(fmt: str, group_size: int = 128, kv_cache: str | None = None) -
     return cfg
 
 
+def build_extensions(fmt: str, kv_cache: str | None) -> float:
+    """Build (or load) the CUDA extensions ModelOpt's fake quantization of `fmt` runs, before
+    anything uses them, safely (llmopt.kernels.builds); seconds spent, 0 without CUDA (ModelOpt
+    then quantizes in plain torch). FP8 quantizers (fp8, W4A8's activations, NVFP4's scales, an FP8
+    KV cache) have an extension of their own; any other ModelOpt loads lazily, as it would anyway."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    from llmopt.kernels import builds
+    from modelopt.torch.quantization import extensions
+
+    loaders = {"modelopt_cuda_ext": extensions.get_cuda_ext}
+    if fmt in ("fp8", "w4a8_awq", "nvfp4") or kv_cache == "fp8":
+        loaders["modelopt_cuda_ext_fp8"] = extensions.get_cuda_ext_fp8
+    return builds.build(loaders.values(), loaders, "ModelOpt's CUDA extensions")
+
+
 def quantize(model, fmt: str, group_size: int, kv_cache: str | None, batches, on_batch=lambda: None):
     """Insert quantizers and calibrate them on `batches` (tensors of token ids) in place."""
     import modelopt.torch.quantization as mtq

@@ -21,6 +21,7 @@ from typing import Any
 
 from llmopt.cache import Artifact, Cache, Entry, key_config, stage_code, stage_key
 from llmopt.errors import StageError
+from llmopt.kernels.builds import use_build_cache
 from llmopt.models import hardware_name, quiet_libraries, resolve_base, resolve_device
 from llmopt.recipe import Recipe, recipe_hash
 from llmopt.stages import HISTORY, StageContext
@@ -70,6 +71,7 @@ def run_recipe(
     quiet_libraries()
     device = resolve_device(recipe.device)
     cache_root = cache_root.resolve()
+    use_build_cache(cache_root)  # JIT-built extensions (ModelOpt's) are cached with the run's other work
     ctx = StageContext(device, recipe.model.dtype, recipe.model.trust_remote_code, progress, cache_root)
     hardware = hardware_name(device)
     cache = Cache(cache_root)

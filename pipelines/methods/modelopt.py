@@ -117,6 +117,7 @@ class Modelopt(Method):
         # AWQ runs the calibration data twice (statistics, then the scale search)
         passes = 2 if cfg.format in AWQ else 1
         terminal = os.fdopen(os.dup(1), "w")  # ModelOpt's own prints go to modelopt.log, the bar stays here
+        build_s = modelopt.build_extensions(cfg.format, cfg.kv_cache)  # says when it compiles, or waits
         with terminal, progress_bar(passes * len(batches), f"modelopt {cfg.format}: calibrate", enabled=ctx.progress,
                                     file=terminal) as advance, output_to(out / "modelopt.log"):
             model = modelopt.quantize(model, cfg.format, cfg.group_size, cfg.kv_cache, batches, on_batch=advance)
@@ -128,7 +129,10 @@ class Modelopt(Method):
                 **({"group_size": cfg.group_size} if cfg.format in AWQ else {}),
                 "export_dtype": cfg.export_dtype,
                 "source": {"path": str(Path(src.path).resolve()), "info": src.info}}
-        return Artifact(out, "hf-checkpoint", {"quantize/calibration_windows": float(len(windows))}, info)
+        metrics = {"quantize/calibration_windows": float(len(windows))}
+        if ctx.device == "cuda":  # the JIT build of ModelOpt's kernels, apart from calibration (seconds when cached)
+            metrics["quantize/extension_build_s"] = build_s
+        return Artifact(out, "hf-checkpoint", metrics, info)
 
     @classmethod
     def load(cls, artifact, device, dtype, trust_remote_code):
@@ -138,6 +142,8 @@ class Modelopt(Method):
         from llmopt.models import load_model
 
         model = load_model(_source(artifact), device, dtype, trust_remote_code)
+        if device == "cuda":
+            modelopt.build_extensions(artifact.info["modelopt_format"], artifact.info.get("kv_cache"))
         return modelopt.restore(model, artifact.path / modelopt.STATE_DIR).eval()
 
     @classmethod
