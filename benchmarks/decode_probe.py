@@ -8,8 +8,9 @@ products alone sum to about 3.7 ms (bf16) and 1.7 ms (int4, `benchmarks/kernels_
 helps both targets.
 
 Each case names a model and a variant, `bf16:base`, `int4:coord`, ...: the random 7B in bf16 (as
-transformers runs it), `bf16fused` (its q/k/v and gate/up as one product each, as the int4 kernels
-run them), or a copy of it rounded to 4 bits, group 128, symmetric (llmopt's `rtn`) and run by Marlin with q/k/v and
+transformers runs it: the runtime's fusion of dense siblings turned off), `bf16fused` (its q/k/v and
+gate/up as one product each, as the compiled runtime now runs every model and the int4 kernels ran
+them from the start), or a copy of it rounded to 4 bits, group 128, symmetric (llmopt's `rtn`) and run by Marlin with q/k/v and
 gate/up fused, as `kernel: auto` runs the README's int4 case (Marlin is built in the background
 meanwhile, into the temporary directory). Each case compiles the runtime's decode step anew and times batch 1
 (128 tokens in, 256 out, warm-up 1, median TPOT of 3, CUDA events), all in one process on one card:
@@ -48,8 +49,8 @@ class Variant(CompiledRuntime):
     """The committed runtime with inductor settings patched in while it compiles, and optionally no
     mask in the decode step."""
 
-    def __init__(self, model, device: str, inductor: dict, mask: bool):
-        super().__init__(model, device)
+    def __init__(self, model, device: str, inductor: dict, mask: bool, fuse: bool = True):
+        super().__init__(model, device, fuse)
         self.inductor, self.mask = inductor, mask
 
     def prepare(self, batch, output_tokens):
@@ -93,27 +94,15 @@ def int4_copy(model, cache: Path, build, kernel: str = "marlin", device: str = "
 
 def fused_copy(model):
     """A deep copy of the bf16 `model` whose sibling layers (q/k/v, gate/up) run as one product on their
-    stacked weights, as the int4 kernels run them (`llmopt.kernels.linear.FusedSlice`): the same
-    arithmetic, fewer and larger cuBLAS calls. Is the bf16 base's gap to int4 partly its 7 calls a layer?"""
+    stacked weights (`llmopt.kernels.linear.fuse_dense`, which the compiled runtime now applies to every
+    model it runs): the same arithmetic, fewer and larger cuBLAS calls. Is the bf16 base's gap to int4
+    partly its 7 calls a layer?"""
     import copy
 
-    from llmopt.kernels.linear import FUSED, FusedSlice, _SharedCall
+    from llmopt.kernels.linear import fuse_dense
 
     fused = copy.deepcopy(model)
-    for layer in fused.model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for names in FUSED:
-                if not all(hasattr(parent, name) for name in names):
-                    continue
-                parts = [getattr(parent, name) for name in names]
-                stacked = torch.nn.Linear(parts[0].in_features, sum(p.out_features for p in parts), bias=False,
-                                          device=parts[0].weight.device, dtype=parts[0].weight.dtype)
-                with torch.no_grad():
-                    stacked.weight.copy_(torch.cat([p.weight for p in parts]))
-                stacked.kernel = "bf16"
-                shared = _SharedCall(stacked, [p.out_features for p in parts])
-                for index, name in enumerate(names):
-                    setattr(parent, name, FusedSlice(shared, index))
+    fuse_dense(fused)
     return fused
 
 
@@ -134,7 +123,8 @@ def main(out: Path, names: list[str]) -> None:
         if kind not in models:
             models[kind] = fused_copy(models["bf16"]) if kind == "bf16fused" else int4_copy(models["bf16"], cache, build)
         started = time.perf_counter()
-        runtime = Variant(models[kind], "cuda", **VARIANTS[name])
+        # `bf16` stays as transformers runs it: the runtime's own fusion is off for it alone
+        runtime = Variant(models[kind], "cuda", **VARIANTS[name], fuse=kind != "bf16")
         samples = measure(runtime, batch, 256, warmup=1, repeats=3)
         figures = summarize(samples, 1, 128, 256)
         reference = references.setdefault(kind, runtime.tokens)

@@ -316,3 +316,52 @@ def test_weights_that_cannot_share_a_call_stay_apart():
     assert concatenate([one, shuffled]) is None, "another act-order"
     both = concatenate([one, QuantizedWeight(codes, torch.rand(2, 32), 4, 32, zeros=torch.full((2, 32), 7))])
     assert both.shape == (64, 64) and both.zero_codes()[:, :32].eq(8).all() and both.zero_codes()[:, 32:].eq(7).all()
+
+
+def test_the_compiled_runtime_runs_a_dense_model_with_its_siblings_fused(tiny_model, ids):
+    """The compiled runtime stacks a dense model's q/k/v and gate/up (as serving stacks and the
+    quantized kernels do): one product per group, the same logits and greedy text, the stacked
+    weights in place of the members' (no copy kept), and a tag saying so. `fuse=False` leaves the
+    model as transformers runs it. (The runtime's CUDA graphs run on the GPU machine only:
+    tests/test_gpu_kernels.py; its constructor does not touch the device.)"""
+    from llmopt.eval.runtimes.compiled import CompiledRuntime
+    from llmopt.kernels.linear import StackedLinear, fuse_dense
+    from transformers import AutoModelForCausalLM
+
+    prompt = torch.tensor([ids[:32]])
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    fused = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    parameters = sum(p.numel() for p in plain.parameters())
+    assert CompiledRuntime(plain, "cuda", fuse=False).tags() == {"fused_dense_groups": "0"}
+    runtime = CompiledRuntime(fused, "cuda")
+    layers = len(fused.model.layers)
+    assert runtime.tags() == {"fused_dense_groups": str(2 * layers)}
+    stacked = [m for m in fused.modules() if isinstance(m, StackedLinear)]
+    assert sorted({m.out_features for m in stacked}) == [64 + 32 + 32, 2 * 256] and len(stacked) == 2 * layers
+    assert sum(p.numel() for p in fused.parameters()) == parameters, "the members' weights are gone, not kept beside"
+    calls = []
+    for module in stacked:
+        module.register_forward_hook(lambda m, i, o: calls.append(m.out_features))
+    with torch.no_grad():
+        expected, got = plain(prompt).logits, fused(prompt).logits
+        assert len(calls) == 2 * layers, calls  # one call a group
+        text = [m.generate(prompt, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, 32:] for m in (plain, fused)]
+    # float32 products of stacked weights: the same sums, up to the tiling of a wider product
+    assert relative_error(got, expected) < 1e-5
+    assert torch.equal(text[0], text[1])
+    assert fuse_dense(fused) == 0, "already fused"
+
+
+def test_dense_siblings_that_cannot_share_a_product_stay_apart():
+    """Members that read different widths or hold different dtypes are left as they are."""
+    from llmopt.kernels.linear import fuse_dense
+
+    block = torch.nn.ModuleDict({"gate_proj": torch.nn.Linear(64, 32), "up_proj": torch.nn.Linear(64, 32)})
+    mixed = torch.nn.ModuleDict({"gate_proj": torch.nn.Linear(64, 32), "up_proj": torch.nn.Linear(64, 32).double()})
+    assert fuse_dense(mixed) == 0 and type(mixed["up_proj"]) is torch.nn.Linear
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = [block[name](x) for name in ("gate_proj", "up_proj")]
+        assert fuse_dense(block) == 1 and isinstance(block["up_proj"], FusedSlice)
+        got = [block[name](x) for name in ("gate_proj", "up_proj")]
+    assert all(torch.allclose(g, e, rtol=0, atol=1e-6) for g, e in zip(got, expected, strict=True)), "biases stacked too"

@@ -43,6 +43,10 @@ class Runtime:
     def run(self, batch: list[list[int]], output_tokens: int, stamped: bool = True):
         raise NotImplementedError
 
+    def tags(self) -> dict[str, str]:
+        """What this runtime did to the model that a reader of the run should know (MLflow tags)."""
+        return {}
+
 
 def discover() -> dict[str, type[Runtime]]:
     import_modules(__name__, __path__)

@@ -98,6 +98,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
             report["batches"][bs] = {**row, "samples_s": [s.stamps[-1] for s in samples]}
             metrics.update({f"bench/{name}/bs{bs}": value for name, value in row.items()})
             advance()
+    runtime_tags = runtime.tags()
     del runtime, model
     if kind.cuda_only and kind.loads_model:
         torch._dynamo.reset()  # compiled graphs hold the model and their CUDA graph pools
@@ -109,7 +110,8 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     report["metrics"] = metrics
     report["environment"] = environment(ctx.device)
     (out / "report.json").write_text(json.dumps(report, indent=1))
-    environment_tags = {**report["environment"], "runtime": cfg.runtime, "kernel": applied.tag()}
+    report["runtime_tags"] = runtime_tags
+    environment_tags = {**report["environment"], "runtime": cfg.runtime, "kernel": applied.tag(), **runtime_tags}
     return Artifact(out, "report", metrics, {"batch_sizes": cfg.batch_sizes, "environment": environment_tags})
 
 
