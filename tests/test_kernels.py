@@ -365,3 +365,69 @@ def test_dense_siblings_that_cannot_share_a_product_stay_apart():
         assert fuse_dense(block) == 1 and isinstance(block["up_proj"], FusedSlice)
         got = [block[name](x) for name in ("gate_proj", "up_proj")]
     assert all(torch.allclose(g, e, rtol=0, atol=1e-6) for g, e in zip(got, expected, strict=True)), "biases stacked too"
+
+
+def _mha_copy(tiny_model: Path, dest: Path) -> Path:
+    """The tiny Llama's shape with one value head per query head (as Llama-2 7B/13B), random weights
+    (seed 0), and its tokenizer: where AWQ's o_proj scale can fold into v_proj."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.num_key_value_heads = config.num_attention_heads
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(dest)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / name, dest / name)
+    return dest
+
+
+@pytest.mark.parametrize("attention", ["grouped", "one-value-head-per-query-head"])
+def test_awq_pre_scales_fold_into_the_producers_scales(attention, tiny_model, ids, tmp_path, monkeypatch):
+    """ModelOpt's INT4-AWQ export keeps a pre-quant scale on o_proj and down_proj. The fast path folds
+    it into v_proj's and up_proj's quantization scales (no multiply left on the activations), where the
+    model's structure allows: down_proj always; o_proj only where each value head serves one query head
+    or its query heads want the same scale (the tiny Llama's grouped heads do not). The logits are the
+    unfolded path's, to float rounding of the scales (the same sums, scaled before instead of after)."""
+    from llmopt.methods import modelopt as method
+
+    model_path = tiny_model if attention == "grouped" else _mha_copy(tiny_model, tmp_path / "mha")
+    cfg = ModeloptQuantize(stage="quantize", method="modelopt", format="int4_awq", group_size=64, calibration=CALIBRATION)
+    artifact = _quantized(cfg, model_path, tmp_path / "q")
+    prompt = torch.tensor([ids[:48]])
+    fold = method.fold_pre_scales
+    folded_names = []
+    monkeypatch.setattr(method, "fold_pre_scales", lambda *a: folded_names.extend(fold(*a)) or folded_names)
+    folded, _ = method.Modelopt.fast_path(load_model(artifact, "cpu", "float32"), artifact, "cpu", "int4pack")
+    monkeypatch.setattr(method, "fold_pre_scales", lambda *a: [])
+    plain, _ = method.Modelopt.fast_path(load_model(artifact, "cpu", "float32"), artifact, "cpu", "int4pack")
+    layers = len(folded.model.layers)
+    scaled = {name for name, m in folded.named_modules() if getattr(m, "pre_scale", None) is not None}
+    if attention == "grouped":
+        assert folded_names == [f"model.layers.{i}.mlp.down_proj" for i in range(layers)]
+        assert scaled == {f"model.layers.{i}.self_attn.o_proj" for i in range(layers)}
+    else:
+        assert len(folded_names) == 2 * layers and scaled == set()
+    assert len({name for name, m in plain.named_modules() if getattr(m, "pre_scale", None) is not None}) == 2 * layers
+    with torch.no_grad():
+        got, expected = folded(prompt).logits, plain(prompt).logits
+    # both run the int4 kernel in bf16: the scale applied to the weights instead of the input rounds
+    # differently (about 2**-8 of a value), far below what a misplaced scale does (the scale itself, ~1)
+    assert relative_error(got, expected) < 2e-2
+    assert torch.equal(got[0, -8:].argmax(-1), expected[0, -8:].argmax(-1))
+
+
+def test_pre_scales_stay_on_the_activations_where_scaling_does_not_commute(tiny_model, tmp_path, monkeypatch, caplog):
+    """The structure check: were gate_proj taken as down_proj's producer (silu is not linear), scaling
+    its outputs does not scale down_proj's inputs; nothing is folded, and the warning says so."""
+    from llmopt.methods import modelopt as method
+
+    cfg = ModeloptQuantize(stage="quantize", method="modelopt", format="int4_awq", group_size=64, calibration=CALIBRATION)
+    artifact = _quantized(cfg, tiny_model, tmp_path / "q")
+    monkeypatch.setattr(method, "FOLDS", (("mlp.gate_proj", "mlp.down_proj"),))
+    with caplog.at_level(logging.WARNING, logger="llmopt"):
+        fast, _ = method.Modelopt.fast_path(load_model(artifact, "cpu", "float32"), artifact, "cpu", "int4pack")
+    assert "AWQ pre-quant scales left on the activations" in caplog.text
+    assert all(fast.get_submodule(f"model.layers.{i}.mlp.down_proj").pre_scale is not None
+               for i in range(len(fast.model.layers)))

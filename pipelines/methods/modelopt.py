@@ -217,6 +217,7 @@ class Modelopt(Method):
             scale = t["weight_scale"].to(device)  # [N, K / group]
             weights[prefix] = QuantizedWeight(codes, scale.t().contiguous(), 4, codes.shape[1] // scale.shape[1],
                                               pre_scale=t.get("pre_quant_scale"), bias=t.get("bias"))
+        fold_pre_scales(model, weights)
         # the fake-quantized layers apply the pre-quant scale of q/k/v and gate/up themselves, where
         # the export folded it into the norms: compare the kernels with the weights, not with those
         return model, swap(model, weights, kernel, device, compare_with_original=False)
@@ -230,6 +231,91 @@ class Modelopt(Method):
     def limits(cls, info: dict) -> list[str]:
         return ["- Quality was measured in llmopt's runtime, not on a TensorRT-LLM engine: on the exported weights where a "
                 "fast kernel runs them (the run's `env.kernel` tag names it), else on ModelOpt's fake quantization."]
+
+
+# (producer, consumer) in one decoder block: the consumer's input channel is the producer's output
+# channel times what does not depend on it (attention's probabilities; the gate's activation)
+FOLDS = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj"))
+
+
+def fold_pre_scales(model, weights: dict) -> list[str]:
+    """Fold AWQ's pre-quant scales of o_proj and down_proj into the quantization scales of v_proj and
+    up_proj (in `weights`, in place); the consumers folded. The export folds q/k/v's and gate/up's into
+    the norms; these two it keeps, and the kernel modules would multiply every call's input by them (one
+    more kernel a layer in the compiled decode step). Scaling output channel n of the producer by s[n]
+    scales input channel n of the consumer by s[n] where the block computes o(softmax(qk) v) and
+    down(act(gate) * up): exact, and the weights and their codes stay as exported. Where the structure
+    holds is checked once on `model` (the plain model, before the swap): every producer's outputs
+    scaled by powers of two and its consumer's inputs scaled back must leave the logits as they were;
+    otherwise nothing is folded. With grouped-query attention o_proj's scale folds only where it is the
+    same for the query heads that share a value head."""
+    import dataclasses
+    import logging
+
+    import torch
+
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    # consumer -> (producer, the scale on the producer's outputs, the producer channel of each consumer input)
+    folds = {}
+    for consumer, weight in weights.items():
+        for producer_leaf, consumer_leaf in FOLDS:
+            producer = consumer[: -len(consumer_leaf)] + producer_leaf
+            if weight.pre_scale is None or not consumer.endswith("." + consumer_leaf) or producer not in weights:
+                continue
+            scale = weight.pre_scale.float().cpu()
+            source = torch.arange(scale.numel())
+            if consumer_leaf.endswith("o_proj"):  # input (head h, dim d) comes from value head h // (heads / kv_heads)
+                dim = scale.numel() // heads
+                source = ((torch.arange(heads) // (heads // kv_heads))[:, None] * dim + torch.arange(dim)).reshape(-1)
+                scale = scale.new_zeros(kv_heads * dim).index_copy_(0, source, scale)  # one of each value head's users
+                if not torch.equal(scale[source], weight.pre_scale.float().cpu()):
+                    continue  # the query heads sharing a value head want different scales
+            if scale.numel() == weights[producer].shape[0]:
+                folds[consumer] = (producer, scale, source)
+    if not folds or not _scaling_commutes(model, folds):
+        return []
+    for consumer, (producer, scale, _) in folds.items():
+        p = weights[producer]
+        weights[producer] = dataclasses.replace(
+            p, scales=p.scales.float() * scale.to(p.scales.device), bias=None if p.bias is None else p.bias * scale.to(p.bias))
+        weights[consumer] = dataclasses.replace(weights[consumer], pre_scale=None)
+    logging.getLogger("llmopt").info("AWQ pre-quant scales of %d layers folded into their producers' scales", len(folds))
+    return sorted(folds)
+
+
+def _scaling_commutes(model, folds: dict) -> bool:
+    """Whether scaling each producer's outputs (by 0.5 or 2, exact in floating point) and its
+    consumer's inputs back leaves the logits as they were."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    factors = {consumer: 2.0 ** (torch.randint(0, 2, (scale.numel(),), generator=generator) * 2 - 1).float()
+               for consumer, (_, scale, _) in folds.items()}
+    ids = torch.arange(1, 9, device=next(model.parameters()).device)[None]
+    hooks = []
+    with torch.no_grad():
+        expected = model(ids).logits.float()
+        try:
+            for consumer, (producer, _, source) in folds.items():
+                c = factors[consumer].to(ids.device)
+                back = c[source.to(ids.device)]
+                hooks.append(model.get_submodule(producer).register_forward_hook(
+                    lambda m, i, out, c=c: out * c.to(out.dtype)))
+                hooks.append(model.get_submodule(consumer).register_forward_pre_hook(
+                    lambda m, i, back=back: (i[0] / back.to(i[0].dtype), *i[1:])))
+            got = model(ids).logits.float()
+        finally:
+            for hook in hooks:
+                hook.remove()
+    same = bool(torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()))
+    if not same:
+        import logging
+
+        logging.getLogger("llmopt").warning("AWQ pre-quant scales left on the activations: scaling %s's outputs "
+                                            "does not scale its consumer's inputs in this model", next(iter(folds.values()))[0])
+    return same
 
 
 def _source(artifact):
