@@ -395,6 +395,11 @@ def test_awq_pre_scales_fold_into_the_producers_scales(attention, tiny_model, id
     model_path = tiny_model if attention == "grouped" else _mha_copy(tiny_model, tmp_path / "mha")
     cfg = ModeloptQuantize(stage="quantize", method="modelopt", format="int4_awq", group_size=64, calibration=CALIBRATION)
     artifact = _quantized(cfg, model_path, tmp_path / "q")
+    if attention != "grouped":  # scales as a bf16 model's export holds them (a float32 model's are float32)
+        read = method.read_export
+        monkeypatch.setattr(method, "read_export", lambda path: {
+            prefix: {leaf: t.bfloat16() if leaf == "weight_scale" else t for leaf, t in tensors.items()}
+            for prefix, tensors in read(path).items()})
     prompt = torch.tensor([ids[:48]])
     fold = method.fold_pre_scales
     folded_names = []
@@ -410,6 +415,9 @@ def test_awq_pre_scales_fold_into_the_producers_scales(attention, tiny_model, id
     else:
         assert len(folded_names) == 2 * layers and scaled == set()
     assert len({name for name, m in plain.named_modules() if getattr(m, "pre_scale", None) is not None}) == 2 * layers
+    for block in folded.model.layers:  # the folded producers still share their siblings' one call
+        assert block.self_attn.v_proj._shared[0] is block.self_attn.q_proj._shared[0]
+        assert block.mlp.up_proj._shared[0] is block.mlp.gate_proj._shared[0]
     with torch.no_grad():
         got, expected = folded(prompt).logits, plain(prompt).logits
     # both run the int4 kernel in bf16: the scale applied to the weights instead of the input rounds

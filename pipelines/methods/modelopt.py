@@ -278,8 +278,10 @@ def fold_pre_scales(model, weights: dict) -> list[str]:
         return []
     for consumer, (producer, scale, _) in folds.items():
         p = weights[producer]
-        weights[producer] = dataclasses.replace(
-            p, scales=p.scales.float() * scale.to(p.scales.device), bias=None if p.bias is None else p.bias * scale.to(p.bias))
+        # in the scales' own dtype, so that the producer still stacks with its siblings (q/k/v, gate/up);
+        # the kernels round scales to bf16 anyway
+        scales = (p.scales.float() * scale.to(p.scales.device)).to(p.scales.dtype)
+        weights[producer] = dataclasses.replace(p, scales=scales, bias=None if p.bias is None else p.bias * scale.to(p.bias))
         weights[consumer] = dataclasses.replace(weights[consumer], pre_scale=None)
     logging.getLogger("llmopt").info("AWQ pre-quant scales of %d layers folded into their producers' scales", len(folds))
     return sorted(folds)
