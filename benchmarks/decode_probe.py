@@ -7,12 +7,13 @@ products alone sum to about 3.7 ms (bf16) and 1.7 ms (int4, `benchmarks/kernels_
 1 ms a token is neither: norms, rotary embedding, cache writes, attention, and the mask. Shortening it
 helps both targets.
 
-Each case names a model and a variant, `bf16:base`, `int4:coord`, ...: the random 7B in bf16 (as
+Each case names a model and a variant, and optionally a batch size (`@32`; default 1), `bf16:base`,
+`int4:coord`, `int4:base@32`, ...: the random 7B in bf16 (as
 transformers runs it: the runtime's fusion of dense siblings turned off), `bf16fused` (its q/k/v and
 gate/up as one product each, as the compiled runtime now runs every model and the int4 kernels ran
 them from the start), or a copy of it rounded to 4 bits, group 128, symmetric (llmopt's `rtn`) and run by Marlin with q/k/v and
 gate/up fused, as `kernel: auto` runs the README's int4 case (Marlin is built in the background
-meanwhile, into the temporary directory). Each case compiles the runtime's decode step anew and times batch 1
+meanwhile, into the temporary directory). Each case compiles the runtime's decode step anew and times its batch
 (128 tokens in, 256 out, warm-up 1, median TPOT of 3, CUDA events), all in one process on one card:
 - `base`: the committed `transformers-compiled` runtime;
 - `coord`: inductor's coordinate-descent tuning of its generated kernels (gpt-fast sets it);
@@ -115,26 +116,28 @@ def main(out: Path, names: list[str]) -> None:
     cache = Path(tempfile.gettempdir()) / "decode-probe-cache"
     build = prewarm_marlin(cache, out / "marlin-build.log")
     models = {"bf16": random_7b_and_prompts(1, 1)[0]}
-    batch = prompts(1, 128, models["bf16"].config.vocab_size, seed=0)
     results: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cases": {}}
     references: dict = {}
     for case in names or CASES:
-        kind, name = case.split(":")
+        kind, _, rest = case.partition(":")
+        name, _, size = rest.partition("@")
+        bs = int(size or 1)
+        batch = prompts(bs, 128, models["bf16"].config.vocab_size, seed=0)
         if kind not in models:
             models[kind] = fused_copy(models["bf16"]) if kind == "bf16fused" else int4_copy(models["bf16"], cache, build)
         started = time.perf_counter()
         # `bf16` stays as transformers runs it: the runtime's own fusion is off for it alone
         runtime = Variant(models[kind], "cuda", **VARIANTS[name], fuse=kind != "bf16")
         samples = measure(runtime, batch, 256, warmup=1, repeats=3)
-        figures = summarize(samples, 1, 128, 256)
-        reference = references.setdefault(kind, runtime.tokens)
+        figures = summarize(samples, bs, 128, 256)
+        reference = references.setdefault((kind, bs), runtime.tokens)
         results["cases"][case] = {"tpot_ms": figures["tpot_ms"], "output_tok_s": figures["output_tok_s"],
                                   "ttft_ms": figures["ttft_ms"], "tokens_equal_first": torch.equal(runtime.tokens, reference),
                                   "wall_s": round(time.perf_counter() - started, 1)}
         print(case, json.dumps(results["cases"][case]), flush=True)
         (out / "decode_probe.json").write_text(json.dumps(results, indent=1))
         if name == "base":
-            profile(runtime, batch, out / f"decode_profile_{kind}.txt")
+            profile(runtime, batch, out / f"decode_profile_{kind}{'' if bs == 1 else f'_bs{bs}'}.txt")
 
 
 def profile(runtime, batch, path: Path) -> None:
