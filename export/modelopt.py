@@ -70,9 +70,10 @@ def build_extensions(fmt: str, kv_cache: str | None) -> float:
     from llmopt.kernels import builds
     from modelopt.torch.quantization import extensions
 
-    loaders = {"modelopt_cuda_ext": extensions.get_cuda_ext}
+    # raise_if_failed: ModelOpt would otherwise warn and fail later, far from the cause
+    loaders = {"modelopt_cuda_ext": lambda: extensions.get_cuda_ext(raise_if_failed=True)}
     if fmt in ("fp8", "w4a8_awq", "nvfp4") or kv_cache == "fp8":
-        loaders["modelopt_cuda_ext_fp8"] = extensions.get_cuda_ext_fp8
+        loaders["modelopt_cuda_ext_fp8"] = lambda: extensions.get_cuda_ext_fp8(raise_if_failed=True)
     return builds.build(loaders.values(), loaders, "ModelOpt's CUDA extensions")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from llmopt.kernels import builds
@@ -37,7 +38,8 @@ def test_a_dead_builds_lock_in_llmopts_folder_is_removed_before_building(clean_e
         (root / name / "lock").touch()  # what torch leaves when a build is killed
     seen = []
     with caplog.at_level(logging.WARNING, "llmopt"):
-        seconds = builds.build([lambda: seen.append((root / "ext_a" / "lock").exists())], ["ext_a"], "test extension")
+        seconds = builds.build([lambda: seen.append((root / "ext_a" / "lock").exists()) or "ext_a"], ["ext_a"],
+                               "test extension")
     assert seen == [False], "the loader ran while the stale lock was still there (torch would wait forever)"
     assert (root / "other_ext" / "lock").exists(), "only the extensions being built are cleared"
     assert str(root / "ext_a" / "lock") in caplog.text and seconds >= 0
@@ -49,7 +51,7 @@ def test_a_lock_in_the_users_folder_is_reported_not_removed(clean_env, monkeypat
     (tmp_path / "ext_a" / "lock").touch()
     seen = []
     with caplog.at_level(logging.WARNING, "llmopt"):
-        builds.build([lambda: seen.append(1)], ["ext_a"], "test extension")
+        builds.build([lambda: seen.append(1) or "ext_a"], ["ext_a"], "test extension")
     assert seen == [1] and (tmp_path / "ext_a" / "lock").exists()
     assert str(tmp_path / "ext_a" / "lock") in caplog.text and "interrupted" in caplog.text
 
@@ -74,11 +76,32 @@ def test_a_build_waits_for_another_llmopt_build_in_the_same_folder(clean_env, tm
         assert holder.stdout.readline().strip() == "held"
         seen = []
         with caplog.at_level(logging.INFO, "llmopt"):
-            builds.build([lambda: seen.append(done.exists())], ["ext_a"], "test extension")
+            builds.build([lambda: seen.append(done.exists()) or "ext_a"], ["ext_a"], "test extension")
     finally:
         holder.wait(timeout=30)
     assert seen == [True], "loaded before the other build finished"
     assert "waiting for another llmopt process" in caplog.text and "removing" not in caplog.text
+
+
+@pytest.mark.parametrize("failure", ["raises", "returns nothing"])
+def test_a_failed_build_names_the_extension_and_its_log(clean_env, tmp_path, failure):
+    """A build that fails (a compiler error, or ModelOpt's loader giving nothing back) stops the run on
+    one line naming the extension and a log holding the whole error: not a slower path later."""
+    from llmopt.kernels import KernelBuildError
+
+    root = builds.use_build_cache(tmp_path)
+
+    def broken():
+        if failure == "raises":
+            raise RuntimeError("Error building extension 'ext_b':\nnvcc fatal   : Unsupported gpu architecture 'compute_120'")
+
+    with pytest.raises(KernelBuildError) as failed:
+        builds.build([lambda: "ext_a", broken], ["ext_a", "ext_b"], "test extension")
+    message = str(failed.value)
+    assert message.startswith("test extension: ext_b failed to build (") and "\n" not in message
+    log = Path(message.rpartition("build log: ")[2])
+    assert log == root / "ext_b-build.log"
+    assert ("Unsupported gpu architecture 'compute_120'" in log.read_text()) == (failure == "raises")
 
 
 @pytest.mark.parametrize(("fmt", "kv_cache", "expected"), [
@@ -94,10 +117,22 @@ def test_modelopt_builds_the_extensions_its_format_runs(monkeypatch, fmt, kv_cac
     torch = pytest.importorskip("torch")
     pytest.importorskip("modelopt")
     from llmopt.export import modelopt
+    from modelopt.torch.quantization import extensions
 
-    asked = []
-    monkeypatch.setattr(builds, "build", lambda loaders, names, what: asked.append(list(names)) or 1.5)
+    asked, called = [], []
+    for name in ("get_cuda_ext", "get_cuda_ext_fp8"):
+        monkeypatch.setattr(extensions, name, lambda name=name, **kw: called.append((name, kw)) or name)
+
+    def build(loaders, names, what):
+        asked.append([load() for load in loaders])
+        asked.append(list(names))
+        return 1.5
+
+    monkeypatch.setattr(builds, "build", build)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert modelopt.build_extensions(fmt, kv_cache) == 0.0 and asked == []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert modelopt.build_extensions(fmt, kv_cache) == 1.5 and asked == [expected]
+    assert modelopt.build_extensions(fmt, kv_cache) == 1.5 and asked[1] == expected
+    # ModelOpt is asked to raise on a failed build (it would otherwise warn and fail far from the cause)
+    assert [kw for _, kw in called] == [{"raise_if_failed": True}] * len(expected)
+    assert [name for name, _ in called] == [n.replace("modelopt_cuda_ext", "get_cuda_ext") for n in expected]
