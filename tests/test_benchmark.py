@@ -77,6 +77,21 @@ def test_a_runtime_that_times_whole_calls_reports_no_token_metrics(tiny_model, t
     assert not any("ttft" in k or "tpot" in k or "roofline" in k for k in paired.metrics)
 
 
+class Tagged(EagerRuntime):
+    """The eager runtime saying what it did to the model, as the compiled one does (fused groups)."""
+
+    def tags(self):
+        return {"fused_dense_groups": "16"}
+
+
+def test_what_a_runtime_did_to_the_model_reaches_the_run_and_its_report(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(EagerRuntime, "open", classmethod(lambda cls, model, path, device, info: Tagged(model, device)))
+    ctx = StageContext("cpu", "float32", False, progress=False, cache_root=tmp_path / "cache")
+    artifact = benchmark.run(_cfg(batch_sizes=[1]), Artifact(tiny_model, "hf-checkpoint"), tmp_path, ctx)
+    assert artifact.info["environment"]["fused_dense_groups"] == "16"
+    assert json.loads((tmp_path / "report.json").read_text())["runtime_tags"] == {"fused_dense_groups": "16"}
+
+
 def test_one_output_token_has_no_decode_step_to_time(tiny_model, tmp_path):
     """One output token: TTFT is the whole call; no ITL, TPOT or roofline (nothing divides by zero)."""
     ctx = StageContext("cpu", "float32", False, progress=False, cache_root=tmp_path / "cache")

@@ -109,8 +109,8 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
         torch.cuda.empty_cache()
     report["metrics"] = metrics
     report["environment"] = environment(ctx.device)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
     report["runtime_tags"] = runtime_tags
+    (out / "report.json").write_text(json.dumps(report, indent=1))
     environment_tags = {**report["environment"], "runtime": cfg.runtime, "kernel": applied.tag(), **runtime_tags}
     return Artifact(out, "report", metrics, {"batch_sizes": cfg.batch_sizes, "environment": environment_tags})
 
