@@ -74,7 +74,7 @@ def build_extensions(fmt: str, kv_cache: str | None) -> float:
     loaders = {"modelopt_cuda_ext": lambda: extensions.get_cuda_ext(raise_if_failed=True)}
     if fmt in ("fp8", "w4a8_awq", "nvfp4") or kv_cache == "fp8":
         loaders["modelopt_cuda_ext_fp8"] = lambda: extensions.get_cuda_ext_fp8(raise_if_failed=True)
-    return builds.build(loaders.values(), loaders, "ModelOpt's CUDA extensions")
+    return builds.build(loaders, "ModelOpt's CUDA extensions")
 
 
 def quantize(model, fmt: str, group_size: int, kv_cache: str | None, batches, on_batch=lambda: None):

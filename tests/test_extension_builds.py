@@ -38,7 +38,7 @@ def test_a_dead_builds_lock_in_llmopts_folder_is_removed_before_building(clean_e
         (root / name / "lock").touch()  # what torch leaves when a build is killed
     seen = []
     with caplog.at_level(logging.WARNING, "llmopt"):
-        seconds = builds.build([lambda: seen.append((root / "ext_a" / "lock").exists()) or "ext_a"], ["ext_a"],
+        seconds = builds.build({"ext_a": lambda: seen.append((root / "ext_a" / "lock").exists()) or "ext_a"},
                                "test extension")
     assert seen == [False], "the loader ran while the stale lock was still there (torch would wait forever)"
     assert (root / "other_ext" / "lock").exists(), "only the extensions being built are cleared"
@@ -51,7 +51,7 @@ def test_a_lock_in_the_users_folder_is_reported_not_removed(clean_env, monkeypat
     (tmp_path / "ext_a" / "lock").touch()
     seen = []
     with caplog.at_level(logging.WARNING, "llmopt"):
-        builds.build([lambda: seen.append(1) or "ext_a"], ["ext_a"], "test extension")
+        builds.build({"ext_a": lambda: seen.append(1) or "ext_a"}, "test extension")
     assert seen == [1] and (tmp_path / "ext_a" / "lock").exists()
     assert str(tmp_path / "ext_a" / "lock") in caplog.text and "interrupted" in caplog.text
 
@@ -76,7 +76,7 @@ def test_a_build_waits_for_another_llmopt_build_in_the_same_folder(clean_env, tm
         assert holder.stdout.readline().strip() == "held"
         seen = []
         with caplog.at_level(logging.INFO, "llmopt"):
-            builds.build([lambda: seen.append(done.exists()) or "ext_a"], ["ext_a"], "test extension")
+            builds.build({"ext_a": lambda: seen.append(done.exists()) or "ext_a"}, "test extension")
     finally:
         holder.wait(timeout=30)
     assert seen == [True], "loaded before the other build finished"
@@ -96,7 +96,7 @@ def test_a_failed_build_names_the_extension_and_its_log(clean_env, tmp_path, fai
             raise RuntimeError("Error building extension 'ext_b':\nnvcc fatal   : Unsupported gpu architecture 'compute_120'")
 
     with pytest.raises(KernelBuildError) as failed:
-        builds.build([lambda: "ext_a", broken], ["ext_a", "ext_b"], "test extension")
+        builds.build({"ext_a": lambda: "ext_a", "ext_b": broken}, "test extension")
     message = str(failed.value)
     assert message.startswith("test extension: ext_b failed to build (") and "\n" not in message
     log = Path(message.rpartition("build log: ")[2])
@@ -123,9 +123,9 @@ def test_modelopt_builds_the_extensions_its_format_runs(monkeypatch, fmt, kv_cac
     for name in ("get_cuda_ext", "get_cuda_ext_fp8"):
         monkeypatch.setattr(extensions, name, lambda name=name, **kw: called.append((name, kw)) or name)
 
-    def build(loaders, names, what):
-        asked.append([load() for load in loaders])
-        asked.append(list(names))
+    def build(loaders, what):
+        asked.append([load() for load in loaders.values()])
+        asked.append(list(loaders))
         return 1.5
 
     monkeypatch.setattr(builds, "build", build)

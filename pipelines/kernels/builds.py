@@ -24,7 +24,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("llmopt")
@@ -92,45 +92,37 @@ def _exclusive(path: Path, what: str):
         os.close(fd)  # releases the lock
 
 
-def build(loaders: Iterable[Callable[[], object]], names: Iterable[str], what: str, root: Path | None = None) -> float:
-    """Run `loaders` (each builds or loads one extension, named in `names` in the same order, in
-    torch's build root) safely; seconds spent. In llmopt's own folder: under the flock, a torch lock
-    file of these extensions is a dead build's and is removed. In another folder: reported. A loader
-    that raises or returns nothing is a failed build: KernelBuildError naming the extension and the
-    log written beside it (exit 1), never a slower path taken in silence."""
-    root = root or build_root()
-    loaders, names = list(loaders), list(names)
-    started = time.perf_counter()
-    if not (root / OWNED).exists():
-        for name in names:
-            if (root / name / "lock").exists():
-                log.warning("%s: %s exists; if no other process is building %s, a build was interrupted and left it: "
-                            "delete it, or this run waits for it forever", what, root / name / "lock", name)
-        _load_all(loaders, names, what, root)
-        return time.perf_counter() - started
-    with _exclusive(root / FLOCK, what) as locked:
-        for name in names:
-            stale = root / name / "lock"
-            if locked and stale.exists():
-                log.warning("%s: removing %s, left by an interrupted build", what, stale)
-                stale.unlink(missing_ok=True)
-        if not all((root / name).is_dir() for name in names):
-            log.info("building %s in %s (the first run on a machine compiles for minutes)", what, root)
-        _load_all(loaders, names, what, root)
-    return time.perf_counter() - started
-
-
-def _load_all(loaders: list, names: list[str], what: str, root: Path) -> None:
+def build(loaders: dict[str, Callable[[], object]], what: str, root: Path | None = None) -> float:
+    """Run `loaders` (extension name -> a call that builds or loads it, in torch's build root)
+    safely; seconds spent. In llmopt's own folder: under the flock, a torch lock file of these
+    extensions is a dead build's and is removed. In another folder: reported. A loader that raises
+    or returns nothing is a failed build: KernelBuildError naming the extension and the log written
+    beside it (exit 1), never a slower path taken in silence."""
     from llmopt.kernels import KernelBuildError
 
-    for load, name in zip(loaders, names, strict=True):
-        try:
-            loaded, detail = load(), "the loader returned nothing"
-        except Exception as e:  # the build's own error (a compiler's output), kept in the log
-            loaded, detail = None, f"{type(e).__name__}: {e}"
-        if loaded is None:
-            root.mkdir(parents=True, exist_ok=True)
-            log_file = root / f"{name}-build.log"
-            log_file.write_text(detail + "\n")
-            first = " ".join(detail.split())[:200]
-            raise KernelBuildError(f"{what}: {name} failed to build ({first}); build log: {log_file}")
+    root = root or build_root()
+    started = time.perf_counter()
+    owned = (root / OWNED).exists()
+    with _exclusive(root / FLOCK, what) if owned else contextlib.nullcontext(False) as locked:
+        for name in loaders:
+            lock = root / name / "lock"
+            if lock.exists() and locked:
+                log.warning("%s: removing %s, left by an interrupted build", what, lock)
+                lock.unlink(missing_ok=True)
+            elif lock.exists():
+                log.warning("%s: %s exists; if no other process is building %s, a build was interrupted and left it: "
+                            "delete it, or this run waits for it forever", what, lock, name)
+        if owned and not all((root / name).is_dir() for name in loaders):
+            log.info("building %s in %s (the first run on a machine compiles for minutes)", what, root)
+        for name, load in loaders.items():
+            try:
+                loaded, detail = load(), "the loader returned nothing"
+            except Exception as e:  # the build's own error (a compiler's output), kept in the log
+                loaded, detail = None, f"{type(e).__name__}: {e}"
+            if loaded is None:
+                root.mkdir(parents=True, exist_ok=True)
+                log_file = root / f"{name}-build.log"
+                log_file.write_text(detail + "\n")
+                first = " ".join(detail.split())[:200]
+                raise KernelBuildError(f"{what}: {name} failed to build ({first}); build log: {log_file}")
+    return time.perf_counter() - started
