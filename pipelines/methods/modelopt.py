@@ -7,11 +7,14 @@ ModelOpt calls themselves live in llmopt.export.modelopt (the compile stage uses
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
 from llmopt.methods import Method, Serving
 from llmopt.schema import CalibrationSpec, Strict
 from pydantic import PositiveInt, model_validator
+
+log = logging.getLogger("llmopt")
 
 AWQ = ("int4_awq", "w4a8_awq")
 
@@ -250,7 +253,6 @@ def fold_pre_scales(model, weights: dict) -> list[str]:
     otherwise nothing is folded. With grouped-query attention o_proj's scale folds only where it is the
     same for the query heads that share a value head."""
     import dataclasses
-    import logging
 
     import torch
 
@@ -283,7 +285,7 @@ def fold_pre_scales(model, weights: dict) -> list[str]:
         scales = (p.scales.float() * scale.to(p.scales.device)).to(p.scales.dtype)
         weights[producer] = dataclasses.replace(p, scales=scales, bias=None if p.bias is None else p.bias * scale.to(p.bias))
         weights[consumer] = dataclasses.replace(weights[consumer], pre_scale=None)
-    logging.getLogger("llmopt").info("AWQ pre-quant scales of %d layers folded into their producers' scales", len(folds))
+    log.info("AWQ pre-quant scales of %d layers folded into their producers' scales", len(folds))
     return sorted(folds)
 
 
@@ -313,10 +315,8 @@ def _scaling_commutes(model, folds: dict) -> bool:
                 hook.remove()
     same = bool(torch.allclose(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max().item()))
     if not same:
-        import logging
-
-        logging.getLogger("llmopt").warning("AWQ pre-quant scales left on the activations: scaling %s's outputs "
-                                            "does not scale its consumer's inputs in this model", next(iter(folds.values()))[0])
+        log.warning("AWQ pre-quant scales left on the activations: scaling %s's outputs does not scale its consumer's "
+                    "inputs in this model", next(iter(folds.values()))[0])
     return same
 
 
