@@ -22,7 +22,7 @@ meanwhile, into the temporary directory). Each case compiles the runtime's decod
 - `coord-nomask`: both.
 After each `base` case, a torch profile of one call (kernels by GPU time).
 
-    python benchmarks/decode_probe.py OUT_DIR [MODEL:VARIANT ...]
+    python benchmarks/decode_probe.py OUT_DIR [MODEL:VARIANT[@BATCH] ...]
     python benchmarks/decode_probe.py OUT_DIR prefill    (the eager prefill of both models, timed and profiled)
 """
 
