@@ -423,7 +423,13 @@ def test_awq_pre_scales_fold_into_the_producers_scales(attention, tiny_model, id
     # both run the int4 kernel in bf16: the scale applied to the weights instead of the input rounds
     # differently (about 2**-8 of a value), far below what a misplaced scale does (the scale itself, ~1)
     assert relative_error(got, expected) < 2e-2
-    assert torch.equal(got[0, -8:].argmax(-1), expected[0, -8:].argmax(-1))
+    # greedy agrees wherever the unfolded path's top two logits stand further apart than the two paths
+    # differ (on the trained tiny model some positions are within 0.008 of a tie, closer than bf16's
+    # rounding here, 0.02: which way those fall depends on the CPU's kernels)
+    top = expected[0].topk(2, -1).values
+    clear = (top[:, 0] - top[:, 1]) > 2 * (got - expected).abs().max()
+    assert clear.sum() >= expected.shape[1] // 2, "most positions are clear of a tie"
+    assert torch.equal(got[0, clear].argmax(-1), expected[0, clear].argmax(-1))
 
 
 def test_pre_scales_stay_on_the_activations_where_scaling_does_not_commute(tiny_model, tmp_path, monkeypatch, caplog):
