@@ -86,6 +86,7 @@ def test_modelopt_formats_run_their_exported_weights(fmt, kernel, tiny_model, id
     cfg = ModeloptQuantize(stage="quantize", method="modelopt", format=fmt, calibration=CALIBRATION,
                            **({"group_size": 64} if fmt == "int4_awq" else {}))
     artifact = _quantized(cfg, tiny_model, tmp_path / "q")
+    assert artifact.metrics["quantize/extension_build_s"] == 0.0, "no CUDA, nothing built (and the metric is declared)"
     fake = load_model(artifact, "cpu", "float32")
     expected = _ppl(fake, ids)
     fast, layers = Modelopt.fast_path(fake, artifact, "cpu", kernel)

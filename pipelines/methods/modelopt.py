@@ -48,7 +48,8 @@ class Modelopt(Method):
     libraries = ("modelopt",)
     extra = "modelopt"
     formats = ("modelopt",)
-    metrics = ("quantize/calibration_windows",)
+    # extension_build_s: the JIT build of ModelOpt's CUDA kernels, apart from calibration (0 without CUDA)
+    metrics = ("quantize/calibration_windows", "quantize/extension_build_s")
     timed_only_with_kernel = True
     # smallest compute capability per format [M]
     serving = {
@@ -132,9 +133,8 @@ class Modelopt(Method):
                 **({"group_size": cfg.group_size} if cfg.format in AWQ else {}),
                 "export_dtype": cfg.export_dtype,
                 "source": {"path": str(Path(src.path).resolve()), "info": src.info}}
-        metrics = {"quantize/calibration_windows": float(len(windows))}
-        if ctx.device == "cuda":  # the JIT build of ModelOpt's kernels, apart from calibration (seconds when cached)
-            metrics["quantize/extension_build_s"] = build_s
+        # logged on every device, so that CPU runs check its declaration too
+        metrics = {"quantize/calibration_windows": float(len(windows)), "quantize/extension_build_s": build_s}
         return Artifact(out, "hf-checkpoint", metrics, info)
 
     @classmethod
