@@ -9,8 +9,10 @@ additions made in this process only:
 - `/v1/completions` accepts `ignore_eos` (load generators force the output length with it; stock
   `transformers serve` rejects the field with 422);
 - `GET /llmopt/stats`: the paged KV cache (blocks, block size, bytes reserved, peak blocks in use,
-  sampled every 20 ms), the process's peak GPU memory, and the weights' bytes as served (after the
-  kernel packed them).
+  sampled every 20 ms), the process's peak GPU memory, the weights' bytes as served (after the
+  kernel packed them), and the CUDA graphs continuous batching has captured so far, with the host
+  seconds they took (one per padded step shape, captured when a step first meets it: a capture
+  inside a timed load point lands in that point's latency tails).
 
 The spec (written by the benchmark stage) is JSON: {"artifact": {"path", "kind", "info"}, "device",
 "dtype", "trust_remote_code", "kernel", "cache_root", "model_name", "host", "port", "options"}, where
@@ -23,6 +25,7 @@ It exits on SIGTERM or SIGINT, stopping the batching thread first.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
@@ -71,6 +74,42 @@ class _Stats:
             out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
             out["peak_reserved_bytes"] = torch.cuda.max_memory_reserved()
         return out
+
+
+class _Graphs:
+    """The CUDA graphs transformers' continuous batching captured, and the host seconds the captures
+    took (its ModelRunner._capture_graph, wrapped: one call a new padded step shape)."""
+
+    def __init__(self):
+        self.count, self.seconds = 0, 0.0
+        self._lock = threading.Lock()
+
+    def watch(self) -> bool:
+        """Count every capture from now on in this process; False where this transformers has no
+        capture step to wrap (nothing is then reported)."""
+        try:
+            from transformers.generation.continuous_batching.model_runner import ModelRunner
+        except ImportError:
+            return False
+        capture = getattr(ModelRunner, "_capture_graph", None)
+        if capture is None:
+            return False
+
+        @functools.wraps(capture)
+        def counted(runner, *args, **kwargs):
+            started = time.perf_counter()
+            result = capture(runner, *args, **kwargs)
+            with self._lock:
+                self.count += 1
+                self.seconds += time.perf_counter() - started
+            return result
+
+        ModelRunner._capture_graph = counted
+        return True
+
+    def report(self) -> dict:
+        with self._lock:
+            return {"graphs_captured": self.count, "graph_capture_s": self.seconds}
 
 
 def _patch_transformers(model, tokenizer) -> None:
@@ -128,10 +167,11 @@ def main(spec_path: str) -> int:
         if not hasattr(serve._generation_state, "_cb_config"):  # a transformers other than 5.17's layout: never ignore them
             raise RuntimeError(f"llmopt.serve: this transformers serve keeps no _cb_config; cannot apply {sorted(batching)}")
         serve._generation_state._cb_config = ContinuousBatchingConfig(**batching)
-    stats = _Stats(serve)
+    stats, graphs = _Stats(serve), _Graphs()
+    watched = graphs.watch()
     app = serve.server.config.app
-    app.add_api_route("/llmopt/stats", lambda: {**stats.report(), "kernel": applied.tag(), "weights_bytes": weights},
-                      methods=["GET"])
+    app.add_api_route("/llmopt/stats", lambda: {**stats.report(), **(graphs.report() if watched else {}),
+                                                "kernel": applied.tag(), "weights_bytes": weights}, methods=["GET"])
 
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

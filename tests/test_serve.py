@@ -63,6 +63,9 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
             assert m[f"serve/e2e_ms_p50/{point}{suffix}"] > m[f"serve/ttft_ms_p50/{point}{suffix}"]
             # a trained model's tokens decode to text: streamed one by one, so TTFT and ITL are per token
             assert m[f"serve/tokens_per_chunk/{point}{suffix}"] <= 1.5
+            # llmopt.serve reports its CUDA graph captures (none on CPU), so one warm-up round was enough
+            assert (m[f"serve/graph_captures/{point}{suffix}"], m[f"serve/warmup_rounds/{point}{suffix}"]) == (0, 1)
+        assert (m[f"serve/graphs_captured{suffix}"], m[f"serve/graph_capture_s{suffix}"]) == (0, 0)
         assert m[f"serve/kv_blocks{suffix}"] > 0 and 1 <= m[f"serve/kv_blocks_used_peak{suffix}"] <= m[f"serve/kv_blocks{suffix}"]
         # the headline is the highest load meeting the SLA (both do here: the bounds are loose on purpose)
         assert m[f"serve/load_at_sla{suffix}"] == 4
@@ -373,13 +376,60 @@ def test_a_point_with_errors_and_a_short_window_is_reported_and_said(completed, 
 def test_warm_up_runs_each_load_points_concurrency_on_prompts_of_its_own():
     from types import SimpleNamespace
 
-    from llmopt.eval.runtimes.server import point_seeds, warmup_requests
+    from llmopt.eval.runtimes.server import extra_warmup_seeds, point_seeds, warmup_requests
 
-    cfg = SimpleNamespace(warmup=2, seed=7, load=SimpleNamespace(points=[1, 8, 64]))
+    cfg = SimpleNamespace(warmup=2, seed=7, load=SimpleNamespace(points=[1, 8, 64], warmup_max_rounds=5))
     assert [warmup_requests(cfg, v) for v in (1, 8, 64, 0.5, 2.5, 1000)] == [2, 16, 128, 2, 6, 512]
     seeds = point_seeds(cfg)
     assert len(seeds) == 3 and len({s for pair in seeds for s in pair}) == 6, "every run draws prompts of its own"
     assert seeds[0][1] == 7, "the recipe's seed draws the first point's prompts"
+    extra = [extra_warmup_seeds(cfg, i) for i in range(3)]
+    assert all(len(e) == 3 for e in extra), "rounds 3 to 5 after the first run's 2"
+    every = [s for pair in seeds for s in pair] + [s for e in extra for s in e]
+    assert len(set(every)) == len(every) == 15, "the extra warm-up rounds draw prompts of their own too"
+
+
+class _CapturingServer:
+    """Stands in for a server that reports its CUDA graph captures (`graphs_captured`), or not (None)."""
+
+    def __init__(self, per_run: list[int] | None):
+        self.per_run, self.count, self.runs, self.log = per_run, 0, [], Path("server.log")
+
+    def get(self, path):
+        assert path == "/llmopt/stats"
+        return {} if self.per_run is None else {"graphs_captured": self.count}
+
+    def generate(self, cfg, server, generator, model_name, tokenizer, value, out, name, seed, requests=None):
+        self.runs.append((name, seed, requests))
+        if self.per_run is not None:
+            self.count += self.per_run[len(self.runs) - 1]
+        return {"requests": float(requests), "error": None}
+
+
+@pytest.mark.parametrize("per_run, warmup, rounds, warned", [
+    ([3, 2, 0, 0], 1, 3, False),  # captures stop in the third round: no more
+    ([5, 5, 5, 5], 1, 4, True),  # still capturing at warmup_max_rounds: stop there, and say so
+    ([4, 0], 2, 3, False),  # warmup: 2 is one run of two rounds, then rounds of one
+    ([0], 1, 1, False),  # nothing captured: the first run was enough
+    (None, 1, 1, False),  # a server that does not report captures (vllm, trtllm-serve): warmup rounds only
+])
+def test_warm_up_runs_rounds_while_the_server_still_captures_cuda_graphs(per_run, warmup, rounds, warned, monkeypatch,
+                                                                         caplog):
+    from types import SimpleNamespace
+
+    from llmopt.eval.runtimes import server as runtime
+
+    cfg = SimpleNamespace(warmup=warmup, seed=0, load=SimpleNamespace(points=[8], warmup_max_rounds=4))
+    fake = _CapturingServer(per_run)
+    monkeypatch.setattr(runtime, "_generate", fake.generate)
+    seeds = [100, *runtime.extra_warmup_seeds(cfg, 0)]
+    with caplog.at_level("INFO", logger="llmopt"):
+        assert runtime._warm_up(cfg, fake, None, "m", Path("."), 8, Path("."), "c8", seeds) == rounds
+    names = ["warmup/c8"] + [f"warmup/c8-{warmup + k}" for k in range(1, len(fake.runs))]
+    assert [r[0] for r in fake.runs] == names
+    assert [r[2] for r in fake.runs] == [8 * warmup] + [8] * (len(fake.runs) - 1), "later runs: one round each"
+    assert [r[1] for r in fake.runs] == seeds[:len(fake.runs)]
+    assert ("still captured 5 CUDA graphs after 4 rounds" in caplog.text) == warned
 
 
 def test_batching_is_tuned_for_the_load_and_device_unless_the_recipe_sets_it():
@@ -464,3 +514,21 @@ def test_the_load_generator_process_runs_one_run_after_another_and_says_each_sta
         raise KeyboardInterrupt
     assert generator.process.returncode in (0, -signal.SIGTERM), generator.process.returncode
     assert not _serve_processes("llmopt.eval.runtimes.loadgen")
+
+
+def test_the_server_counts_and_times_each_cuda_graph_capture(monkeypatch):
+    """llmopt.serve wraps transformers' capture step (here a stand-in: capturing needs CUDA) and
+    reports the captures and their seconds, from then on, in this process."""
+    from llmopt import serve
+    from transformers.generation.continuous_batching.model_runner import ModelRunner
+
+    calls = []
+    monkeypatch.setattr(ModelRunner, "_capture_graph", lambda runner, *args: (calls.append(args), time.sleep(0.05))[0])
+    graphs = serve._Graphs()
+    assert graphs.report() == {"graphs_captured": 0, "graph_capture_s": 0.0}
+    assert graphs.watch()
+    ModelRunner._capture_graph(object(), "forward", "stream")
+    ModelRunner._capture_graph(object(), "forward", "stream")
+    report = graphs.report()
+    assert calls == [("forward", "stream")] * 2, "the capture itself still runs, with its arguments"
+    assert report["graphs_captured"] == 2 and 0.1 <= report["graph_capture_s"] < 5

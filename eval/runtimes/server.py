@@ -11,7 +11,10 @@ Per model (the candidate, then the base with the same settings):
    load point: a fixed number of concurrent streams, or a request rate (constant or Poisson), with
    the recipe's prompt and output length distributions, request count or duration; each point's raw
    JSON is kept. Before each point, a warm-up run of the same workload at that load (`warmup` x its
-   concurrency requests) compiles or graph-captures the shapes the point will meet. Every run draws
+   concurrency requests) compiles or graph-captures the shapes the point will meet; on a server that
+   reports its CUDA graph captures (llmopt.serve) one more round follows while the last still
+   captured any, up to `load.warmup_max_rounds`, and the captures left in the timed window are
+   counted (`graph_captures`): each lands in the point's latency tails. Every run draws
    its own prompts (a seed per run, the same for candidate and base), so that no point is served
    from prefixes an earlier run left in the server's prefix cache;
 4. read the server's own figures where it reports them (`llmopt.serve`'s `/llmopt/stats`: paged KV
@@ -52,10 +55,12 @@ from llmopt.eval.runtimes import Runtime, loadgen
 SLA_METRICS = tuple(f"{p}_{m}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")) + ("error_rate",)
 POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "errors", "incomplete", "error_rate",
                  *(f"{m}_{p}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")),
-                 "tokens_per_chunk", "usd_per_1m_output_tokens", "meets_sla")
+                 "tokens_per_chunk", "usd_per_1m_output_tokens", "meets_sla", "warmup_rounds",
+                 "graph_captures")  # the last: servers that report their CUDA graph captures (llmopt.serve)
 HEADLINE = ("load_at_sla", "tok_s_at_sla", "requests_s_at_sla", "usd_per_1m_output_tokens_at_sla", "points_meeting_sla")
 SERVER_FIGURES = ("startup_s", "warmup_s", "weights_gb_in_memory", "kv_blocks", "kv_block_size", "kv_gb_reserved",
-                  "kv_blocks_used_peak", "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb")
+                  "kv_blocks_used_peak", "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb", "graphs_captured",
+                  "graph_capture_s")
 STOP_GRACE_S = 15
 CHUNKY = 1.5  # tokens per streamed chunk above which a point's TTFT and ITL are not per token (finish_point)
 # transformers' paged KV cache block (ContinuousBatchingConfig.block_size's default), and what llmopt
@@ -278,11 +283,53 @@ def point_seeds(cfg) -> list[tuple[int, int]]:
     return [(cfg.seed + n + i, cfg.seed + i) for i in range(n)]
 
 
-def warmup_requests(cfg, value: float) -> int:
-    """Warm-up requests before a load point: `warmup` rounds of its concurrency (a rate point: its
-    rate, rounded up), so that every batch shape the point meets is compiled or graph-captured before it is timed
-    (transformers' continuous batching captures a CUDA graph per padded shape, when it first appears)."""
-    return min(max(1, math.ceil(value)), 256) * cfg.warmup
+def warmup_requests(cfg, value: float, rounds: int | None = None) -> int:
+    """Warm-up requests before a load point: `warmup` rounds (or `rounds`) of its concurrency (a rate
+    point: its rate, rounded up), so that every batch shape the point meets is compiled or
+    graph-captured before it is timed (transformers' continuous batching captures a CUDA graph per
+    padded shape, when it first appears)."""
+    return min(max(1, math.ceil(value)), 256) * (cfg.warmup if rounds is None else rounds)
+
+
+def extra_warmup_seeds(cfg, index: int) -> list[int]:
+    """Seeds of the warm-up rounds after the first run at load point `index` (_warm_up): apart from
+    every point's timed and first warm-up seeds (point_seeds), and from each other's."""
+    n = len(cfg.load.points)
+    return [cfg.seed + n * (2 + k) + index for k in range(max(cfg.load.warmup_max_rounds - cfg.warmup, 0))]
+
+
+def graphs_captured(server) -> int | None:
+    """CUDA graphs the server has captured so far, where it reports them (llmopt.serve), else None."""
+    count = (server.get("/llmopt/stats") or {}).get("graphs_captured")
+    return None if count is None else int(count)
+
+
+def _warm_up(cfg, server, generator, model_name: str, tokenizer: Path, value: float, out: Path, label: str,
+             seeds: list[int]) -> int:
+    """Warm one load point up: `warmup` rounds of its workload in one run, then, on a server that
+    reports its CUDA graph captures, one round more while the last run still captured graphs (new
+    padded step shapes keep appearing as the mix of prefill and decode varies), up to
+    `load.warmup_max_rounds` rounds. Each run draws prompts of its own (`seeds`). Returns the rounds
+    run; says when the point is timed with the server still capturing."""
+    runs = [(f"warmup/{label}", cfg.warmup)] + [(f"warmup/{label}-{cfg.warmup + k + 1}", 1) for k in range(len(seeds) - 1)]
+    before, done = graphs_captured(server), 0
+    for (name, rounds), seed in zip(runs, seeds, strict=True):
+        warm = _generate(cfg, server, generator, model_name, tokenizer, value, out, name, seed,
+                         warmup_requests(cfg, value, rounds))
+        if warm["requests"] == 0:
+            raise ServerError(f"every warm-up request at {label} failed: {warm['error'] or 'no request completed'}; "
+                              f"server log: {server.log}")
+        done += rounds
+        after = graphs_captured(server)
+        if before is None or after == before:
+            return done
+        captured, before = after - before, after
+        if done < cfg.load.warmup_max_rounds:
+            log.info("load %s: warm-up round %d captured %d CUDA graphs: one round more", label, done, captured)
+    log.warning("load %s: the warm-up's last round still captured %d CUDA graphs after %d rounds (load.warmup_max_rounds): "
+                "the timed point may meet new step shapes, whose captures land in its TTFT and ITL tails "
+                "(serve/graph_captures/%s counts them)", label, captured, done, label)
+    return done
 
 
 def tuned_batching(cfg, device: str) -> dict[str, int | bool]:
@@ -404,18 +451,20 @@ class ServerRuntime(Runtime):
               LoadGenerator(out / "load" / "loadgen.log") as generator):
             metrics: dict[str, float] = {"serve/startup_s": server.startup_s, "serve/warmup_s": 0.0}
             with progress_bar(len(cfg.load.points), f"serve load {cfg.load.profile}", enabled=ctx.progress) as advance:
-                for value, (warmup_seed, seed) in zip(cfg.load.points, point_seeds(cfg), strict=True):
+                for index, (value, (warmup_seed, seed)) in enumerate(zip(cfg.load.points, point_seeds(cfg), strict=True)):
                     label = point_label(cfg.load.profile, value)
                     if cfg.warmup:  # the workload's own shapes at this load, on prompts the timed run will not send
                         started = time.perf_counter()
-                        warm = _generate(cfg, server, generator, model_name, src.path, value, out, f"warmup/{label}", warmup_seed,
-                                         warmup_requests(cfg, value))
+                        rounds = _warm_up(cfg, server, generator, model_name, src.path, value, out, label,
+                                          [warmup_seed, *extra_warmup_seeds(cfg, index)])
                         metrics["serve/warmup_s"] += time.perf_counter() - started
-                        if warm["requests"] == 0:
-                            raise ServerError(f"every warm-up request at {label} failed: "
-                                              f"{warm['error'] or 'no request completed'}; server log: {server_log}")
-                    row = finish_point(_generate(cfg, server, generator, model_name, src.path, value, out, label, seed),
-                                       label, cfg)
+                    before = graphs_captured(server)
+                    row = _generate(cfg, server, generator, model_name, src.path, value, out, label, seed)
+                    if cfg.warmup:
+                        row["warmup_rounds"] = float(rounds)
+                    if before is not None:  # a server that reports its CUDA graph captures (llmopt.serve)
+                        row["graph_captures"] = float(graphs_captured(server) - before)
+                    row = finish_point(row, label, cfg)
                     rows.append((value, row))
                     report["points"][label] = row
                     metrics.update({f"serve/{name}/{label}": v for name, v in row.items()})
@@ -427,7 +476,8 @@ class ServerRuntime(Runtime):
                                  ("kv_gb_used_peak", "kv_bytes_used_peak", 1e-9),
                                  ("peak_allocated_gb", "peak_allocated_bytes", 1e-9),
                                  ("peak_reserved_gb", "peak_reserved_bytes", 1e-9),
-                                 ("weights_gb_in_memory", "weights_bytes", 1e-9)):
+                                 ("weights_gb_in_memory", "weights_bytes", 1e-9),
+                                 ("graphs_captured", "graphs_captured", 1), ("graph_capture_s", "graph_capture_s", 1)):
             if key in stats:
                 metrics[f"serve/{name}"] = float(stats[key]) * scale
         metrics.update({f"serve/{k}": v for k, v in headline(rows, cfg.sla, cfg.gpu_hourly_usd).items()})
@@ -494,6 +544,9 @@ def finish_point(row: dict, label: str, cfg) -> dict:
                     "(the point cannot meet an SLA on them); output tok/s and e2e latency stay exact. A server streams "
                     "text deltas: tokens that decode to no text (random weights, a tokenizer smaller than the model's "
                     "vocabulary) are held back", label, row["tokens_per_chunk"])
+    if row.get("graph_captures", 0) > 0:
+        log.warning("load %s: the server captured %d CUDA graphs during the timed window: their time is in its TTFT and "
+                    "ITL tails. Raise warmup or load.warmup_max_rounds", label, row["graph_captures"])
     del row["error"]
     return row
 
