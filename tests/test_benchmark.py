@@ -239,6 +239,14 @@ def test_benchmark_in_the_pipeline_lands_in_mlflow(tiny_workdir, tmp_path):
     files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert files == {"plots/latency_vs_batch.png", "plots/throughput_vs_batch.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"benchmark.md", "candidate", "base"}
+    # the run log says where the stage is, bars or not: each model loaded, each batch size measured (candidate, base)
+    (log_file,) = (tiny_workdir["cache"] / "logs").glob("*-b.log")
+    said = log_file.read_text()
+    assert said.count("INFO benchmark: ") == 2 and "kernel int4pack" in said
+    for bs in (1, 2):
+        lines = [line for line in said.splitlines() if f"benchmark transformers-eager batch {bs}: " in line]
+        assert len(lines) == 2, said
+        assert f"{m[f'bench/output_tok_s/bs{bs}']:.1f} output tok/s" in lines[0]
 
 
 BAD = {

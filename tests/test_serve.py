@@ -98,6 +98,9 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
     assert logged == {f"{role}/load/{p}.json" for role in ("candidate", "base") for p in ("c1", "c4")}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "plots")} == {"plots/throughput_vs_p99_latency.png"}
     assert not _serve_processes() and not _serve_processes("llmopt.eval.runtimes.loadgen")
+    (log_file,) = (tiny_workdir["cache"] / "logs").glob("*-tiny-serve.log")
+    said = [line for line in log_file.read_text().splitlines() if " load c4: " in line]
+    assert len(said) == 2 and f"{m['serve/output_tok_s/c4']:.1f} output tok/s, 12 requests" in said[0], said
     # promoted on the serving gates; the model card carries the table under load
     from llmopt import registry
     from llmopt.cli import main

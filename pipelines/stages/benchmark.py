@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import platform
+import time
 from pathlib import Path
 
 from llmopt import kernels
@@ -23,6 +25,7 @@ from llmopt.recipe import Benchmark
 from llmopt.stages import Paired, StageContext
 from llmopt.tables import beside_base
 
+log = logging.getLogger("llmopt")
 BANDWIDTH = "device-bandwidth"  # <cache root>/device-bandwidth.json: bytes/s per device and torch version
 
 
@@ -35,9 +38,12 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     if kind.load_sweep:
         return _serve(kind, cfg, src, out, ctx)
     model, applied = None, kernels.Applied("none", "the runtime loads the model itself")
+    started = time.perf_counter()
     if kind.loads_model:
         model, applied = kernels.load_accelerated(src, ctx.device, ctx.dtype, ctx.trust_remote_code, cfg.kernel,
                                                   ctx.cache_dir())
+        # the run log shows where a long benchmark is, with or without the progress bars
+        log.info("benchmark: %s loaded in %.1f s, kernel %s", src.path.name, time.perf_counter() - started, applied.tag())
     # the LLM API loads a bundle's checkpoint/ (or engine/ with tokenizer/), or an HF checkpoint (the base model)
     found = trtllm.loadable(src.path) if model is None else None
     config = model.config if model is not None else _config(found.config)
@@ -79,6 +85,7 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
                 if ctx.device.startswith("cuda"):
                     torch.cuda.reset_peak_memory_stats()
 
+            started = time.perf_counter()
             samples = bench.measure(runtime, batch, cfg.output_tokens, cfg.warmup, cfg.repeats, gpu=gpu,
                                     after_warmup=steady_state)
             row = bench.summarize(samples, bs, round(mean_in), cfg.output_tokens, runtime.measures)
@@ -96,6 +103,8 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
                 bare = bench.bare_loop(runtime, batch, cfg.output_tokens, cfg.repeats, ctx.device)
                 row["overhead_pct"] = 100 * (row["e2e_ms"] / 1000 / bare - 1)
             report["batches"][bs] = {**row, "samples_s": [s.stamps[-1] for s in samples]}
+            log.info("benchmark %s batch %d: %.1f output tok/s (warm-up and %d repeats in %.1f s)", cfg.runtime, bs,
+                     row["output_tok_s"], cfg.repeats, time.perf_counter() - started)
             metrics.update({f"bench/{name}/bs{bs}": value for name, value in row.items()})
             advance()
     runtime_tags = runtime.tags()
