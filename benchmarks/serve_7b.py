@@ -33,7 +33,10 @@ of 14-43 s, a warm-up of about 40 s and 4 points of 15 s); that, plus about 60 s
 and install, fills one 10-minute call. The default preset does not fit in one: it decodes at about
 46 ms a step, so a 256-token request takes 12 s. The sized preset (2026-11-29) ran out of the call's
 545 s during the base's last point: each of a model's 8 GuideLLM runs then began with ~18 s of
-GuideLLM's own start, which a sweep now pays once a model (llmopt.eval.runtimes.loadgen).
+GuideLLM's own start, which a sweep now pays once a model (llmopt.eval.runtimes.loadgen). Its
+rerun (`sized2-*`, 2026-11-29) took 454 s in all (model 19 s, RTN 29 s, server starts 52 and 24 s,
+warm-ups 64 and 69 s). Since then the warm-up adds rounds while the server still captures CUDA
+graphs (load.warmup_max_rounds): at most 2 more rounds a point here, up to ~60 s a model.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ PRESETS = {
 STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"
           "    output_tokens: 256\n    warmup: 1\n"
-          "    load: {profile: concurrent, points: [1, 8, 32, 64], requests: null, duration_s: 15}\n"
+          "    load: {profile: concurrent, points: [1, 8, 32, 64], requests: null, duration_s: 15, warmup_max_rounds: 3}\n"
           "    sla: {p99_ttft_ms: 500, p99_itl_ms: 50}\n    gpu_hourly_usd: 2.5\n")
 
 
