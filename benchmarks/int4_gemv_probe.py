@@ -9,9 +9,10 @@ kernels_micro.py).
 
     GPTQMODEL_TORCH_EXTENSIONS_DIR=DIR python benchmarks/int4_gemv_probe.py OUT.json
 
-GemLite is not one of llmopt's dependencies: for the GPU machine, put its source next to the
-prepared wheels (`.venv/bin/pip download gemlite==0.6.0.post2 --no-deps --no-binary :all: -d
-.device/sdist`; `.device/install.sh` builds every sdist there; it is pure Python over Triton).
+GemLite is not one of llmopt's dependencies: for the GPU machine, build its wheel into the
+prepared ones (`.venv/bin/pip download gemlite==0.6.0.post2 --no-deps -d /tmp/g && .venv/bin/pip
+wheel --no-deps --no-build-isolation /tmp/g/gemlite-*.tar.gz -w .device/wheels`: pure Python over
+Triton; `.device/install.sh` installs every wheel there without dependencies).
 Without a cached config for the card, its first call per shape autotunes (outside the timing).
 
 Each row: shape, batch, kernel, microseconds, weight TB/s, and the largest error against the
