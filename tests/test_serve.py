@@ -535,3 +535,18 @@ def test_the_server_counts_and_times_each_cuda_graph_capture(monkeypatch):
     report = graphs.report()
     assert calls == [("forward", "stream")] * 2, "the capture itself still runs, with its arguments"
     assert report["graphs_captured"] == 2 and 0.1 <= report["graph_capture_s"] < 5
+
+
+@pytest.mark.parametrize("counts, sla, said", [
+    ([5, 32, 64], {"p99_ttft_ms": 500}, True),
+    ([120, 400], {"p99_ttft_ms": 500}, False),  # enough requests for a p99
+    ([5, 32], {"p90_ttft_ms": 500}, False),  # no p99 bound
+    ([5, 32], {}, False),
+])
+def test_a_p99_bound_over_few_requests_is_said(counts, sla, said, caplog):
+    from llmopt.eval.runtimes.server import few_for_p99
+
+    rows = [(float(i), {"requests": float(n)}) for i, n in enumerate(counts)]
+    with caplog.at_level("WARNING", logger="llmopt"):
+        assert few_for_p99(rows, sla) == said
+    assert ("the points completed 5/32/64 requests" in caplog.text) == (counts == [5, 32, 64])

@@ -470,6 +470,7 @@ class ServerRuntime(Runtime):
                     metrics.update({f"serve/{name}/{label}": v for name, v in row.items()})
                     advance()
             stats = server.get("/llmopt/stats") or {}
+        few_for_p99(rows, cfg.sla)
         report["server_stats"] = stats
         for name, key, scale in (("kv_blocks", "kv_blocks", 1), ("kv_block_size", "kv_block_size", 1),
                                  ("kv_gb_reserved", "kv_bytes_reserved", 1e-9), ("kv_blocks_used_peak", "kv_blocks_used_peak", 1),
@@ -524,6 +525,21 @@ def compiled_serve_command(bundle: Path, host: str, port: int) -> list[str]:
         else:
             command += [flag, value]
     return command
+
+
+P99_SAMPLES = 100  # completed requests below which a point's p99 is about its slowest request
+
+
+def few_for_p99(rows: list[tuple[float, dict]], sla: dict[str, float]) -> bool:
+    """Say (once a sweep) when the SLA bounds a p99 that some point measured on fewer than
+    P99_SAMPLES completed requests: there one slow request decides the verdict."""
+    counts = [int(row["requests"]) for _, row in rows]
+    if not any(name.startswith("p99_") for name in sla) or min(counts, default=P99_SAMPLES) >= P99_SAMPLES:
+        return False
+    log.warning("the SLA bounds p99 latencies, and the points completed %s requests: below %d a p99 is about the "
+                "slowest request's figure. Give load.requests or a longer load.duration_s for a p99 that stands for one "
+                "request in a hundred", "/".join(map(str, counts)), P99_SAMPLES)
+    return True
 
 
 def finish_point(row: dict, label: str, cfg) -> dict:
