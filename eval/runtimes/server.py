@@ -549,7 +549,8 @@ def finish_point(row: dict, label: str, cfg) -> dict:
         row["usd_per_1m_output_tokens"] = cfg.gpu_hourly_usd / 3600 / row["output_tok_s"] * 1e6
     row["meets_sla"] = float(meets(row, cfg.sla))
     log.info("load %s: %.1f output tok/s, %d requests, p99 TTFT %.0f ms, p99 ITL %.1f ms%s", label, row["output_tok_s"],
-             row["requests"], row["ttft_ms_p99"], row["itl_ms_p99"], ", meets the SLA" if row["meets_sla"] else "")
+             row["requests"], row.get("ttft_ms_p99", math.nan), row.get("itl_ms_p99", math.nan),
+             ", meets the SLA" if row["meets_sla"] else "")
     if row["errors"]:
         log.warning("load %s: %d requests failed; the first: %s", label, row["errors"], row["error"])
     if row["incomplete"] > row["requests"]:
