@@ -7,7 +7,10 @@ Not a test: figures, not asserts. Run from the repository root, with llmopt inst
 
 Writes the model once under WORKDIR, runs one recipe per case with a shared cache (so the base's
 benchmark and the kernels' builds are done once) and MLflow store there, and writes one JSON file
-of metrics and tags per case to OUTDIR (also printed).
+of metrics and tags per case to OUTDIR (also printed). Each run's log (stages, models loaded, each
+batch size measured) is WORKDIR/cache/logs/: a GPU call that may be cut short should copy that
+folder to its output after the script, as the AWQ run cut off on 2026-11-29 showed nothing past its
+quantize stage in its console output.
 
 The int4 case is round-to-nearest in the GPTQ format (`gptq_rtn`): the same checkpoint layout and
 kernel as calibrated GPTQ, without its ~100 s of calibration on random weights, which would mean
