@@ -266,13 +266,13 @@ def fold_pre_scales(model, weights: dict) -> list[str]:
             producer = consumer[: -len(consumer_leaf)] + producer_leaf
             if weight.pre_scale is None or not consumer.endswith("." + consumer_leaf) or producer not in weights:
                 continue
-            scale = weight.pre_scale.float().cpu()
+            given = scale = weight.pre_scale.float().cpu()
             source = torch.arange(scale.numel())
             if consumer_leaf.endswith("o_proj"):  # input (head h, dim d) comes from value head h // (heads / kv_heads)
                 dim = scale.numel() // heads
                 source = ((torch.arange(heads) // (heads // kv_heads))[:, None] * dim + torch.arange(dim)).reshape(-1)
                 scale = scale.new_zeros(kv_heads * dim).index_copy_(0, source, scale)  # one of each value head's users
-                if not torch.equal(scale[source], weight.pre_scale.float().cpu()):
+                if not torch.equal(scale[source], given):
                     continue  # the query heads sharing a value head want different scales
             if scale.numel() == weights[producer].shape[0]:
                 folds[consumer] = (producer, scale, source)
