@@ -148,6 +148,7 @@ def run_recipe(
                               "llmopt.base_key": root_key,
                               # what a measurement ran on (benchmark: GPU, CUDA, driver, versions, runtime)
                               **{f"env.{k}": v for k, v in entry.artifact.info.get("environment", {}).items()},
+                              **_base_environment(entry, entries),
                               **entry.artifact.info.get("tags", {}), **verdict},
                     )
                     if failed_gates:
@@ -197,6 +198,16 @@ def run_recipe(
             _stop_log()
             tracker.log_file(parent, log_file, "logs")
     return summary
+
+
+def _base_environment(candidate, entries) -> dict[str, str]:
+    """`env.base.<name>` tags for a paired stage, where the base measured under a setting the
+    candidate's `env.<name>` does not show (its kernel; the compiled runtime's dense fusion of a bf16
+    base, 0 for a quantized candidate): so that a reviewer reads how each side ran."""
+    if len(entries) < 2:
+        return {}
+    mine = candidate.artifact.info.get("environment", {})
+    return {f"env.base.{k}": v for k, v in entries[-1].artifact.info.get("environment", {}).items() if mine.get(k) != v}
 
 
 def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], base: tuple[str, Artifact],

@@ -236,6 +236,9 @@ def test_benchmark_in_the_pipeline_lands_in_mlflow(tiny_workdir, tmp_path):
     tags = run.data.tags
     assert tags["env.runtime"] == "transformers-eager" and tags["env.torch"] == torch.__version__
     assert tags["env.cpu_threads"] == str(torch.get_num_threads())  # CPU figures depend on it
+    # how the base ran, where it differs from the candidate: its kernel; shared settings are not repeated
+    assert tags["env.kernel"] == "int4pack" and tags["env.base.kernel"] == "none (not quantized)"
+    assert "env.base.torch" not in tags and "env.base.runtime" not in tags
     files = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert files == {"plots/latency_vs_batch.png", "plots/throughput_vs_batch.png"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"benchmark.md", "candidate", "base"}

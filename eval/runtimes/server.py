@@ -12,9 +12,11 @@ Per model (the candidate, then the base with the same settings):
    the recipe's prompt and output length distributions, request count or duration; each point's raw
    JSON is kept. Before each point, a warm-up run of the same workload at that load (`warmup` x its
    concurrency requests) compiles or graph-captures the shapes the point will meet; on a server that
-   reports its CUDA graph captures (llmopt.serve) one more round follows while the last still
-   captured any, up to `load.warmup_max_rounds`, and the captures left in the timed window are
-   counted (`graph_captures`): each lands in the point's latency tails. Every run draws
+   reports its CUDA graph captures (llmopt.serve), while the last run still captured any, one more
+   run of the point's own workload (its duration or request count: the steady state, where
+   requests start and finish at different steps), up to `load.warmup_max_rounds` rounds, and the
+   captures left in the timed window are counted (`graph_captures`): each lands in the point's
+   latency tails. Every run draws
    its own prompts (a seed per run, the same for candidate and base), so that no point is served
    from prefixes an earlier run left in the server's prefix cache;
 4. read the server's own figures where it reports them (`llmopt.serve`'s `/llmopt/stats`: paged KV
@@ -306,16 +308,21 @@ def graphs_captured(server) -> int | None:
 
 def _warm_up(cfg, server, generator, model_name: str, tokenizer: Path, value: float, out: Path, label: str,
              seeds: list[int]) -> int:
-    """Warm one load point up: `warmup` rounds of its workload in one run, then, on a server that
-    reports its CUDA graph captures, one round more while the last run still captured graphs (new
-    padded step shapes keep appearing as the mix of prefill and decode varies), up to
-    `load.warmup_max_rounds` rounds. Each run draws prompts of its own (`seeds`). Returns the rounds
-    run; says when the point is timed with the server still capturing."""
+    """Warm one load point up: `warmup` rounds of its concurrency in one run, then, on a server that
+    reports its CUDA graph captures, while the last run still captured graphs, a run of the point's
+    own workload (its duration or request count), up to `load.warmup_max_rounds` rounds in all.
+    Why the point's own workload: a round of `concurrency` requests starts them together, so its
+    steps are one prefill burst, then decodes; in the timed run requests start and finish at
+    different steps, and the padded step shapes (prefill and decode tokens mixed) are others. On an
+    H200 (2026-11-29) a 7B's third such round captured 1-2 graphs, and the timed 15 s after it 14-19.
+    Each run draws prompts of its own (`seeds`). Returns the rounds run; says when the point is
+    timed with the server still capturing."""
     runs = [(f"warmup/{label}", cfg.warmup)] + [(f"warmup/{label}-{cfg.warmup + k + 1}", 1) for k in range(len(seeds) - 1)]
     before, done = graphs_captured(server), 0
-    for (name, rounds), seed in zip(runs, seeds, strict=True):
+    for index, ((name, rounds), seed) in enumerate(zip(runs, seeds, strict=True)):
+        # the first run: `warmup` rounds of the concurrency; then the point's own workload (requests=None)
         warm = _generate(cfg, server, generator, model_name, tokenizer, value, out, name, seed,
-                         warmup_requests(cfg, value, rounds))
+                         warmup_requests(cfg, value, rounds) if index == 0 else None)
         if warm["requests"] == 0:
             raise ServerError(f"every warm-up request at {label} failed: {warm['error'] or 'no request completed'}; "
                               f"server log: {server.log}")
@@ -325,7 +332,8 @@ def _warm_up(cfg, server, generator, model_name: str, tokenizer: Path, value: fl
             return done
         captured, before = after - before, after
         if done < cfg.load.warmup_max_rounds:
-            log.info("load %s: warm-up round %d captured %d CUDA graphs: one round more", label, done, captured)
+            log.info("load %s: warm-up round %d captured %d CUDA graphs: one more run of the point's own workload",
+                     label, done, captured)
     log.warning("load %s: the warm-up's last round still captured %d CUDA graphs after %d rounds (load.warmup_max_rounds): "
                 "the timed point may meet new step shapes, whose captures land in its TTFT and ITL tails "
                 "(serve/graph_captures/%s counts them)", label, captured, done, label)

@@ -101,9 +101,10 @@ class LoadSpec(Strict):
     requests: PositiveInt | None = 64
     duration_s: PositiveFloat | None = None
     # warm-up before each point: the stage's `warmup` rounds (a round: the point's concurrency in requests),
-    # then, on a server that reports its CUDA graph captures (llmopt.serve), one more round while the last
-    # one still captured graphs, up to this many rounds in all: a capture in the timed window lands in
-    # its TTFT and ITL tails (0.1-1.2 s each for a 7B on an H200)
+    # then, on a server that reports its CUDA graph captures (llmopt.serve), while the last run still
+    # captured graphs, one run of the point's own workload (`requests` or `duration_s`: its steady state),
+    # up to this many rounds in all: a capture in the timed window lands in its TTFT and ITL tails
+    # (0.1-1.2 s each for a 7B on an H200)
     warmup_max_rounds: PositiveInt = 4
 
     @model_validator(mode="after")
