@@ -37,9 +37,10 @@ GuideLLM's own start, which a sweep now pays once a model (llmopt.eval.runtimes.
 rerun (`sized2-*`, 2026-11-29) took 454 s in all (model 19 s, RTN 29 s, server starts 52 and 24 s,
 warm-ups 64 and 69 s). The third run (`sized3-*`, warm-up rounds of the point's concurrency while
 the server still captured graphs, at most 3) ran out of the call's 540 s during the base's last
-point: int4's model took 263 s from quantized to done, its warm-ups 130 s. A warm-up run after
-the first is now the point's own workload (15 s here), so this script allows one (at most 2
-rounds: warm-ups of up to ~90 s a model); a full sweep of both models may still not fit one call.
+point: int4's model took 263 s from quantized to done, its warm-ups 130 s; the whole would have
+taken about 575 s. A warm-up run after the first is now the point's own workload, so this script
+allows one (at most 2 rounds), and its points run 12 s instead of 15 (warm-up runs included):
+about 520 s in all, estimated from that run's timeline, not yet measured.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ PRESETS = {
 STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"
           "    output_tokens: 256\n    warmup: 1\n"
-          "    load: {profile: concurrent, points: [1, 8, 32, 64], requests: null, duration_s: 15, warmup_max_rounds: 2}\n"
+          "    load: {profile: concurrent, points: [1, 8, 32, 64], requests: null, duration_s: 12, warmup_max_rounds: 2}\n"
           "    sla: {p99_ttft_ms: 500, p99_itl_ms: 50}\n    gpu_hourly_usd: 2.5\n")
 
 
