@@ -314,7 +314,7 @@ def _warm_up(cfg, server, generator, model_name: str, tokenizer: Path, value: fl
     Why the point's own workload: a round of `concurrency` requests starts them together, so its
     steps are one prefill burst, then decodes; in the timed run requests start and finish at
     different steps, and the padded step shapes (prefill and decode tokens mixed) are others. On an
-    H200 (2026-11-29) a 7B's third such round captured 1-2 graphs, and the timed 15 s after it 14-19.
+    H200 (2026-11-29) a 7B's third such round captured 0-2 graphs, and the timed 15 s after it 5-19.
     Each run draws prompts of its own (`seeds`). Returns the rounds run; says when the point is
     timed with the server still capturing."""
     runs = [(f"warmup/{label}", cfg.warmup)] + [(f"warmup/{label}-{cfg.warmup + k + 1}", 1) for k in range(len(seeds) - 1)]
