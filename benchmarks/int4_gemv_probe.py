@@ -7,7 +7,11 @@ weights faster is the way to the target; this probe measures the candidates befo
 in. Not a test: figures, not asserts (CUDA graphs of 50 calls, medians of 20 replays, as
 kernels_micro.py).
 
-    GPTQMODEL_TORCH_EXTENSIONS_DIR=DIR python benchmarks/int4_gemv_probe.py OUT.json
+    GPTQMODEL_TORCH_EXTENSIONS_DIR=DIR python benchmarks/int4_gemv_probe.py OUT.json [BITS]
+
+BITS 4 (the default: group 128, as the int4 case) or 8 (per output channel, as llmopt's int8
+weight-only case, which reached 1.28x the fused base at batch 1 on Marlin where issue 14 asks 1.3x):
+the same products, kernels and columns at that width (GemLite's A16W8 in place of A16W4).
 
 GemLite is not one of llmopt's dependencies: for the GPU machine, build its wheel into the
 prepared ones (`.venv/bin/pip download gemlite==0.6.0.post2 --no-deps -d /tmp/g && .venv/bin/pip
@@ -42,7 +46,8 @@ os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 # (out, in) of one decoder layer as the compiled runtime runs it: q/k/v stacked, o, gate/up stacked, down
 LAYER = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
 BATCHES = [1, 8, 32]
-GROUP = 128
+BITS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+GROUP = 128 if BITS == 4 else -1  # int8: per output channel
 
 
 def marlin_variants(layer) -> dict:
@@ -64,19 +69,21 @@ def marlin_variants(layer) -> dict:
 
 
 def gemlite_kernel(weight: torch.Tensor):
-    """GemLite's A16W4 weight-only kernel on `weight` [N, K] bf16, quantized round-to-nearest,
-    asymmetric per group of 128 in HQQ's form (W ~ (W_q - zero) * scale); its dequantized weight."""
+    """GemLite's A16W<BITS> weight-only kernel on `weight` [N, K] bf16, quantized round-to-nearest,
+    asymmetric per group (of 128, or the whole row for int8) in HQQ's form (W ~ (W_q - zero) * scale);
+    its dequantized weight."""
     from gemlite.helper import A16Wn
 
     n, k = weight.shape
-    g = weight.float().reshape(n, k // GROUP, GROUP)
+    group = k if GROUP == -1 else GROUP
+    g = weight.float().reshape(n, k // group, group)
     lo, hi = g.amin(-1), g.amax(-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    scale = ((hi - lo) / (2**BITS - 1)).clamp(min=1e-6)
     zero = -lo / scale
-    q = ((g / scale[..., None]) + zero[..., None]).round().clamp(0, 15)
+    q = ((g / scale[..., None]) + zero[..., None]).round().clamp(0, 2**BITS - 1)
     dequant = ((q - zero[..., None]) * scale[..., None]).reshape(n, k).to(torch.bfloat16)
     linear = A16Wn(device="cuda", dtype=torch.bfloat16).from_weights(
-        q.reshape(n, k).to(torch.uint8), scale.to(torch.bfloat16), zero.to(torch.bfloat16), 4, GROUP)
+        q.reshape(n, k).to(torch.uint8), scale.to(torch.bfloat16), zero.to(torch.bfloat16), BITS, group)
     return linear, dequant
 
 
@@ -99,15 +106,15 @@ def main(path: str) -> None:
     for n, k in LAYER:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         kernels: dict = {"bf16": (lambda x, w=w: F.linear(x, w), w, n * k * 2)}
-        layer, ref = marlin_layer(n, k, 4, GROUP, gen)
+        layer, ref = marlin_layer(n, k, BITS, GROUP, gen)
         for name, fn in marlin_variants(layer).items():
-            kernels[name] = (fn, ref, n * k // 2)
+            kernels[name] = (fn, ref, n * k * BITS // 8)
         if gemlite is not None:
             try:
                 linear, dequant = gemlite_kernel(w)
-                kernels["gemlite_a16w4"] = (linear, dequant, n * k // 2)
+                kernels[f"gemlite_a16w{BITS}"] = (linear, dequant, n * k * BITS // 8)
             except Exception as e:  # recorded, not hidden
-                note({"shape": f"{n}x{k}", "kernel": "gemlite_a16w4", "error": f"{type(e).__name__}: {e}"[:400]})
+                note({"shape": f"{n}x{k}", "kernel": f"gemlite_a16w{BITS}", "error": f"{type(e).__name__}: {e}"[:400]})
         for m in BATCHES:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             for name, (fn, weight, size) in kernels.items():
@@ -124,7 +131,8 @@ def main(path: str) -> None:
     # only kernels that ran every product of the layer
     layer_us = {f"{name}@{m}": round(sum(us), 1) for (name, m), us in per_layer.items() if len(us) == len(LAYER)}
     note({"layer_us": layer_us})
-    summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    summary = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "bits": BITS, "group": GROUP,
+               "rows": rows}
     Path(path).write_text(json.dumps(summary, indent=1))
 
 

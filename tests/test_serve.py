@@ -65,6 +65,7 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
             assert m[f"serve/tokens_per_chunk/{point}{suffix}"] <= 1.5
             # llmopt.serve reports its CUDA graph captures (none on CPU), so one warm-up round was enough
             assert (m[f"serve/graph_captures/{point}{suffix}"], m[f"serve/warmup_rounds/{point}{suffix}"]) == (0, 1)
+            assert m[f"serve/graph_capture_s/{point}{suffix}"] == 0
         assert (m[f"serve/graphs_captured{suffix}"], m[f"serve/graph_capture_s{suffix}"]) == (0, 0)
         assert m[f"serve/kv_blocks{suffix}"] > 0 and 1 <= m[f"serve/kv_blocks_used_peak{suffix}"] <= m[f"serve/kv_blocks{suffix}"]
         # the headline is the highest load meeting the SLA (both do here: the bounds are loose on purpose)
@@ -374,6 +375,36 @@ def test_a_point_with_errors_and_a_short_window_is_reported_and_said(completed, 
     assert "load c8: 1 requests failed; the first: HTTP 500: boom" in said
     assert f"5 requests were cut off at the end of the point and {completed} completed" in said
     assert ("e2e p50 4.0 s" if completed else "no request completed") in said
+
+
+def test_a_points_graph_captures_are_counted_and_timed_between_two_snapshots(caplog):
+    """What a timed window captured, from the server's cumulative count and seconds read before and
+    after it; said with its seconds, which a reviewer weighs a missed TTFT bound against."""
+    import logging
+    from types import SimpleNamespace
+
+    from llmopt.eval.runtimes.server import capture_snapshot, finish_point, graphs_captured, window_captures
+
+    class Stats:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def get(self, path):
+            assert path == "/llmopt/stats"
+            return self.stats
+
+    before = capture_snapshot(Stats({"graphs_captured": 40, "graph_capture_s": 6.25, "kv_blocks": 5}))
+    after = capture_snapshot(Stats({"graphs_captured": 45, "graph_capture_s": 7.0}))
+    assert (before, graphs_captured(Stats({"graphs_captured": 45}))) == ((40, 6.25), 45)
+    counted = window_captures(before, after)
+    assert counted == {"graph_captures": 5.0, "graph_capture_s": pytest.approx(0.75)}
+    for silent in ({}, None, {"kv_blocks": 5}):  # a server that does not report captures (vllm, trtllm-serve)
+        assert capture_snapshot(Stats(silent)) is None and graphs_captured(Stats(silent)) is None
+    row = {"requests": 8, "errors": 0, "incomplete": 0, "error": None, "output_tok_s": 500.0, "requests_s": 2.0,
+           "error_rate": 0.0, "ttft_ms_p99": 900.0, **counted}
+    with caplog.at_level(logging.WARNING, logger="llmopt"):
+        finish_point(row, "c8", SimpleNamespace(gpu_hourly_usd=None, sla={"p99_ttft_ms": 500}))
+    assert "load c8: the server captured 5 CUDA graphs (0.75 s) during the timed window" in caplog.text
 
 
 def test_warm_up_runs_each_load_points_concurrency_on_prompts_of_its_own():

@@ -58,7 +58,8 @@ SLA_METRICS = tuple(f"{p}_{m}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in
 POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "errors", "incomplete", "error_rate",
                  *(f"{m}_{p}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")),
                  "tokens_per_chunk", "usd_per_1m_output_tokens", "meets_sla", "warmup_rounds",
-                 "graph_captures")  # the last: servers that report their CUDA graph captures (llmopt.serve)
+                 # the last two: servers that report their CUDA graph captures (llmopt.serve)
+                 "graph_captures", "graph_capture_s")
 HEADLINE = ("load_at_sla", "tok_s_at_sla", "requests_s_at_sla", "usd_per_1m_output_tokens_at_sla", "points_meeting_sla")
 SERVER_FIGURES = ("startup_s", "warmup_s", "weights_gb_in_memory", "kv_blocks", "kv_block_size", "kv_gb_reserved",
                   "kv_blocks_used_peak", "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb", "graphs_captured",
@@ -300,10 +301,26 @@ def extra_warmup_seeds(cfg, index: int) -> list[int]:
     return [cfg.seed + n * (2 + k) + index for k in range(max(cfg.load.warmup_max_rounds - cfg.warmup, 0))]
 
 
+def capture_snapshot(server) -> tuple[int, float] | None:
+    """CUDA graphs the server has captured so far and the seconds they took, where it reports them
+    (llmopt.serve), else None."""
+    stats = server.get("/llmopt/stats") or {}
+    if stats.get("graphs_captured") is None:
+        return None
+    return int(stats["graphs_captured"]), float(stats.get("graph_capture_s", 0.0))
+
+
 def graphs_captured(server) -> int | None:
     """CUDA graphs the server has captured so far, where it reports them (llmopt.serve), else None."""
-    count = (server.get("/llmopt/stats") or {}).get("graphs_captured")
-    return None if count is None else int(count)
+    snapshot = capture_snapshot(server)
+    return None if snapshot is None else snapshot[0]
+
+
+def window_captures(before: tuple[int, float], after: tuple[int, float]) -> dict[str, float]:
+    """A point's `graph_captures` and `graph_capture_s`: the captures between two snapshots taken
+    around its timed run, and the seconds they took, which its requests waited through (in their
+    TTFT or ITL): what a reviewer weighs a missed latency bound against."""
+    return {"graph_captures": float(after[0] - before[0]), "graph_capture_s": float(after[1] - before[1])}
 
 
 def _warm_up(cfg, server, generator, model_name: str, tokenizer: Path, value: float, out: Path, label: str,
@@ -466,12 +483,12 @@ class ServerRuntime(Runtime):
                         rounds = _warm_up(cfg, server, generator, model_name, src.path, value, out, label,
                                           [warmup_seed, *extra_warmup_seeds(cfg, index)])
                         metrics["serve/warmup_s"] += time.perf_counter() - started
-                    before = graphs_captured(server)
+                    before = capture_snapshot(server)
                     row = _generate(cfg, server, generator, model_name, src.path, value, out, label, seed)
                     if cfg.warmup:
                         row["warmup_rounds"] = float(rounds)
                     if before is not None:  # a server that reports its CUDA graph captures (llmopt.serve)
-                        row["graph_captures"] = float(graphs_captured(server) - before)
+                        row.update(window_captures(before, capture_snapshot(server)))
                     row = finish_point(row, label, cfg)
                     rows.append((value, row))
                     report["points"][label] = row
@@ -572,8 +589,9 @@ def finish_point(row: dict, label: str, cfg) -> dict:
                     "text deltas: tokens that decode to no text (random weights, a tokenizer smaller than the model's "
                     "vocabulary) are held back", label, row["tokens_per_chunk"])
     if row.get("graph_captures", 0) > 0:
-        log.warning("load %s: the server captured %d CUDA graphs during the timed window: their time is in its TTFT and "
-                    "ITL tails. Raise warmup or load.warmup_max_rounds", label, row["graph_captures"])
+        log.warning("load %s: the server captured %d CUDA graphs (%.2f s) during the timed window: their time is in its "
+                    "TTFT and ITL tails. Raise warmup or load.warmup_max_rounds", label, row["graph_captures"],
+                    row.get("graph_capture_s", 0.0))
     del row["error"]
     return row
 
