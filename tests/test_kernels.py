@@ -61,11 +61,15 @@ def _ppl(model, ids) -> float:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_cpu_kernel_matches_the_format_library(case, tiny_model, ids, tmp_path):
+    """Each format's CPU kernel, named (`auto` runs the tiny model's small products dequantized:
+    test_auto_on_cpu_runs_small_products_dequantized), on every layer."""
     cfg, kernel, tolerance = CASES[case]
     artifact = _quantized(cfg, tiny_model, tmp_path / "q")
+    _, auto = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "auto", tmp_path)
+    assert (auto.kernel, auto.dequantized) == ("dequantized", LAYERS) and f"beats {kernel}'s call" in auto.tag(), auto
     reference = load_model(artifact, "cpu", "float32")
-    fast, applied = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "auto", tmp_path)
-    assert (applied.kernel, applied.layers) == (kernel, LAYERS), applied
+    fast, applied = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", kernel, tmp_path)
+    assert (applied.kernel, applied.layers, applied.dequantized) == (kernel, LAYERS, 0), applied
     assert type(fast.model.layers[0].mlp.down_proj).kernel == kernel
     prompt = torch.tensor([ids[:32]])
     with torch.no_grad():
@@ -111,7 +115,8 @@ def test_load_accelerated_builds_modelopt_from_its_source_without_the_fake_quant
     restore = modelopt.restore
     monkeypatch.setattr(modelopt, "restore", lambda *a: pytest.fail("the fake quantization was restored"))
     fast, applied = kernels.load_accelerated(artifact, "cpu", "float32", False, "auto", tmp_path)
-    assert (applied.kernel, applied.layers) == ("int4pack", LAYERS), applied
+    # auto on CPU: the tiny model's products run dequantized, AWQ's unfolded pre-scales in their columns
+    assert (applied.kernel, applied.layers, applied.dequantized) == ("dequantized", LAYERS, LAYERS), applied
     assert not any("quantizer" in name for name, _ in fast.named_modules())
     assert _ppl(fast, ids) == pytest.approx(expected, rel=5e-3)
     monkeypatch.setattr(modelopt, "restore", restore)
@@ -213,8 +218,79 @@ def test_benchmark_records_which_kernel_ran(tiny_model, tmp_path):
     ctx = StageContext("cpu", "float32", False, progress=False, cache_root=tmp_path / "cache")
     cfg = Benchmark(stage="benchmark", batch_sizes=[1], input_tokens=8, output_tokens=4, warmup=0, repeats=1)
     result = benchmark.run(cfg, artifact, tmp_path / "b", ctx)
-    assert result.info["environment"]["kernel"] == "int4pack"
-    assert result.metrics["kernel/layers"] == LAYERS and result.metrics["kernel/build_s"] == 0
+    assert result.info["environment"]["kernel"] == (
+        "dequantized (every quantized product is under 262144 weights: on CPU a dense product beats int4pack's call "
+        "there; kernel: int4pack runs it anyway)")
+    assert result.metrics["kernel/layers"] == result.metrics["kernel/layers_dequantized"] == LAYERS
+    assert result.metrics["kernel/build_s"] == 0
+
+
+def test_auto_on_cpu_runs_small_products_dequantized(tiny_model, ids, tmp_path, caplog):
+    """On CPU an integer kernel's call costs more than a dense product on small layers (the tiny
+    model's are 64 to 512 wide): `auto` runs those dequantized, exactly the checkpoint's grid in the
+    model's float32, and says so. Only the product's rounding differs from GPTQModel's own float32
+    kernel: within 1e-4 of the largest logit, where the bf16 kernels are held to 5e-2."""
+    from llmopt.kernels.linear import DequantizedLinear, kernels_in
+
+    artifact = _quantized(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32), tiny_model,
+                          tmp_path / "q")
+    reference = load_model(artifact, "cpu", "float32")
+    with caplog.at_level(logging.WARNING, logger="llmopt"):
+        fast, applied = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "auto", tmp_path)
+    assert (applied.kernel, applied.layers, applied.dequantized) == ("dequantized", LAYERS, LAYERS)
+    assert "all 56 quantized layers run dequantized" in caplog.text and "kernel: int4pack forces" in caplog.text
+    assert kernels_in(fast) == {"dequantized": LAYERS}
+    attention = fast.model.layers[2].self_attn
+    # each layer its own dense product, as in the base: a shared call's bookkeeping costs more on CPU
+    assert all(isinstance(m, DequantizedLinear) for m in (attention.q_proj, attention.k_proj, fast.model.layers[2].mlp.up_proj))
+    assert attention.q_proj.weight.dtype == torch.float32 and attention.k_proj.weight.shape == (32, 64)
+    prompt = torch.tensor([ids[:32]])
+    with torch.no_grad():
+        expected, got = reference(prompt).logits, fast(prompt).logits
+        greedy = [m.generate(prompt, max_new_tokens=16, do_sample=False)[0, 32:].tolist() for m in (reference, fast)]
+    assert relative_error(got, expected) < 1e-4
+    assert greedy[0] == greedy[1]
+
+
+def test_dense_below_splits_a_model_by_product_size(tiny_model, tmp_path):
+    """The threshold is per product (a fused group counts its stacked weights): at 20000 weights the
+    tiny model's gate/up (2 x 256 x 64 = 32768) keep int4pack as one call, q/k/v (8192: each its own
+    dense product), o (4096) and down (16384) run dequantized; the model's logits stay those of
+    all-int4pack to bf16's rounding."""
+    from llmopt.kernels.linear import kernels_in
+
+    artifact = _quantized(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32), tiny_model,
+                          tmp_path / "q")
+    mixed, everywhere = load_model(artifact, "cpu", "float32"), load_model(artifact, "cpu", "float32")
+    assert swap(mixed, read_gptq(artifact.path, "cpu"), "int4pack", "cpu", dense_below=20000) == LAYERS
+    swap(everywhere, read_gptq(artifact.path, "cpu"), "int4pack", "cpu")
+    assert kernels_in(mixed) == {"int4pack": 16, "dequantized": 40}
+    block = mixed.model.layers[0]
+    assert [m.kernel for m in (block.self_attn.k_proj, block.self_attn.o_proj, block.mlp.up_proj, block.mlp.down_proj)] \
+        == ["dequantized", "dequantized", "int4pack", "dequantized"]
+    assert isinstance(block.mlp.up_proj, FusedSlice) and not isinstance(block.self_attn.k_proj, FusedSlice)
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert relative_error(mixed(ids).logits, everywhere(ids).logits) < 3e-2
+
+
+def test_dequantized_layer_is_the_grid_with_act_order_pre_scale_and_bias():
+    """DequantizedLinear computes x @ (W * pre_scale)^T + bias in the input's column order, W the
+    grid read through act-order's g_idx: against that formula written out."""
+    from llmopt.kernels.linear import DequantizedLinear
+
+    gen = torch.Generator().manual_seed(3)
+    n, k = 8, 64
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    scales, zeros = torch.rand(2, n, generator=gen) + 0.1, torch.randint(0, 16, (2, n), generator=gen)
+    g_idx = torch.randperm(k, generator=gen) % 2  # act-order: groups interleaved over the columns
+    pre, bias = torch.rand(k, generator=gen) + 0.5, torch.randn(n, generator=gen)
+    weight = QuantizedWeight(codes, scales, 4, 32, zeros, g_idx, pre, bias)
+    layer = DequantizedLinear(weight, "cpu", torch.float32)
+    x = torch.randn(3, k, generator=gen)
+    w = torch.stack([scales[g_idx[c], :] * (codes[:, c].float() - zeros[g_idx[c], :].float()) for c in range(k)], 1)
+    assert torch.allclose(layer(x), (x * pre) @ w.t() + bias, atol=1e-5)
+    assert layer.pre_scale is None and layer.order is None, "the pre-scale is in the weight, applied once"
 
 
 KERNEL_RECIPE = ("name: k\nmodel: {{embedded: tiny-llama}}\ndevice: {device}\nstages:\n  - stage: quantize\n{quantize}"

@@ -14,7 +14,12 @@ that runs one of these maintained kernels on those codes:
 | `none` | the format's own library as loaded (GPTQModel's reload kernel, bitsandbytes, ModelOpt fake quantization) | anywhere |
 
 `auto` takes the first kernel the method lists for the format and device; with none, it warns and
-runs `none` (the run's `env.kernel` tag says which ran, and why). A kernel the recipe names that cannot
+runs `none` (the run's `env.kernel` tag says which ran, and why). On CPU, `auto` runs each product
+under `CPU_DENSE_BELOW` weights dequantized instead (`dequantized`: the reference weight in the
+model's dtype, a dense product): there a CPU integer kernel's call costs more than the dense product
+it replaces (measured on a 2-core x86 here: 64x64 at batch 1, int4pack's module 17-25 us, a dense
+float32 layer 3-6; the two meet near 450x450). A named kernel runs every layer; the tag and
+`kernel/layers_dequantized` say how many ran dequantized. A kernel the recipe names that cannot
 run its format on the recipe's GPU is refused at validation with the nearest valid choice.
 
 Chosen by measurement on an H200 (benchmarks/kernels_micro.py, benchmarks/marlin_probe.py): at
@@ -35,6 +40,10 @@ from dataclasses import dataclass, field
 log = logging.getLogger("llmopt")
 
 BUILD_DIR = "torch-extensions"  # <cache root>/torch-extensions: JIT-built kernels (GPTQModel's Marlin)
+# `auto` on CPU: products with fewer weights (out x in) run dequantized, where an integer kernel's
+# fixed call cost exceeds a dense product's (1 MiB of float32 at most per product, so no model's
+# memory moves by much); SmolLM2-135M's smallest product (576x576) is above it and keeps its kernel
+CPU_DENSE_BELOW = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -82,10 +91,12 @@ class Applied:
     layers: int = 0
     build_s: float = 0.0  # compiling the kernel's extension (0 when cached or none)
     prepare_s: float = 0.0  # repacking the weights into the kernel's layout
+    dequantized: int = 0  # of `layers`, those `auto` ran dequantized (small products on CPU)
     notes: list[str] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        return {"kernel/build_s": self.build_s, "kernel/prepare_s": self.prepare_s, "kernel/layers": float(self.layers)}
+        return {"kernel/build_s": self.build_s, "kernel/prepare_s": self.prepare_s, "kernel/layers": float(self.layers),
+                "kernel/layers_dequantized": float(self.dequantized)}
 
     def tag(self) -> str:
         return self.kernel + (f" ({self.reason})" if self.reason else "")
@@ -141,12 +152,13 @@ def accelerate(model, artifact, device: str, wanted: str, cache_root) -> tuple[o
     # auto tries the candidates in order: one that cannot take this model's shapes (ValueError before
     # any layer is swapped) passes to the next, with a warning and the reason in the tag
     order = candidates[candidates.index(wanted):] if automatic else (wanted,)
+    dense_below = CPU_DENSE_BELOW if automatic and not device.startswith("cuda") else 0
     skipped: list[str] = []
     for kernel in order:
         started = time.perf_counter()
         build_s = prepare(kernel, cache_root)
         try:
-            model, layers = method.fast_path(model, artifact, device, kernel)
+            model, layers = method.fast_path(model, artifact, device, kernel, dense_below=dense_below)
         except ValueError as e:
             if kernel == order[-1]:
                 raise
@@ -154,9 +166,23 @@ def accelerate(model, artifact, device: str, wanted: str, cache_root) -> tuple[o
             skipped.append(f"{kernel}: {e}")
             continue
         break
-    applied = Applied(kernel, "; ".join(skipped), layers=layers, build_s=build_s,
-                      prepare_s=time.perf_counter() - started - build_s)
-    log.info("kernel %s on %d layers (build %.1f s, repack %.1f s)", kernel, layers, applied.build_s, applied.prepare_s)
+    prepare_s = time.perf_counter() - started - build_s
+    from llmopt.kernels.linear import kernels_in
+
+    dequantized = kernels_in(model).get("dequantized", 0) if dense_below else 0
+    reasons = list(skipped)
+    if dequantized == layers and layers:
+        reasons.append(f"every quantized product is under {dense_below} weights: on CPU a dense product beats {kernel}'s "
+                       f"call there; kernel: {kernel} runs it anyway")
+        log.warning("kernel auto: all %d quantized layers run dequantized (dense, in the model's dtype), faster on CPU than "
+                    "%s at these sizes; the model holds them unpacked. kernel: %s forces the kernel", layers, kernel, kernel)
+        kernel = "dequantized"
+    elif dequantized:
+        reasons.append(f"{dequantized} of {layers} layers dequantized: products under {dense_below} weights")
+    applied = Applied(kernel, "; ".join(reasons), layers=layers, build_s=build_s, prepare_s=prepare_s,
+                      dequantized=dequantized)
+    log.info("kernel %s on %d layers (build %.1f s, repack %.1f s)", applied.tag(), layers, applied.build_s,
+             applied.prepare_s)
     return model, applied
 
 

@@ -350,8 +350,38 @@ def build_marlin(cache_root) -> float:
     return time.perf_counter() - started
 
 
+class DequantizedLinear(QuantLinear):
+    """The reference weight (`QuantizedWeight.dequantize`) in the model's dtype, run as one dense
+    product, AWQ's pre-scale folded into its columns: what `auto` runs on CPU for products under
+    `llmopt.kernels.CPU_DENSE_BELOW` weights, where an integer kernel's call costs more than the
+    dense product (the artifact keeps its format; only the loaded model holds these unpacked)."""
+
+    kernel = "dequantized"
+
+    def __init__(self, weight: QuantizedWeight, device: str, dtype: torch.dtype):
+        super().__init__(weight, None, dtype, device)
+        dense = weight.dequantize()  # columns in the input's own order (act-order's g_idx applied)
+        if weight.pre_scale is not None:
+            dense = dense * weight.pre_scale.float().to(dense.device)
+        self.pre_scale = None
+        self.register_buffer("weight", dense.to(device=device, dtype=dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 def kernel_module(name: str, weight: QuantizedWeight, device: str, dtype: torch.dtype) -> QuantLinear:
     return {"int4pack": Int4PackLinear, "int8pack": Int8PackLinear, "marlin": MarlinLinear}[name](weight, device, dtype)
+
+
+def kernels_in(model) -> dict[str, int]:
+    """Layers per kernel among the swapped ones: each `QuantLinear` that replaced a layer, and each
+    member of a fused group (not the group's shared module, which its first member owns)."""
+    counts: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, FusedSlice) or (isinstance(module, QuantLinear) and not name.endswith(".fused")):
+            counts[module.kernel] = counts.get(module.kernel, 0) + 1
+    return counts
 
 
 def check_module(module: QuantLinear, weight: QuantizedWeight, dtype: torch.dtype, device: str) -> float:
@@ -468,21 +498,31 @@ class FusedSlice(torch.nn.Module):
 
 
 def swap(model, weights: dict[str, QuantizedWeight], kernel: str, device: str,
-         compare_with_original: bool = True, fuse: bool = True) -> int:
+         compare_with_original: bool = True, fuse: bool = True, dense_below: int = 0) -> int:
     """Replace each named layer by `kernel`'s module for its weight, after checking that the module
     reproduces the weight (against `dequantize`) and, where asked, the layer it replaces (the format's
     own library on the same input): a repack that misreads the checkpoint fails loudly here.
 
     With `fuse`, sibling layers that read one input (`FUSED`: q/k/v, gate/up) become one kernel call on
     their stacked weights: at decode a kernel call on a small product is latency-bound (Marlin: 9.1 µs
-    for 4096x4096, 11.7 for 11008x4096 on an H200), so three calls cost nearly three times one."""
+    for 4096x4096, 11.7 for 11008x4096 on an H200), so three calls cost nearly three times one.
+    A product (fused or not) with fewer than `dense_below` weights runs `DequantizedLinear` instead."""
     dtype = model_dtype(model)
     # every integer kernel computes in bf16: they agree with float32 to the activations' rounding
     tolerance = 3e-2
     units = fused_units(weights, concatenate) if fuse else [((name,), weight) for name, weight in weights.items()]
+    # a group that runs dequantized runs as its members, each one dense product: a shared call saves
+    # a kernel's launch cost, and on CPU its slices' bookkeeping cost more than it saved (tiny-int4:
+    # 0.97x its base fused, measured in turns with generate)
+    units = [unit for members, weight in units for unit in
+             ([((name,), weights[name]) for name in members]
+              if len(members) > 1 and weight.shape[0] * weight.shape[1] < dense_below else [(members, weight)])]
     built: dict[str, torch.nn.Module] = {}
     for members, weight in units:
-        module = kernel_module(kernel, weight, device, dtype)
+        if weight.shape[0] * weight.shape[1] < dense_below:
+            module = DequantizedLinear(weight, device, dtype)
+        else:
+            module = kernel_module(kernel, weight, device, dtype)
         error = check_module(module, weight, dtype, device)
         if compare_with_original:
             x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
@@ -490,8 +530,9 @@ def swap(model, weights: dict[str, QuantizedWeight], kernel: str, device: str,
                 expected = torch.cat([model.get_submodule(name)(x).float() for name in members], -1)
                 error = max(error, relative_error(module(x).float(), expected))
         if error > tolerance:
-            raise RuntimeError(f"{', '.join(members)}: kernel {kernel} differs from the checkpoint's layer by {error:.2%} of "
-                               f"its largest output (tolerance {tolerance:.1%}); the weights were not read as written")
+            raise RuntimeError(f"{', '.join(members)}: kernel {module.kernel} differs from the checkpoint's layer by "
+                               f"{error:.2%} of its largest output (tolerance {tolerance:.1%}); the weights were not read "
+                               "as written")
         built.update(members_of(module, members, [weights[name].shape[0] for name in members]))
     return install(model, built)
 

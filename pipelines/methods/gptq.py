@@ -77,10 +77,10 @@ class Gptq(Method):
         return gptq_kernels(spec, device)
 
     @classmethod
-    def fast_path(cls, model, artifact, device: str, kernel: str):
+    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0):
         from llmopt.kernels.linear import swap
 
-        return model, swap(model, read_gptq(artifact.path, device), kernel, device)
+        return model, swap(model, read_gptq(artifact.path, device), kernel, device, dense_below=dense_below)
 
     @classmethod
     def card(cls, info: dict) -> list[str]:
