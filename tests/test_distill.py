@@ -184,7 +184,9 @@ def test_killed_training_resumes_from_its_checkpoint_on_the_same_trajectory(proc
     while _worker_pids() and time.time() < deadline:
         time.sleep(0.2)
     assert not _worker_pids(), "distillation workers outlived the killed pipeline"
-    (checkpoint,) = stages.glob("*.tmp/checkpoints/step-*")
+    # the newest complete checkpoint, as the resume takes it: the kill may land between a new one's
+    # rename and the old one's removal, or while the next is written (step-N.tmp)
+    checkpoint = max(p for p in stages.glob("*.tmp/checkpoints/step-????????") if (p / "trainer_state.json").is_file())
     resumed_at = int(checkpoint.name.split("-")[1])
     assert 20 <= resumed_at < 40, "killed before the end, with a checkpoint to resume from"
 

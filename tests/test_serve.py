@@ -264,6 +264,40 @@ def test_server_class_refuses_a_port_in_use_and_stops_by_process_group(tmp_path)
     assert not _alive(pid) and not _alive(child)
 
 
+def test_stopping_a_group_outlasts_its_leader_and_kills_a_child_that_ignores_sigterm(tmp_path):
+    """The leader exits on SIGTERM at once; its child ignores SIGTERM: stop_group returns only once
+    the child is gone too (SIGKILL after the grace), not when the leader has exited."""
+    from llmopt.eval.runtimes.server import group_running, stop_group
+
+    script = tmp_path / "leader.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import signal, sys, time; signal.signal(signal.SIGTERM, "
+        "signal.SIG_IGN); open(sys.argv[1], \"w\").write(\"ready\"); time.sleep(600)', sys.argv[1]])\n"
+        "time.sleep(600)\n")
+    ready = tmp_path / "ready"
+    leader = subprocess.Popen([sys.executable, str(script), str(ready)], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (child,) = [int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat") if p.parent.name != str(leader.pid)
+                    and _group_of(p) == leader.pid]
+        assert group_running(leader.pid) and _alive(child)
+        stop_group(leader, 1.0)
+        assert leader.poll() is not None and not _alive(child) and not group_running(leader.pid)
+    finally:  # nothing left behind by a failure either
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, signal.SIGKILL)
+
+
+def _group_of(stat: Path) -> int | None:
+    try:
+        return int(stat.read_text().rpartition(")")[2].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @pytest.mark.parametrize("gate, code", [("serve/tok_s_at_sla >= 1.5 * base", 0), ("serve/output_tok_s/c1 >= 1.0 * base", 0),
                                         ("serve/tok_s_at_slaa >= 1.5 * base", 2), ("serve/output_tok_s/c2 >= 1.0 * base", 2)])
 def test_promotion_gates_on_serving_metrics(gate, code, tmp_path, capsys):

@@ -118,17 +118,45 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTER
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def group_running(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs. Zombies do not count: an orphan whose parent
+    died waits on init to reap it, which may be slow (or, in a container, never come)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: zombies count
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # state, ppid, pgrp, ...
+        except OSError:  # gone while read
+            continue
+        if len(fields) > 2 and fields[0] != "Z" and int(fields[2]) == pgid:
+            return True
+    return False
+
+
 def stop_group(process: subprocess.Popen, grace_s: float) -> None:
     """SIGTERM to the process group that `process` leads (started with start_new_session), SIGKILL to
-    what is left after `grace_s`."""
+    what is left of the group after `grace_s`; returns once none of it runs. The leader's exit is not
+    the end: a worker it started may still be handling its SIGTERM (seen in CI: the child of a
+    stand-in server running just after the server itself had exited)."""
+    deadline = time.monotonic() + grace_s
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(grace_s)
-    except subprocess.TimeoutExpired:
+    while group_running(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if process.poll() is None or group_running(process.pid):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        killed_by = time.monotonic() + 5  # SIGKILL is delivered, not waited on
+        while group_running(process.pid) and time.monotonic() < killed_by:
+            time.sleep(0.05)
 
 
 class Server:
@@ -178,8 +206,9 @@ class Server:
                           f"server log: {self.log}")
 
     def stop(self) -> None:
-        """SIGTERM to the server's process group, SIGKILL after the grace period."""
-        if self.process is None or self.process.poll() is not None:
+        """SIGTERM to the server's process group, SIGKILL after the grace period; also when the server
+        itself has exited, since what it started may not have."""
+        if self.process is None:
             return
         stop_group(self.process, STOP_GRACE_S)
 
@@ -231,13 +260,11 @@ class LoadGenerator:
             return
         with contextlib.suppress(OSError):
             self.process.stdin.close()  # the driver ends when its input does
-        if exc_type is not None:  # a run may be under way: stop it, workers and all
-            stop_group(self.process, 5)
-            return
-        try:
-            self.process.wait(timeout=STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            stop_group(self.process, 5)
+        if exc_type is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=STOP_GRACE_S)
+        # what is left of its group: a run under way (after an error), or workers its end left behind
+        stop_group(self.process, 5)
 
 
 def _last_line(log: Path) -> str:

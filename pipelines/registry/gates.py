@@ -90,6 +90,7 @@ def known_metrics(recipe) -> tuple[set[str], set[str]]:
         elif cfg.stage == "benchmark":
             from llmopt.eval import runtimes
             from llmopt.eval.bench import reported_metrics
+            from llmopt.kernels import Applied
 
             if cfg.runtime == "server":
                 from llmopt.eval.runtimes.server import metric_names
@@ -97,8 +98,8 @@ def known_metrics(recipe) -> tuple[set[str], set[str]]:
                 names |= metric_names(cfg)
                 continue
             measured = reported_metrics(runtimes.get(cfg.runtime).measures)
-            names |= {"kernel/build_s", "kernel/prepare_s", "kernel/layers",
-                      "memory/weights_gb", "memory/weights_gb_base", "memory/kv_bytes_per_token",
+            names |= set(Applied("none").metrics())  # kernel/build_s, prepare_s, layers, layers_dequantized
+            names |= {"memory/weights_gb", "memory/weights_gb_base", "memory/kv_bytes_per_token",
                       "memory/kv_tokens_in_budget", "memory/budget_gb", "bench/bandwidth_measured_gb_s"}
             for bs in cfg.batch_sizes:
                 names |= {f"bench/{n}/bs{bs}{suffix}" for n in measured for suffix in ("", "_base")}
