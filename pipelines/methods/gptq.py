@@ -96,12 +96,23 @@ def gptq_worker_env() -> None:
 
 def run_gptqmodel(cfg, src, out, ctx, examples: list | None, seed: int, label: str, qconfig=None):
     """Load `src` into GPTQModel, quantize (with `examples`, or none for a weight-only method),
-    save the GPTQ checkpoint to `out` with the tokenizer; GPTQModel's output goes to gptqmodel.log."""
+    save the GPTQ checkpoint to `out` with the tokenizer; GPTQModel's output goes to gptqmodel.log.
+    In a child process of its own (llmopt.isolated): GPTQModel's worker threads outlive its
+    quantization, and in the process they ran in, later multi-threaded torch ops (the benchmark
+    stage's) ran 2.9-3.2x slower. `qconfig`, when given, must pickle (a module-level function or a
+    partial of one)."""
+    from llmopt.isolated import run_isolated
+
+    gptq_worker_env()  # before the child starts: it reads the variable at GPTQModel's import
+    return run_isolated(_gptqmodel_quantize, cfg, src, out, ctx, examples, seed, label, qconfig, label=f"{label} (GPTQModel)")
+
+
+def _gptqmodel_quantize(cfg, src, out, ctx, examples: list | None, seed: int, label: str, qconfig=None):
+    """run_gptqmodel's work, in the child process."""
     import contextlib
     import logging
     import tempfile
 
-    gptq_worker_env()
     import torch
     from llmopt.cache import Artifact
     from llmopt.models import load_tokenizer, output_to, torch_dtype

@@ -8,6 +8,7 @@ GPTQModel, vLLM, SGLang, TensorRT-LLM's PyTorch backend), with GPTQ's kernels.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 from llmopt.methods import Method
@@ -52,13 +53,16 @@ class GptqRtn(Method):
 
     @classmethod
     def quantize(cls, cfg: GptqRtnQuantize, src, out, ctx):
-        def qconfig():
-            from gptqmodel.quantization.config import RTNConfig
-
-            return RTNConfig(bits=cfg.bits, group_size=cfg.group_size, sym=cfg.sym)
-
+        qconfig = functools.partial(rtn_config, cfg.bits, cfg.group_size, cfg.sym)  # pickles: built in GPTQModel's process
         return run_gptqmodel(cfg, src, out, ctx, examples=None, seed=0, label=f"rtn int{cfg.bits}", qconfig=qconfig)
 
     @classmethod
     def load(cls, artifact, device, dtype, trust_remote_code):
         return load_gptq(artifact, device, trust_remote_code)
+
+
+def rtn_config(bits: int, group_size: int, sym: bool):
+    """GPTQModel's round-to-nearest config (built where GPTQModel runs)."""
+    from gptqmodel.quantization.config import RTNConfig
+
+    return RTNConfig(bits=bits, group_size=group_size, sym=sym)
