@@ -17,8 +17,9 @@ that runs one of these maintained kernels on those codes:
 runs `none` (the run's `env.kernel` tag says which ran, and why). On CPU, `auto` runs each product
 under `CPU_DENSE_BELOW` weights dequantized instead (`dequantized`: the reference weight in the
 model's dtype, a dense product): there a CPU integer kernel's call costs more than the dense product
-it replaces (measured on a 2-core x86 here: 64x64 at batch 1, int4pack's module 17-25 us, a dense
-float32 layer 3-6; the two meet near 450x450). A named kernel runs every layer; the tag and
+it replaces (benchmarks/cpu_small_products.py on a 2-core x86 here: 64x64 at batch 1, int4pack's
+module 16-17 us, a dense float32 layer 5.6-5.9; on two threads they cross between 448 and 512
+wide, on one int4pack stayed behind up to 640). A named kernel runs every layer; the tag and
 `kernel/layers_dequantized` say how many ran dequantized. A kernel the recipe names that cannot
 run its format on the recipe's GPU is refused at validation with the nearest valid choice.
 
