@@ -28,7 +28,8 @@ def test_a_call_returns_its_value_raises_its_exception_and_names_a_death():
 def test_gptqmodel_quantizes_in_a_child_and_leaves_no_thread_behind(tiny_model, tmp_path):
     """GPTQModel's RTN on the tiny model, from a fresh process (this one may hold GPTQModel's threads
     from loading a checkpoint): the checkpoint is written, and that process has the same threads
-    after as before (in-process, GPTQModel's DPWorker threads stayed: 9 of them)."""
+    after as before (in-process, GPTQModel's DPWorker threads stayed: 9 of them); loading the
+    checkpoint there keeps GPTQModel's banner and INFO lines off the terminal."""
     code = (
         "import json, sys, threading\n"
         "from pathlib import Path\n"
@@ -40,7 +41,10 @@ def test_gptqmodel_quantizes_in_a_child_and_leaves_no_thread_behind(tiny_model, 
         "artifact = quantize.run(GptqRtnQuantize(stage='quantize', method='gptq_rtn', bits=4, group_size=32),\n"
         "                        Artifact(Path(sys.argv[1]), 'hf-checkpoint'), out,\n"
         "                        StageContext('cpu', 'float32', False, progress=False))\n"
-        "print(json.dumps({'before': before, 'after': sorted(t.name for t in threading.enumerate()),\n"
+        "after = sorted(t.name for t in threading.enumerate())\n"
+        "from llmopt.models import load_model\n"
+        "load_model(artifact, 'cpu', 'float32')\n"
+        "print(json.dumps({'before': before, 'after': after,\n"
         "                  'format': artifact.info['format'], 'ratio': artifact.metrics['memory/compression_ratio']}))\n")
     out = tmp_path / "q"
     out.mkdir()
@@ -50,6 +54,9 @@ def test_gptqmodel_quantizes_in_a_child_and_leaves_no_thread_behind(tiny_model, 
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert (out / "model.safetensors").is_file() and found["format"] == "gptq" and found["ratio"] > 3
     assert found["after"] == found["before"] == ["MainThread"]
+    # loading it is this process's first GPTQModel import: no banner, no INFO lines on the terminal
+    said = done.stdout + done.stderr
+    assert "GPT-QModel" not in said and "Kernel: selected" not in said, said[-2000:]
 
 
 def _children(pid: int) -> list[int]:

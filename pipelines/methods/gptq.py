@@ -147,12 +147,37 @@ def _gptqmodel_quantize(cfg, src, out, ctx, examples: list | None, seed: int, la
                                                 "reload_backend": f"gptq_{backend}"})
 
 
+def quiet_gptqmodel() -> None:
+    """Import GPTQModel with its banner and notices off the terminal, and its INFO lines (kernel
+    chosen, format converted) off for the process; its import-time warnings go to llmopt's run log
+    (at INFO: such as its note that the GIL is on), its errors to the console. The quantizing
+    process is a child (run_gptqmodel), so the pipeline's first import is at load."""
+    import logging
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from llmopt.models import output_to
+
+    if "gptqmodel" not in sys.modules:
+        with tempfile.TemporaryDirectory() as tmp:
+            said = Path(tmp) / "import.log"
+            with output_to(said):
+                import gptqmodel  # noqa: F401
+            for line in said.read_text(errors="replace").splitlines():
+                if "ERROR" in line or "WARN" in line:
+                    level = logging.WARNING if "ERROR" in line else logging.INFO
+                    logging.getLogger("llmopt").log(level, "GPTQModel: %s", line.strip())
+    logging.getLogger("logbar").setLevel(logging.WARNING)
+
+
 def load_gptq(artifact, device: str, trust_remote_code: bool):
     """A GPTQ checkpoint through transformers, with the kernel named: GPTQModel's automatic choice on
     Hopper downloads kernel sources at load time."""
     from llmopt.models import load_pretrained
     from transformers import GPTQConfig
 
+    quiet_gptqmodel()
     qconfig = GPTQConfig(bits=artifact.info["bits"], backend=artifact.info["reload_backend"])
     return load_pretrained(artifact.path, device, trust_remote_code, quantization_config=qconfig)
 
