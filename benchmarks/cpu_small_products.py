@@ -1,20 +1,21 @@
 """Why `kernel: auto` on CPU runs small products dequantized (issue 14: "tiny GPTQ no slower than
 its base"). Two measurements on this machine's CPU, figures not asserts:
 
-2. One linear layer at batch 1: torch's int4 kernel as llmopt runs it (`Int4PackLinear`, its bf16
-   conversions included) against a dense float32 `nn.Linear`, on square products from 64 to 640
-   wide, on one thread and on two: where the two meet (`llmopt.kernels.CPU_DENSE_BELOW`).
 1. The shipped tiny Llama, 4-bit (`gptq_rtn`, group 32), as `auto` runs it (every product
    dequantized) and on `int4pack`, beside its float32 base: `generate` (64 tokens in, 24 out) in
    rounds whose order is shuffled, each model's tokens/s over the base's in the same round;
    quartiles of those ratios. Paired rounds, because on a 2-core machine the base alone moved from
    245 to 353 tok/s between runs.
+2. One linear layer at batch 1: torch's int4 kernel as llmopt runs it (`Int4PackLinear`, its bf16
+   conversions included) against a dense float32 `nn.Linear`, on square products from 64 to 640
+   wide, on one thread and on two: where the two meet (`llmopt.kernels.CPU_DENSE_BELOW`).
 
     python benchmarks/cpu_small_products.py OUT.json
 
 Each part runs in a process of its own (the script calls itself): in one process, switching torch's
 thread count made later products 3-5x slower, and the base's batch-4 decode ran at 385 tok/s after
-a GPTQModel quantization where a fresh process gave 946.
+a GPTQModel quantization in that process, where a fresh process gave 946 (llmopt now quantizes with
+GPTQModel in a child process: llmopt.isolated).
 
 Measured on this project's 2-core CPU machine (2026-12-06): see the README's "CPU" paragraph.
 """
