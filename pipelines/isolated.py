@@ -40,7 +40,7 @@ def run_isolated(fn: Callable[..., Any], *args: Any, label: str) -> Any:
         folder = Path(tmp)
         (folder / CALL).write_bytes(pickle.dumps((fn, args)))
         code = subprocess.run([sys.executable, "-m", "llmopt.isolated", str(folder)], stdin=subprocess.DEVNULL,
-                              preexec_fn=_die_with_parent).returncode
+                              preexec_fn=die_with_parent).returncode
         if not (folder / RESULT).is_file():
             raise RuntimeError(f"{label}: its process exited with code {code} before it finished"
                                f"{' (killed, or out of memory)' if code < 0 or code == 137 else ''}")
@@ -61,12 +61,14 @@ def _call(fn: Callable[..., Any], args: tuple) -> tuple[bool, Any]:
         return False, e
 
 
-def _die_with_parent() -> None:
-    """Linux: SIGKILL to this process when the pipeline's process exits, even by SIGKILL."""
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Linux: `sig` to this process when its parent (the pipeline's process) exits, even by SIGKILL.
+    Called in a child before it runs (a `preexec_fn`, or first thing in its main): every process
+    llmopt starts (isolated calls, servers, the load generator, distillation's workers) uses it."""
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
 
 
 def main(folder: Path) -> None:

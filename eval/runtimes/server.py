@@ -37,6 +37,7 @@ headline at the recipe's SLA (`HEADLINE`). At module level this imports no torch
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ from pathlib import Path
 
 from llmopt import serve as default_server  # imported so that its code is in this runtime's cache key
 from llmopt.eval.runtimes import Runtime, loadgen
+from llmopt.isolated import die_with_parent
 
 # bounds an SLA may set (upper bounds): latency percentiles and the error rate
 SLA_METRICS = tuple(f"{p}_{m}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")) + ("error_rate",)
@@ -111,11 +113,9 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTERM when llmopt dies
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+# runs in a server's or the load generator's child before exec: SIGTERM when llmopt dies (they stop
+# their own workers on it)
+_sigterm_with_parent = functools.partial(die_with_parent, signal.SIGTERM)
 
 
 def group_running(pgid: int) -> bool:
@@ -178,7 +178,7 @@ class Server:
         with open(self.log, "ab") as sink:
             try:
                 self.process = subprocess.Popen(self.command, stdout=sink, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                start_new_session=True, preexec_fn=_die_with_parent, env=self.env,
+                                                start_new_session=True, preexec_fn=_sigterm_with_parent, env=self.env,
                                                 cwd=self.cwd)
             except FileNotFoundError as e:
                 raise ServerError(f"server command {self.command[0]!r} not found ({e.strerror})") from None
@@ -237,7 +237,7 @@ class LoadGenerator:
         with open(self.log, "ab") as sink:
             self.process = subprocess.Popen([sys.executable, "-m", loadgen.__name__], stdin=subprocess.PIPE,
                                             stdout=subprocess.PIPE, stderr=sink, text=True, start_new_session=True,
-                                            preexec_fn=_die_with_parent)
+                                            preexec_fn=_sigterm_with_parent)
         return self
 
     def run(self, args: list[str], log: Path) -> int:

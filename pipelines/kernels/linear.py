@@ -515,15 +515,15 @@ def swap(model, weights: dict[str, QuantizedWeight], kernel: str, device: str,
     # a kernel's launch cost, and on CPU its slices' bookkeeping cost more than it saved (the tiny
     # model, all dequantized, with generate in turns beside its base: 0.97x / 0.93x at batch 1 / 4
     # fused, 1.00x / 1.03x unfused)
+    def small(weight: QuantizedWeight) -> bool:
+        return weight.shape[0] * weight.shape[1] < dense_below
+
     units = [unit for members, weight in units for unit in
-             ([((name,), weights[name]) for name in members]
-              if len(members) > 1 and weight.shape[0] * weight.shape[1] < dense_below else [(members, weight)])]
+             ([((name,), weights[name]) for name in members] if len(members) > 1 and small(weight)
+              else [(members, weight)])]
     built: dict[str, torch.nn.Module] = {}
     for members, weight in units:
-        if weight.shape[0] * weight.shape[1] < dense_below:
-            module = DequantizedLinear(weight, device, dtype)
-        else:
-            module = kernel_module(kernel, weight, device, dtype)
+        module = DequantizedLinear(weight, device, dtype) if small(weight) else kernel_module(kernel, weight, device, dtype)
         error = check_module(module, weight, dtype, device)
         if compare_with_original:
             x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from llmopt.cache import Artifact
+from llmopt.isolated import die_with_parent
 from llmopt.machine import usable_cpus
 from llmopt.recipe import Distill
 from llmopt.stages import StageContext
@@ -150,7 +151,7 @@ def launch(cfg: Distill, teacher: Artifact, student: Artifact | None, topk: Path
                "-m", "llmopt.stages.distill.parallel", str(out)]
     with open(out / WORKERS_LOG, "a") as log:
         returncode = subprocess.run(command, stderr=log, env=env,
-                                    preexec_fn=lambda: _die_with_parent(signal.SIGTERM)).returncode
+                                    preexec_fn=lambda: die_with_parent(signal.SIGTERM)).returncode
     if returncode != 0:
         errors = sorted(out.glob("error-rank*.txt"))
         reason = errors[0].read_text().strip() if errors else f"see {out / WORKERS_LOG}"
@@ -161,19 +162,11 @@ def launch(cfg: Distill, teacher: Artifact, student: Artifact | None, topk: Path
     return Artifact(out, "hf-checkpoint", result["metrics"], result["info"])
 
 
-def _die_with_parent(sig: int) -> None:
-    """Linux: this process gets `sig` when its parent exits, even by SIGKILL."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
-
-
 # --- the worker side ----------------------------------------------------------------------------
 
 
 def main(out: Path) -> None:
-    _die_with_parent(signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
     from llmopt.stages.distill.train import train
 
     spec = json.loads((out / LAUNCH).read_text())
