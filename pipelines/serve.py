@@ -21,6 +21,10 @@ fields of its ContinuousBatchingConfig as `cb_<field>` (block_size, use_cuda_gra
 command line lacks: q/kv_padding_interval_size, use_async_batching, default_compile_level, ...).
 `/llmopt/stats` also reports the batching config as resolved (what auto-detection chose).
 It exits on SIGTERM or SIGINT, stopping the batching thread first.
+
+A spec with `"engine": "llmopt"` serves the model with llmopt's own engine instead (llmopt.engine:
+rows of a static cache, the compiled runtime's decode step, every CUDA graph captured at start-up;
+`engine_options`: slots, max_prompt_tokens, max_new_tokens), behind the same endpoints.
 """
 
 from __future__ import annotations
@@ -141,6 +145,25 @@ def _patch_transformers(model, tokenizer) -> None:
     completion.CompletionHandler = LlmoptCompletionHandler
 
 
+def _serve_engine(spec: dict, model, tokenizer, applied, weights: int) -> int:
+    """llmopt.engine behind the same API and stats; dense q/k/v and gate/up stacked first, as the
+    compiled runtime runs a model (the quantized kernels already are)."""
+    import torch
+    from llmopt import engine
+    from llmopt.kernels.linear import fuse_dense
+
+    fused = fuse_dense(model)
+
+    def extra() -> dict:
+        figures = {"kernel": applied.tag(), "weights_bytes": weights, "fused_dense_groups": fused}
+        if torch.cuda.is_available():
+            figures.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
+                           peak_reserved_bytes=torch.cuda.max_memory_reserved())
+        return figures
+
+    return engine.serve(spec, model, tokenizer, extra)
+
+
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     from llmopt import kernels
@@ -154,6 +177,8 @@ def main(spec_path: str) -> int:
     weights = in_memory_bytes(model)  # as served: packed by the kernel (an RTN artifact is stored dequantized)
     tokenizer = load_tokenizer(artifact.path, spec.get("trust_remote_code", False))  # every artifact keeps its tokenizer
     print(f"llmopt.serve: model loaded in {time.perf_counter() - started:.1f} s; kernel {applied.tag()}", flush=True)
+    if spec.get("engine") == "llmopt":
+        return _serve_engine(spec, model, tokenizer, applied, weights)
     _patch_transformers(model, tokenizer)
     from transformers.cli.serve import Serve
 

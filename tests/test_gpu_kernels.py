@@ -155,3 +155,48 @@ def test_compiled_runtime_decodes_a_left_padded_batch_as_generate_does(tiny_mode
     runtime.prepare(batch, 24)
     runtime.run(batch, 24)
     assert torch.equal(runtime.tokens[:, :8], expected[:, :8]), (runtime.tokens, expected)
+
+
+def _greedy(model, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding by whole forward passes (no cache, no padding): the reference for the engine."""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq], device="cuda")).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+@pytest.mark.parametrize("kernel", ["none", "marlin"])
+def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids, kernel_cache, tmp_path):
+    """engine llmopt on CUDA: its decode step compiled into CUDA graphs (Marlin's custom op inside for
+    int4) and one prefill graph per prompt width, all captured at start; 5 requests of 5-40 tokens on
+    2 rows (rows reused, prompts left-padded to 32 and 64): each one's first 8 tokens are greedy
+    decoding's by whole forward passes on the same model (the module's tolerance: bf16, other kernels)."""
+    from llmopt.engine import Engine
+    from transformers import AutoModelForCausalLM
+
+    if kernel == "none":
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).to("cuda").eval()
+    else:
+        from llmopt import kernels
+        from llmopt.cache import Artifact
+        from llmopt.methods.gptq_rtn import GptqRtnQuantize
+        from llmopt.stages import StageContext, quantize
+
+        ctx = StageContext("cuda", "bfloat16", False, progress=False, cache_root=kernel_cache)
+        (tmp_path / "q").mkdir()
+        artifact = quantize.run(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32),
+                                Artifact(tiny_model, "hf-checkpoint"), tmp_path / "q", ctx)
+        model, applied = kernels.load_accelerated(artifact, "cuda", "bfloat16", False, "marlin", kernel_cache)
+        assert applied.kernel == "marlin"
+    prompts = [list(ids[start:start + n]) for start, n in ((0, 16), (100, 11), (200, 40), (300, 5), (400, 27))]
+    expected = [_greedy(model, p, 8) for p in prompts]
+    engine = Engine(model, "cuda", slots=2, max_prompt=40, max_new=8).start()
+    try:
+        assert engine.graphs_captured == 1 + len(engine.widths) == 3
+        got = engine.complete(prompts, [8] * len(prompts))
+        again = engine.complete(prompts[:2], [8, 8])
+    finally:
+        engine.stop()
+    assert got == expected, (got, expected)
+    assert again == got[:2], "rows reused by later requests decode the same"

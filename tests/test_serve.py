@@ -137,6 +137,54 @@ def _free_port_held():
     return held
 
 
+ENGINE = """name: tiny-engine
+model: {embedded: tiny-llama}
+device: cpu
+stages:
+  - stage: quantize
+    method: rtn
+    bits: 4
+    group_size: 32
+  - stage: benchmark
+    runtime: server
+    kernel: int4pack
+    input_tokens: {mean: 32, stdev: 4}
+    output_tokens: 16
+    warmup: 1
+    load: {profile: concurrent, points: [1, 3], requests: 9}
+    sla: {p99_ttft_ms: 5000, p99_itl_ms: 1000}
+    server: {engine: llmopt}
+"""
+
+
+def test_engine_llmopt_serves_candidate_and_base_under_the_same_load(tiny_workdir, tmp_path):
+    """server: {engine: llmopt}: llmopt's own continuous batching (rows of a static cache) behind the same
+    API, load generator and figures: every request completes with its 16 tokens, streamed one a chunk;
+    the rows (the sweep's 3 streams) are reported as the KV cache, and nothing is captured while serving."""
+    recipe = tmp_path / "engine.yaml"
+    recipe.write_text(ENGINE)
+    assert run_cli(tiny_workdir, "run", str(recipe)) == 0
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_workdir['mlruns'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("tiny-engine")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`llmopt.stage` = 'benchmark'")
+    m = run.data.metrics
+    for suffix in ("", "_base"):
+        for point in ("c1", "c3"):
+            assert m[f"serve/requests/{point}{suffix}"] == 9 and m[f"serve/errors/{point}{suffix}"] == 0
+            tokens_per_request = m[f"serve/output_tok_s/{point}{suffix}"] / m[f"serve/requests_s/{point}{suffix}"]
+            assert tokens_per_request == pytest.approx(16, rel=1e-6)
+            assert m[f"serve/tokens_per_chunk/{point}{suffix}"] <= 1.5
+            assert m[f"serve/graph_captures/{point}{suffix}"] == 0
+        # 3 rows of 64 prompt (32 + 4 x 4, plus BOS, padded to 32) + 16 output tokens; all 3 in use at c3
+        assert (m[f"serve/kv_blocks{suffix}"], m[f"serve/kv_block_size{suffix}"]) == (3, 80)
+        assert m[f"serve/kv_blocks_used_peak{suffix}"] == 3
+    assert m["serve/weights_gb_in_memory"] < 0.6 * m["serve/weights_gb_in_memory_base"], "served on int4pack"
+    reports = [json.loads(r.read_text()) for r in tiny_workdir["cache"].glob("stages/*/report.json")]
+    engines = [r["server_stats"]["engine"] for r in reports if "server_stats" in r]
+    assert len(engines) == 2 and all(e["name"] == "llmopt" and e["slots"] == 3 for e in engines), engines
+    assert not _serve_processes() and not _serve_processes("llmopt.eval.runtimes.loadgen")
+
+
 BAD = {
     "unknown SLA metric": (LOAD + "    sla: {p99_ttft: 500}\n", "stages[0]",
                            "sla: unknown metric 'p99_ttft'; did you mean 'p99_ttft_ms'?"),
@@ -156,6 +204,13 @@ BAD = {
                                             "stages[0]", "cb_use_async_batching: transformers serve options"),
     "compile level out of range": (LOAD + "    server: {cb_default_compile_level: 4}\n",
                                    "stages[0].server.cb_default_compile_level", "less than or equal to 3"),
+    "transformers serve options for engine llmopt": (LOAD + "    server: {engine: llmopt, cb_use_cuda_graph: true}\n",
+                                                     "stages[0]", "cb_use_cuda_graph: transformers serve options, and "
+                                                                  "engine: llmopt is llmopt's own server"),
+    "slots for transformers serve": (LOAD + "    server: {slots: 8}\n", "stages[0]", "slots: an engine: llmopt setting"),
+    "engine llmopt at a request rate without slots": (
+        "    load: {profile: poisson, points: [2], requests: 4}\n    server: {engine: llmopt}\n", "stages[0]",
+        "server.slots: engine llmopt reserves a row of its cache per request served at once; a poisson rate"),
     "cb options without continuous batching": (LOAD + "    server: {continuous_batching: false, cb_use_cuda_graph: true}\n",
                                                "stages[0]", "cb_use_cuda_graph: continuous-batching options"),
 }

@@ -392,7 +392,7 @@ def tuned_batching(cfg, device: str) -> dict[str, int | bool]:
       chunked to that), where transformers would fill the GPU; a rate point plans for RATE_STREAMS;
     - on CUDA, CUDA_BATCHING: the settings of the H200 sweep's `sized` preset, the fastest measured."""
     spec = cfg.serving
-    if spec.command is not None or not spec.continuous_batching or not spec.tune_batching:
+    if spec.command is not None or spec.engine != "transformers" or not spec.continuous_batching or not spec.tune_batching:
         return {}
     block = spec.cb_block_size or CB_BLOCK_SIZE
     streams = int(max(cfg.load.points)) if cfg.load.profile == "concurrent" else RATE_STREAMS
@@ -545,15 +545,21 @@ class ServerRuntime(Runtime):
         if spec.command is not None:
             fill = {"model": str(src.path), "port": str(port), "host": host, "model_name": model_name}
             return [part.format(**fill) for part in spec.command], None
-        tuned = tuned_batching(cfg, ctx.device)
-        if tuned:
-            log.info("serve: batching tuned for the load (tune_batching): %s", ", ".join(f"{k}={v}" for k, v in tuned.items()))
-        options = {**spec.transformers_serve_options(), **tuned}
+        server: dict = {"engine": spec.engine}
+        if spec.engine == "llmopt":
+            server["engine_options"] = spec.engine_options(cfg)
+            log.info("serve: engine llmopt, %s", ", ".join(f"{k}={v}" for k, v in server["engine_options"].items()))
+        else:
+            tuned = tuned_batching(cfg, ctx.device)
+            if tuned:
+                log.info("serve: batching tuned for the load (tune_batching): %s",
+                         ", ".join(f"{k}={v}" for k, v in tuned.items()))
+            server["options"] = {**spec.transformers_serve_options(), **tuned}
         spec_file = out / "server-spec.json"
         spec_file.write_text(json.dumps({
             "artifact": {"path": str(src.path), "kind": src.kind, "info": src.info}, "device": ctx.device,
             "dtype": ctx.dtype, "trust_remote_code": ctx.trust_remote_code, "kernel": cfg.kernel,
-            "cache_root": str(ctx.cache_dir()), "model_name": model_name, "host": host, "port": port, "options": options,
+            "cache_root": str(ctx.cache_dir()), "model_name": model_name, "host": host, "port": port, **server,
         }, indent=1, default=str))
         env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"}  # the server needs no hub token: never pass it on
         return [sys.executable, "-m", default_server.__name__, str(spec_file)], env

@@ -30,6 +30,13 @@ class ServerSpec(Strict):
 
     # `compiled`: the `trtllm-serve` command the compile stage wrote for its bundle (manifest.json)
     command: list[str] | Literal["compiled"] | None = Field(None, min_length=1)
+    # which server llmopt hosts the model in (without `command`): `transformers` (transformers serve:
+    # continuous batching over a paged KV cache) or `llmopt` (llmopt.engine: continuous batching over
+    # rows of a static cache with the compiled runtime's decode step, every CUDA graph captured at start)
+    engine: Literal["transformers", "llmopt"] = "transformers"
+    # engine llmopt: rows of the static cache, the most requests served at once (default: the sweep's
+    # most concurrent streams; a rate profile must say)
+    slots: PositiveInt | None = None
     model_name: str | None = None  # what requests name; default: "llmopt", or {model} for a command
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535)  # default: a free port
@@ -69,12 +76,28 @@ class ServerSpec(Strict):
         ones become its ContinuousBatchingConfig, the others go to `transformers serve` as they are)."""
         return name in ("continuous_batching", "compile", "attn_implementation") or name.startswith("cb_")
 
+    def engine_options(self, cfg) -> dict[str, int]:
+        """engine llmopt's sizes for the stage `cfg`: its rows, and the longest prompt (one token more:
+        a tokenizer may add BOS to the load generator's prompt) and output of the recipe's workload."""
+        streams = self.slots or int(max(cfg.load.points))
+        return {"slots": streams, "max_prompt_tokens": cfg.longest_input + 1, "max_new_tokens": cfg.longest_output}
+
     def transformers_serve_options(self) -> dict:
         """The options llmopt.serve gives `transformers serve`: those the recipe set, or that have a default."""
         return {k: v for k, v in self.model_dump().items() if self.is_transformers_serve_option(k) and v is not None}
 
     @model_validator(mode="after")
     def _options_for_the_default_server(self) -> ServerSpec:
+        if self.command is not None and ({"engine", "slots"} & self.model_fields_set):
+            raise ValueError("engine, slots: llmopt's own servers' options, and `command` runs another server")
+        if self.engine == "llmopt":
+            theirs = sorted(k for k in self.model_fields_set
+                            if self.is_transformers_serve_option(k) or k == "tune_batching")
+            if theirs:
+                raise ValueError(f"{', '.join(theirs)}: transformers serve options, and engine: llmopt is llmopt's own "
+                                 "server (its one setting: slots)")
+        elif "slots" in self.model_fields_set:
+            raise ValueError("slots: an engine: llmopt setting (transformers serve sizes its paged cache with cb_num_blocks)")
         if self.command is not None:
             tuned = sorted(k for k in self.model_fields_set - {"continuous_batching"}
                            if self.is_transformers_serve_option(k) or k == "tune_batching")
@@ -169,6 +192,9 @@ class Benchmark(Strict):
         if static:
             raise ValueError(f"{', '.join(static)}: static-batch settings mean nothing to runtime: server; its load is "
                              "`load` (points, requests or duration_s)")
+        if self.serving.engine == "llmopt" and self.load.profile != "concurrent" and self.serving.slots is None:
+            raise ValueError(f"server.slots: engine llmopt reserves a row of its cache per request served at once; a "
+                             f"{self.load.profile} rate does not bound them, so give slots")
         for name, bound in self.sla.items():
             if name not in SLA_METRICS:
                 import difflib

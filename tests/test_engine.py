@@ -1,0 +1,139 @@
+"""engine llmopt (llmopt.engine): continuous batching over a static cache of rows, on CPU with the
+shipped tiny Llama. What it must get right: each row's own positions, mask and left padding, rows
+reused by later requests, and the same greedy tokens as `generate` for every request however the
+requests overlap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from llmopt.engine import Detokenizer, Engine, Request, prefill_widths
+from llmopt.models import load_plain, load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return load_plain(tiny_model, "cpu", "float32"), load_tokenizer(tiny_model)
+
+
+def _generate(model, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding by whole forward passes, no cache and no padding: the reference. (Not
+    `generate` with min_new_tokens: that forbids EOS, which the engine, like vLLM's ignore_eos, may
+    emit and go on past.)"""
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    return seq[len(ids):]
+
+
+def test_rows_decode_what_generate_decodes(tiny):
+    """7 requests of different prompt lengths (padded to 32 and 64) and output lengths on 3 rows:
+    rows are taken, freed and taken again mid-stream, and every request's tokens equal greedy
+    decoding's by whole forward passes."""
+    model, _ = tiny
+    engine = Engine(model, "cpu", slots=3, max_prompt=50, max_new=24).start()
+    try:
+        assert engine.widths == [32, 64] and engine.max_len == 64 + 24
+        g = torch.Generator().manual_seed(0)
+        lengths = [5, 31, 32, 33, 50, 1, 17]
+        prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+        outputs = [24, 3, 10, 1, 24, 7, 12]
+        got = engine.complete(prompts, outputs)
+        assert engine.peak_rows == 3 and engine.prefills == 7, "all three rows in use, every request prefilled once"
+    finally:
+        engine.stop()
+    for ids, n, tokens in zip(prompts, outputs, got, strict=True):
+        assert tokens == _generate(model, ids, n), f"prompt of {len(ids)} tokens, {n} out"
+
+
+def test_a_request_ends_at_eos_unless_it_ignores_it(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (12,), generator=g).tolist()
+    expected = _generate(model, ids, 8)
+    engine = Engine(model, "cpu", slots=2, max_prompt=16, max_new=8).start()
+    try:
+        stop_at = expected[3]
+        [ended] = engine.complete([ids], [8], eos=frozenset({stop_at}))
+        [full] = engine.complete([ids], [8])
+    finally:
+        engine.stop()
+    assert ended == expected[:expected.index(stop_at) + 1] and full == expected
+
+
+def test_requests_that_do_not_fit_are_refused(tiny):
+    model, _ = tiny
+    engine = Engine(model, "cpu", slots=1, max_prompt=40, max_new=4)
+    with pytest.raises(ValueError, match="the prompt has 65 tokens; this server takes up to 64"):
+        engine.submit(Request(ids=[5] * 65, max_new=1, deliver=print))
+    with pytest.raises(ValueError, match="max_tokens is 5; this server makes 1 to 4 tokens a request"):
+        engine.submit(Request(ids=[5], max_new=5, deliver=print))
+    assert prefill_widths(1) == [32] and prefill_widths(64) == [32, 64] and prefill_widths(65) == [32, 64, 96]
+
+
+def test_detokenizer_streams_the_decoded_text(tiny):
+    """Concatenated, the streamed pieces are the whole decode."""
+    _, tokenizer = tiny
+    ids = tokenizer.encode("Once upon a time, a little fox found a shiny stone by the river.", add_special_tokens=False)
+    detokenizer = Detokenizer(tokenizer)
+    pieces = [detokenizer.add(t) for t in ids]
+    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
+    assert sum(1 for p in pieces if p) > len(ids) // 2, "most tokens stream text of their own"
+
+
+def test_the_openai_completions_api_streams_token_by_token(tiny):
+    """/v1/completions as GuideLLM calls it (streamed, usage at the end, ignore_eos, max_tokens), and
+    unstreamed; requests the engine cannot serve get a 400 with the reason; /llmopt/stats reports
+    the rows as a KV cache."""
+    import json
+
+    from fastapi.testclient import TestClient
+    from llmopt.engine import app
+
+    model, tokenizer = tiny
+    engine = Engine(model, "cpu", slots=2, max_prompt=40, max_new=12).start()
+    try:
+        client = TestClient(app(engine, tokenizer, "tiny", lambda: {**engine.stats(), "kernel": "none"}))
+        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+        body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 12, "ignore_eos": True, "stop": None}
+        streamed = client.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}})
+        events = [line.removeprefix("data: ") for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["choices"][0]["finish_reason"] is None and c["choices"][0]["text"] for c in chunks[:-1])
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        prompt_ids = tokenizer.encode("Once upon a time")
+        assert chunks[-1]["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 12,
+                                       "total_tokens": len(prompt_ids) + 12}
+        assert len(chunks) - 1 >= 10, "about one chunk a token"
+        whole = client.post("/v1/completions", json=body).json()
+        expected = tokenizer.decode(_generate(model, prompt_ids, 12), skip_special_tokens=True)
+        assert whole["choices"][0]["text"] == "".join(c["choices"][0]["text"] for c in chunks) == expected
+        too_long = client.post("/v1/completions", json={**body, "prompt": list(range(3, 73))})
+        assert too_long.status_code == 400 and "the prompt has 70 tokens; this server takes up to 64" in too_long.text
+        stop = client.post("/v1/completions", json={**body, "stop": ["."]})
+        assert stop.status_code == 400 and "stop sequences" in stop.text
+        stats = client.get("/llmopt/stats").json()
+        assert (stats["kv_blocks"], stats["kv_block_size"], stats["engine"]["sampling"]) == (2, 64 + 12, "greedy")
+        assert stats["kv_blocks_used_peak"] == 1 and stats["engine"]["prefills"] == 2
+    finally:
+        engine.stop()
+
+
+def test_the_decode_step_traces_whole_and_once(tiny):
+    """CUDA compiles the decode step (fullgraph, then CUDA graphs): traced here on CPU by torch.compile
+    (aot_eager), it is one graph that rows coming and going never recompile, with the same tokens."""
+    model, _ = tiny
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    engine = Engine(model, "cpu", slots=2, max_prompt=20, max_new=6, compile_backend="aot_eager").start()
+    try:
+        g = torch.Generator().manual_seed(2)
+        prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (4, 20, 9)]
+        got = engine.complete(prompts, [6, 2, 5])
+    finally:
+        engine.stop()
+    assert got == [_generate(model, ids, n) for ids, n in zip(prompts, [6, 2, 5], strict=True)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
