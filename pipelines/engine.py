@@ -13,10 +13,12 @@ static loop's step and schedules requests around it:
   has one shape, and each row writes its token's keys and values at its own position;
 - **CUDA graphs captured at start-up, none while serving**: the decode step (compiled with
   `torch.compile(mode="reduce-overhead")`, as the compiled runtime's) and one prefill graph per
-  prompt width (prompts left-padded to a multiple of `PREFILL_WIDTH`), so no request meets a
+  batch and prompt width (prompts left-padded to a multiple of `PREFILL_WIDTH`), so no request meets a
   capture (transformers serve captures a graph whenever a step meets a new padded shape);
-- the prefill runs one request at a time (batch 1) into a scratch cache, and the same graph copies
-  its keys and values into the request's row; a decode step follows the admissions of each turn;
+- waiting requests are prefilled together, up to 8 at once (batches of 1, 2, 4 or 8, each padded
+  to its widest prompt), into a scratch cache, and the same graph copies their keys and values
+  into their rows; a decode step follows each turn's admissions. A burst of 64 requests is 8
+  prefills, not 64, so the last one's TTFT is not 64 prefills long;
 - greedy decoding (the load generator's requests ask for fixed output lengths; sampling parameters
   are not applied, and `/llmopt/stats` says `sampling: greedy`).
 
@@ -43,7 +45,8 @@ from transformers.cache_utils import Cache
 
 log = logging.getLogger("llmopt")
 
-PREFILL_WIDTH = 32  # prompts are left-padded to a multiple of this: one prefill graph per width
+PREFILL_WIDTH = 32  # prompts are left-padded to a multiple of this: one prefill graph per width and batch
+PREFILL_BATCHES = (1, 2, 4, 8)  # requests prefilled together (waiting ones, oldest first, by the largest that fits)
 
 
 def prefill_widths(max_prompt: int) -> list[int]:
@@ -152,11 +155,14 @@ class Engine:
         self.cache = SlotCache(model.config, slots, self.max_len, device, self.dtype)
         from transformers import StaticCache
 
-        self.scratch = StaticCache(config=model.config, max_cache_len=self.max_prompt)
         _, kv_heads, head_dim = _attention_shape(model.config)
-        probe = torch.zeros(1, kv_heads, 1, head_dim, dtype=self.dtype, device=device)
-        for layer in self.scratch.layers:  # allocated now, outside any graph's memory pool
-            layer.lazy_initialization(probe, probe)
+        self.batches = [b for b in PREFILL_BATCHES if b <= slots]
+        self.scratch = {}  # per prefill batch: its prompts' keys and values before they go to their rows
+        for b in self.batches:
+            self.scratch[b] = StaticCache(config=model.config, max_cache_len=self.max_prompt)
+            probe = torch.zeros(b, kv_heads, 1, head_dim, dtype=self.dtype, device=device)
+            for layer in self.scratch[b].layers:  # allocated now, outside any graph's memory pool
+                layer.lazy_initialization(probe, probe)
         self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)  # each row's input this step
         cuda = device.startswith("cuda")
         # the tokens' way to the host: pinned, copied after the step, then an event waited on without the
@@ -166,7 +172,7 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.rows: list[Request | None] = [None] * slots
         self.graphs_captured, self.graph_capture_s, self.peak_rows = 0, 0.0, 0
-        self.steps, self.prefills = 0, 0
+        self.steps, self.prefills, self.prefill_calls = 0, 0, 0
         self._stop, self._arrived = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.failed: BaseException | None = None
@@ -177,23 +183,25 @@ class Engine:
 
     # --- the steps -------------------------------------------------------------------------------
 
-    def _prefill(self, ids: torch.Tensor, pad: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        """One left-padded prompt [1, width] into the scratch cache, its keys and values copied into
-        `row` of the slot cache; the first new token [1]. Padded positions attend to themselves only
-        (a row with nothing to attend to would make NaNs that reach real tokens through their values)."""
+    def _prefill(self, ids: torch.Tensor, pad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Prompts left-padded to one width [batch, width] (`pad`: each one's padding) into the batch's
+        scratch cache, their keys and values copied into `rows` of the slot cache; each one's first new
+        token [batch]. Padded positions attend to themselves only (a position with nothing to attend to
+        would make NaNs that reach real tokens through their values)."""
+        scratch = self.scratch[ids.shape[0]]
         width = ids.shape[1]
-        for layer in self.scratch.layers:
+        for layer in scratch.layers:
             layer.cumulative_length.zero_()
         query = torch.arange(width, device=ids.device)[:, None]
         key = torch.arange(self.max_prompt, device=ids.device)[None]
-        allowed = ((key <= query) & (key >= pad)) | (key == query)
-        positions = (torch.arange(width, device=ids.device) - pad).clamp(min=0)[None]
-        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=_mask(allowed[None, None], self.attention,
+        allowed = ((key <= query)[None] & (key[None] >= pad[:, None, None])) | (key == query)[None]
+        positions = (torch.arange(width, device=ids.device)[None] - pad[:, None]).clamp(min=0)
+        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=_mask(allowed[:, None], self.attention,
                                                                                         self.dtype),
-                            past_key_values=self.scratch, use_cache=True, logits_to_keep=1).logits
-        for source, target in zip(self.scratch.layers, self.cache.layers, strict=True):
-            target.keys[:, :, :width].index_copy_(0, row, source.keys[:, :, :width])
-            target.values[:, :, :width].index_copy_(0, row, source.values[:, :, :width])
+                            past_key_values=scratch, use_cache=True, logits_to_keep=1).logits
+        for source, target in zip(scratch.layers, self.cache.layers, strict=True):
+            target.keys[:, :, :width].index_copy_(0, rows, source.keys[:, :, :width])
+            target.values[:, :, :width].index_copy_(0, rows, source.values[:, :, :width])
         return logits[:, -1].argmax(-1)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -207,13 +215,14 @@ class Engine:
         return logits[:, -1].argmax(-1)
 
     def _build(self) -> None:
-        """The steps as CUDA graphs on CUDA (the decode compiled, one prefill graph per width), all
-        captured now; eager on CPU."""
-        self.prefill_inputs = {w: (torch.zeros(1, w, dtype=torch.long, device=self.device),
-                                   torch.zeros((), dtype=torch.long, device=self.device),
-                                   torch.zeros(1, dtype=torch.long, device=self.device)) for w in self.widths}
+        """The steps as CUDA graphs on CUDA (the decode compiled, one prefill graph per batch and
+        width), all captured now; eager on CPU."""
+        shapes = [(b, w) for b in self.batches for w in self.widths]
+        self.prefill_inputs = {(b, w): (torch.zeros(b, w, dtype=torch.long, device=self.device),
+                                        torch.zeros(b, dtype=torch.long, device=self.device),
+                                        torch.arange(b, device=self.device)) for b, w in shapes}
         if not self.device.startswith("cuda"):
-            self.prefill_run = {w: (lambda w=w: self._prefill(*self.prefill_inputs[w])) for w in self.widths}
+            self.prefill_run = {shape: (lambda shape=shape: self._prefill(*self.prefill_inputs[shape])) for shape in shapes}
             step = torch.compile(self._decode, backend=self.compile_backend, fullgraph=True) if self.compile_backend \
                 else self._decode
             self.decode_run = lambda: step(self.tokens)
@@ -231,8 +240,8 @@ class Engine:
         self.decode_run = decode_run
         pool = torch.cuda.graph_pool_handle()
         self.prefill_run = {}
-        for w in self.widths:
-            inputs = self.prefill_inputs[w]
+        for shape in shapes:
+            inputs = self.prefill_inputs[shape]
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side), torch.no_grad():
@@ -241,9 +250,9 @@ class Engine:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool), torch.no_grad():
                 first = self._prefill(*inputs)
-            self.prefill_run[w] = (lambda graph=graph, first=first: (graph.replay(), first)[1])
+            self.prefill_run[shape] = (lambda graph=graph, first=first: (graph.replay(), first)[1])
         torch.cuda.synchronize()
-        self.graphs_captured = 1 + len(self.widths)
+        self.graphs_captured = 1 + len(shapes)
         self.graph_capture_s = time.perf_counter() - started
         for layer in self.cache.layers:  # the warm-up wrote rows that no request owns
             layer.keys.zero_()
@@ -336,36 +345,48 @@ class Engine:
         request, self.rows[i] = self.rows[i], None
         request.deliver(None)
 
-    def _admit(self, positions: list[int], starts: list[int]) -> None:
-        """Prefill waiting requests into free rows; each one's first token goes out at once."""
-        for i in range(self.slots):
-            if self.rows[i] is not None:
-                continue
+    def _waiting(self, most: int) -> list[Request]:
+        """Up to `most` waiting requests, oldest first (cancelled ones ended on the way)."""
+        taken: list[Request] = []
+        while len(taken) < most:
             try:
                 request = self.waiting.get_nowait()
             except queue.Empty:
-                return
+                break
             if request.cancelled:
                 request.deliver(None)
-                continue
-            n = len(request.ids)
-            width = next(w for w in self.widths if w >= n)
-            ids, pad, row = self.prefill_inputs[width]
-            ids.copy_(torch.tensor([[0] * (width - n) + request.ids]))
-            pad.fill_(width - n)
-            row.fill_(i)
-            first = self.prefill_run[width]()
-            self.tokens[i] = first
-            self.prefills += 1
-            [token] = self._read(first)
-            request.made = 1
-            request.deliver(token)
-            if request.max_new == 1 or token in request.eos:
-                request.finish = "stop" if token in request.eos and request.max_new > 1 else "length"
-                request.deliver(None)
-                continue
-            self.rows[i] = request
-            positions[i], starts[i] = width, width - n
+            else:
+                taken.append(request)
+        return taken
+
+    def _admit(self, positions: list[int], starts: list[int]) -> None:
+        """Prefill waiting requests into free rows, in batches of PREFILL_BATCHES (the largest that the
+        waiting requests fill), each padded to the widest prompt of its batch; each request's first
+        token goes out at once."""
+        free = [i for i, request in enumerate(self.rows) if request is None]
+        taken = self._waiting(len(free))
+        while taken:
+            k = max(b for b in self.batches if b <= len(taken))
+            batch, taken = taken[:k], taken[k:]
+            rows, free = free[:k], free[k:]
+            width = next(w for w in self.widths if w >= max(len(r.ids) for r in batch))
+            ids, pad, row_ids = self.prefill_inputs[(k, width)]
+            ids.copy_(torch.tensor([[0] * (width - len(r.ids)) + r.ids for r in batch]))
+            pad.copy_(torch.tensor([width - len(r.ids) for r in batch]))
+            row_ids.copy_(torch.tensor(rows))
+            first = self.prefill_run[(k, width)]()
+            self.tokens.index_copy_(0, row_ids, first[:, None])
+            self.prefills += k
+            self.prefill_calls += 1
+            for i, request, token in zip(rows, batch, self._read(first), strict=True):
+                request.made = 1
+                request.deliver(token)
+                if request.max_new == 1 or token in request.eos:
+                    request.finish = "stop" if token in request.eos and request.max_new > 1 else "length"
+                    request.deliver(None)
+                    continue
+                self.rows[i] = request
+                positions[i], starts[i] = width, width - len(request.ids)
 
     def _loop(self) -> None:
         positions, starts = [0] * self.slots, [0] * self.slots
@@ -400,8 +421,10 @@ class Engine:
                 "kv_blocks_used_peak": self.peak_rows, "kv_bytes_used_peak": self.cache.bytes * self.peak_rows // self.slots,
                 "graphs_captured": self.graphs_captured, "graph_capture_s": self.graph_capture_s,
                 "engine": {"name": "llmopt", "slots": self.slots, "max_prompt_tokens": self.max_prompt,
-                           "max_new_tokens": self.max_new, "prefill_widths": self.widths, "sampling": "greedy",
-                           "attention": self.attention, "steps": self.steps, "prefills": self.prefills}}
+                           "max_new_tokens": self.max_new, "prefill_widths": self.widths,
+                           "prefill_batches": self.batches, "sampling": "greedy",
+                           "attention": self.attention, "steps": self.steps, "prefills": self.prefills,
+                           "prefill_calls": self.prefill_calls}}
 
 
 class Detokenizer:

@@ -29,8 +29,8 @@ def _generate(model, ids: list[int], n: int) -> list[int]:
 
 def test_rows_decode_what_generate_decodes(tiny):
     """7 requests of different prompt lengths (padded to 32 and 64) and output lengths on 3 rows:
-    rows are taken, freed and taken again mid-stream, and every request's tokens equal greedy
-    decoding's by whole forward passes."""
+    prefilled in batches (prompts of different lengths padded to one width), rows taken, freed and
+    taken again mid-stream, and every request's tokens equal greedy decoding's by whole forward passes."""
     model, _ = tiny
     engine = Engine(model, "cpu", slots=3, max_prompt=50, max_new=24).start()
     try:
@@ -41,6 +41,7 @@ def test_rows_decode_what_generate_decodes(tiny):
         outputs = [24, 3, 10, 1, 24, 7, 12]
         got = engine.complete(prompts, outputs)
         assert engine.peak_rows == 3 and engine.prefills == 7, "all three rows in use, every request prefilled once"
+        assert engine.batches == [1, 2] and engine.prefill_calls < 7, "the first three prefilled as a batch of 2 and 1"
     finally:
         engine.stop()
     for ids, n, tokens in zip(prompts, outputs, got, strict=True):

@@ -169,8 +169,8 @@ def _greedy(model, ids: list[int], n: int) -> list[int]:
 @pytest.mark.parametrize("kernel", ["none", "marlin"])
 def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids, kernel_cache, tmp_path):
     """engine llmopt on CUDA: its decode step compiled into CUDA graphs (Marlin's custom op inside for
-    int4) and one prefill graph per prompt width, all captured at start; 5 requests of 5-40 tokens on
-    2 rows (rows reused, prompts left-padded to 32 and 64): each one's first 8 tokens are greedy
+    int4) and one prefill graph per batch (1, 2) and prompt width (32, 64), all captured at start; 5
+    requests of 5-40 tokens on 2 rows (rows reused, prompts left-padded): each one's first 8 tokens are greedy
     decoding's by whole forward passes on the same model (the module's tolerance: bf16, other kernels)."""
     from llmopt.engine import Engine
     from transformers import AutoModelForCausalLM
@@ -193,7 +193,7 @@ def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids
     expected = [_greedy(model, p, 8) for p in prompts]
     engine = Engine(model, "cuda", slots=2, max_prompt=40, max_new=8).start()
     try:
-        assert engine.graphs_captured == 1 + len(engine.widths) == 3
+        assert engine.graphs_captured == 1 + len(engine.batches) * len(engine.widths) == 5
         got = engine.complete(prompts, [8] * len(prompts))
         again = engine.complete(prompts[:2], [8, 8])
     finally:
