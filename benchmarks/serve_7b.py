@@ -27,7 +27,7 @@ a 7B sweep. The presets:
 - `engine`: not transformers serve but llmopt's own engine (`server: {engine: llmopt}`, llmopt.engine):
   continuous batching over 64 rows of a static cache with the compiled runtime's decode step, which
   decodes a static batch of 8 at 1.79x bf16 on an H100 where transformers serve's step gave 1.20x.
-  Not yet run on a GPU (written 2026-12-06; CPU-tested).
+  Not yet run on a 7B (written 2026-12-06; CPU-tested; its CUDA test passed on the tiny Llama on an H100).
 Each preset writes OUTDIR/<preset>.json (metrics and tags of the benchmark run) and its log.
 Marlin's extension builds in the background from the start (benchmarks/reference_7b.py).
 
