@@ -292,6 +292,8 @@ class Engine:
             self._thread.join(timeout=30)
 
     def submit(self, request: Request) -> None:
+        if not request.ids:
+            raise ValueError("the prompt is empty: a request needs at least one token")
         if len(request.ids) > self.max_prompt:
             raise ValueError(f"the prompt has {len(request.ids)} tokens; this server takes up to {self.max_prompt}")
         if not 1 <= request.max_new <= self.max_new:

@@ -70,6 +70,8 @@ def test_requests_that_do_not_fit_are_refused(tiny):
         engine.submit(Request(ids=[5] * 65, max_new=1, deliver=print))
     with pytest.raises(ValueError, match="max_tokens is 5; this server makes 1 to 4 tokens a request"):
         engine.submit(Request(ids=[5], max_new=5, deliver=print))
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        engine.submit(Request(ids=[], max_new=1, deliver=print))
     assert prefill_widths(1) == [32] and prefill_widths(64) == [32, 64] and prefill_widths(65) == [32, 64, 96]
 
 
