@@ -230,8 +230,9 @@ def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], 
 def release_memory(device: str) -> None:
     """Free what a finished stage no longer holds before the next one runs and measures memory. Models
     that libraries build sit in reference cycles that only a collection frees: after bitsandbytes'
-    stage (tiny Llama, CPU) 121 modules were still alive, and ModelOpt's exported model held ~7 GB
-    of an H100 through the next stage's FP8 benchmark (ModelOpt now runs in a child process)."""
+    stage (tiny Llama, CPU) 121 modules were still alive, after ModelOpt's 200 quantizer modules;
+    an FP8 benchmark on an H100 held ~7 GB beyond its weights and cache, the size of ModelOpt's
+    exported model (ModelOpt now runs in a child process; the GPU figure is not re-measured)."""
     import gc
 
     gc.collect()
