@@ -481,7 +481,11 @@ def app(engine: Engine, tokenizer, model_name: str, stats):
 
     @api.post("/v1/completions")
     async def completions(http: HttpRequest):
-        body = await http.json()
+        try:
+            body = await http.json()
+            max_new = int(body.get("max_tokens") or 16)
+        except (ValueError, TypeError, AttributeError) as e:
+            raise HTTPException(400, f"the body is not a completion request's JSON: {e}") from e
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -496,7 +500,7 @@ def app(engine: Engine, tokenizer, model_name: str, stats):
         if body.get("stop"):
             raise HTTPException(400, "stop: engine llmopt does not take stop sequences")
         loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
-        request = Request(ids=ids, max_new=int(body.get("max_tokens") or 16),
+        request = Request(ids=ids, max_new=max_new,
                           deliver=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),
                           eos=frozenset() if body.get("ignore_eos") else eos)
         try:

@@ -116,6 +116,8 @@ def test_the_openai_completions_api_streams_token_by_token(tiny):
         assert whole["choices"][0]["text"] == "".join(c["choices"][0]["text"] for c in chunks) == expected
         too_long = client.post("/v1/completions", json={**body, "prompt": list(range(3, 73))})
         assert too_long.status_code == 400 and "the prompt has 70 tokens; this server takes up to 64" in too_long.text
+        garbled = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert garbled.status_code == 400 and "not a completion request's JSON" in garbled.text
         stop = client.post("/v1/completions", json={**body, "stop": ["."]})
         assert stop.status_code == 400 and "stop sequences" in stop.text
         stats = client.get("/llmopt/stats").json()
