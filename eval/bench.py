@@ -167,12 +167,18 @@ def bare_loop(runtime, batch: list[list[int]], output_tokens: int, repeats: int,
 # --- memory and bandwidth -----------------------------------------------------------------------
 
 
-def kv_bytes_per_token(config, dtype_bytes: int) -> int:
-    """Keys and values of one token over all layers: 2 x layers x kv heads x head dim x bytes."""
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, KV heads, head size) of a decoder's attention cache."""
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return 2 * text.num_hidden_layers * heads * head_dim * dtype_bytes
+    return text.num_hidden_layers, heads, head_dim
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """Keys and values of one token over all layers: 2 x layers x kv heads x head dim x bytes."""
+    layers, heads, head_dim = kv_shape(config)
+    return 2 * layers * heads * head_dim * dtype_bytes
 
 
 def copy_bandwidth(device: str, size_bytes: int = 1 << 30, repeats: int = 10) -> float:

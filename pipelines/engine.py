@@ -40,6 +40,7 @@ import threading
 import time
 
 import torch
+from llmopt.eval.bench import kv_shape
 from starlette.requests import Request as HttpRequest  # module level: FastAPI resolves the handler's annotation here
 from transformers.cache_utils import Cache
 
@@ -60,9 +61,7 @@ def _attention_shape(config) -> tuple[int, int, int]:
     if getattr(text, "sliding_window", None) or any(t != "full_attention" for t in (getattr(text, "layer_types", None) or ())):
         raise ValueError("engine llmopt serves decoders whose every layer attends to the whole sequence; this model has "
                          "sliding-window layers: use engine: transformers")
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    return text.num_hidden_layers, getattr(text, "num_key_value_heads", None) or heads, head_dim
+    return kv_shape(config)
 
 
 def _mask(allowed: torch.Tensor, attention: str, dtype: torch.dtype) -> torch.Tensor:
@@ -155,7 +154,7 @@ class Engine:
         self.cache = SlotCache(model.config, slots, self.max_len, device, self.dtype)
         from transformers import StaticCache
 
-        _, kv_heads, head_dim = _attention_shape(model.config)
+        _, kv_heads, _, head_dim = self.cache.layers[0].keys.shape  # [slots, KV heads, max_len, head size]
         self.batches = [b for b in PREFILL_BATCHES if b <= slots]
         self.scratch = {}  # per prefill batch: its prompts' keys and values before they go to their rows
         for b in self.batches:

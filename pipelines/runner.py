@@ -229,8 +229,10 @@ def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], 
 
 def release_memory(device: str) -> None:
     """Free what a finished stage no longer holds before the next one runs and measures memory. Models
-    that libraries build sit in reference cycles that only a collection frees: after bitsandbytes'
-    stage (tiny Llama, CPU) 121 modules were still alive, after ModelOpt's 200 quantizer modules;
+    that libraries build sit in reference cycles that only a collection frees: a benchmarked model
+    and its runtime (without a collection, the base model measured next in the process counted 10.6
+    GB of the candidate's in its peak); after bitsandbytes' stage (tiny Llama, CPU) 121 modules were
+    still alive, after ModelOpt's 200 quantizer modules;
     an FP8 benchmark on an H100 held ~7 GB beyond its weights and cache, the size of ModelOpt's
     exported model (ModelOpt now runs in a child process; the GPU figure is not re-measured)."""
     import gc

@@ -93,3 +93,17 @@ def run_cli(workdir: dict[str, Path], *args: str) -> int:
     from llmopt.cli import main
 
     return main([*args, "--cache-dir", str(workdir["cache"]), "--mlruns", str(workdir["mlruns"]), "--no-progress"])
+
+
+def greedy_by_forward_passes(model, ids: list[int], n: int) -> list[int]:
+    """Greedy decoding by whole forward passes on the model's device, no cache and no padding: the
+    reference the serving engine's tokens are held to. (Not `generate` with min_new_tokens: that
+    forbids EOS, which the engine, like vLLM's ignore_eos, may emit and go on past.)"""
+    import torch
+
+    device = next(model.parameters()).device
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq], device=device)).logits[0, -1].argmax()))
+    return seq[len(ids):]

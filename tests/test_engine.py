@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import greedy_by_forward_passes
 from llmopt.engine import Detokenizer, Engine, Request, prefill_widths
 from llmopt.models import load_plain, load_tokenizer
 
@@ -14,17 +15,6 @@ from llmopt.models import load_plain, load_tokenizer
 @pytest.fixture(scope="module")
 def tiny(tiny_model):
     return load_plain(tiny_model, "cpu", "float32"), load_tokenizer(tiny_model)
-
-
-def _generate(model, ids: list[int], n: int) -> list[int]:
-    """Greedy decoding by whole forward passes, no cache and no padding: the reference. (Not
-    `generate` with min_new_tokens: that forbids EOS, which the engine, like vLLM's ignore_eos, may
-    emit and go on past.)"""
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
-    return seq[len(ids):]
 
 
 def test_rows_decode_what_generate_decodes(tiny):
@@ -45,14 +35,14 @@ def test_rows_decode_what_generate_decodes(tiny):
     finally:
         engine.stop()
     for ids, n, tokens in zip(prompts, outputs, got, strict=True):
-        assert tokens == _generate(model, ids, n), f"prompt of {len(ids)} tokens, {n} out"
+        assert tokens == greedy_by_forward_passes(model, ids, n), f"prompt of {len(ids)} tokens, {n} out"
 
 
 def test_a_request_ends_at_eos_unless_it_ignores_it(tiny):
     model, _ = tiny
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, model.config.vocab_size, (12,), generator=g).tolist()
-    expected = _generate(model, ids, 8)
+    expected = greedy_by_forward_passes(model, ids, 8)
     engine = Engine(model, "cpu", slots=2, max_prompt=16, max_new=8).start()
     try:
         stop_at = expected[3]
@@ -112,7 +102,7 @@ def test_the_openai_completions_api_streams_token_by_token(tiny):
                                        "total_tokens": len(prompt_ids) + 12}
         assert len(chunks) - 1 >= 10, "about one chunk a token"
         whole = client.post("/v1/completions", json=body).json()
-        expected = tokenizer.decode(_generate(model, prompt_ids, 12), skip_special_tokens=True)
+        expected = tokenizer.decode(greedy_by_forward_passes(model, prompt_ids, 12), skip_special_tokens=True)
         assert whole["choices"][0]["text"] == "".join(c["choices"][0]["text"] for c in chunks) == expected
         too_long = client.post("/v1/completions", json={**body, "prompt": list(range(3, 73))})
         assert too_long.status_code == 400 and "the prompt has 70 tokens; this server takes up to 64" in too_long.text
@@ -140,5 +130,5 @@ def test_the_decode_step_traces_whole_and_once(tiny):
         got = engine.complete(prompts, [6, 2, 5])
     finally:
         engine.stop()
-    assert got == [_generate(model, ids, n) for ids, n in zip(prompts, [6, 2, 5], strict=True)]
+    assert got == [greedy_by_forward_passes(model, ids, n) for ids, n in zip(prompts, [6, 2, 5], strict=True)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

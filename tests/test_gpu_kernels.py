@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA, greedy_by_forward_passes
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -157,15 +157,6 @@ def test_compiled_runtime_decodes_a_left_padded_batch_as_generate_does(tiny_mode
     assert torch.equal(runtime.tokens[:, :8], expected[:, :8]), (runtime.tokens, expected)
 
 
-def _greedy(model, ids: list[int], n: int) -> list[int]:
-    """Greedy decoding by whole forward passes (no cache, no padding): the reference for the engine."""
-    seq = list(ids)
-    with torch.no_grad():
-        for _ in range(n):
-            seq.append(int(model(torch.tensor([seq], device="cuda")).logits[0, -1].argmax()))
-    return seq[len(ids):]
-
-
 @pytest.mark.parametrize("kernel", ["none", "marlin"])
 def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids, kernel_cache, tmp_path):
     """engine llmopt on CUDA: its decode step compiled into CUDA graphs (Marlin's custom op inside for
@@ -190,7 +181,7 @@ def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids
         model, applied = kernels.load_accelerated(artifact, "cuda", "bfloat16", False, "marlin", kernel_cache)
         assert applied.kernel == "marlin"
     prompts = [list(ids[start:start + n]) for start, n in ((0, 16), (100, 11), (200, 40), (300, 5), (400, 27))]
-    expected = [_greedy(model, p, 8) for p in prompts]
+    expected = [greedy_by_forward_passes(model, p, 8) for p in prompts]
     engine = Engine(model, "cuda", slots=2, max_prompt=40, max_new=8).start()
     try:
         assert engine.graphs_captured == 1 + len(engine.batches) * len(engine.widths) == 5

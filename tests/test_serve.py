@@ -42,14 +42,20 @@ def _serve_processes(name: str = "llmopt.serve") -> list[str]:
     return [line for line in found if "pgrep" not in line]
 
 
+def _benchmark_run(workdir: dict[str, Path], experiment: str):
+    """The MLflow client of a run's store and the run's one benchmark-stage run."""
+    client = mlflow.MlflowClient(f"sqlite:///{workdir['mlruns'] / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                                "tags.`llmopt.stage` = 'benchmark'")
+    return client, run
+
+
 def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
     """tiny-serve: RTN 4-bit (on int4pack) and its base, each behind `transformers serve` with continuous
     batching, 12 requests at 1 and 4 concurrent streams; forced output lengths, percentiles in order,
     KV-cache figures, the SLA headline, the raw GuideLLM output in MLflow, no server left."""
     assert run_cli(tiny_workdir, "run", str(RECIPES / "tiny-serve.yaml")) == 0
-    client = mlflow.MlflowClient(f"sqlite:///{tiny_workdir['mlruns'] / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tiny-serve")
-    (run,) = client.search_runs([experiment.experiment_id], "tags.`llmopt.stage` = 'benchmark'")
+    client, run = _benchmark_run(tiny_workdir, "tiny-serve")
     m = run.data.metrics
     for suffix in ("", "_base"):
         for point in ("c1", "c4"):
@@ -164,9 +170,7 @@ def test_engine_llmopt_serves_candidate_and_base_under_the_same_load(tiny_workdi
     recipe = tmp_path / "engine.yaml"
     recipe.write_text(ENGINE)
     assert run_cli(tiny_workdir, "run", str(recipe)) == 0
-    client = mlflow.MlflowClient(f"sqlite:///{tiny_workdir['mlruns'] / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tiny-engine")
-    (run,) = client.search_runs([experiment.experiment_id], "tags.`llmopt.stage` = 'benchmark'")
+    _, run = _benchmark_run(tiny_workdir, "tiny-engine")
     m = run.data.metrics
     for suffix in ("", "_base"):
         for point in ("c1", "c3"):

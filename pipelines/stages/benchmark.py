@@ -9,7 +9,6 @@ timed region, device synchronisation, forced output length, medians over repeats
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import platform
@@ -111,11 +110,8 @@ def run(cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) -> Artifact
     del runtime, model
     if kind.cuda_only and kind.loads_model:
         torch._dynamo.reset()  # compiled graphs hold the model and their CUDA graph pools
-    # the runtime and the model sit in reference cycles: without a collection here, the next
-    # measurement in this process (the base model's) counted 10.6 GB of this one's in its peak
-    gc.collect()
-    if ctx.device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    # the runtime and the model sit in reference cycles: the runner collects after every stage
+    # (llmopt.runner.release_memory) before the next measurement (the base model's) starts
     report["metrics"] = metrics
     report["environment"] = environment(ctx.device)
     report["runtime_tags"] = runtime_tags
