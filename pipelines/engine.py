@@ -24,7 +24,12 @@ static loop's step and schedules requests around it:
 
 No paging: rows are reserved whole (`slots` x `max_len` tokens), which is what a load of at most
 `slots` streams of at most `max_len` tokens needs; the benchmark stage sizes both to the recipe's
-load. Attention reads all `max_len` positions of every row each step, masked.
+load. A decode step's attention reads only each row's own span, from its first real position to
+its current one, in blocks of `KV_BLOCK` keys: FlexAttention over a block list built in the step
+from the rows' positions (`row_blocks`). A masked dense read of every row's whole length costs
+`slots` x `max_len` keys a step whatever the load (18 GB a step for a 7B's 64 rows of 544
+tokens, more than its int4 weights' 3.9 GB); rows that no request holds read one block. Prefills
+run sdpa with a dense mask (`ATTENTION`).
 
 `python -m llmopt.serve SPEC.json` runs it when the spec names `"engine": "llmopt"` (`serve`): the
 OpenAI-compatible `/v1/completions` (streamed or not, `ignore_eos`, `max_tokens`), `/v1/models`,
@@ -42,12 +47,19 @@ import time
 import torch
 from llmopt.eval.bench import kv_shape
 from starlette.requests import Request as HttpRequest  # module level: FastAPI resolves the handler's annotation here
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 log = logging.getLogger("llmopt")
 
 PREFILL_WIDTH = 32  # prompts are left-padded to a multiple of this: one prefill graph per width and batch
 PREFILL_BATCHES = (1, 2, 4, 8)  # requests prefilled together (waiting ones, oldest first, by the largest that fits)
+KV_BLOCK = 64  # keys per block of a decode step's attention (rows are a whole number of blocks; FlexAttention's
+# decoding kernel tiles keys by 64 on CUDA, and a row's span wastes half a block at each end on average)
+ATTENTION = "llmopt_rows"  # the attention the engine sets on its model: FlexAttention for a BlockMask, else sdpa
 
 
 def prefill_widths(max_prompt: int) -> list[int]:
@@ -64,12 +76,36 @@ def _attention_shape(config) -> tuple[int, int, int]:
     return kv_shape(config)
 
 
-def _mask(allowed: torch.Tensor, attention: str, dtype: torch.dtype) -> torch.Tensor:
-    """A 4D mask for the model from a boolean one (True: attend): sdpa takes booleans, eager attention
-    adds the mask to its scores."""
-    if attention == "sdpa":
-        return allowed
-    return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+def row_blocks(start: torch.Tensor, pos: torch.Tensor, max_len: int) -> BlockMask:
+    """Each row's keys from `start` to `pos` (both included; [rows]) as a FlexAttention BlockMask for one
+    query a row: the row's blocks of KV_BLOCK keys from the one holding `start` to the one holding
+    `pos` (the kernel reads no other), and the mask within them. Tensor operations only: it is built
+    inside the compiled decode step, from the positions the engine writes before each step."""
+    blocks = max_len // KV_BLOCK
+    first = start // KV_BLOCK
+    count = (pos // KV_BLOCK - first + 1).to(torch.int32)
+    indices = (first[:, None] + torch.arange(blocks, device=start.device)[None]).clamp(max=blocks - 1).to(torch.int32)
+
+    def inside(b, h, q, kv):
+        return (kv >= start[b]) & (kv <= pos[b])
+
+    return BlockMask.from_kv_blocks(count[:, None, None], indices[:, None, None], BLOCK_SIZE=(128, KV_BLOCK),
+                                    mask_mod=inside, seq_lengths=(1, max_len))
+
+
+def rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """The engine's attention: FlexAttention when the mask is a BlockMask (the decode step's rows),
+    sdpa for any other mask (prefills; and the model's own calls, so a model left with it behaves as
+    with sdpa)."""
+    if isinstance(attention_mask, BlockMask):
+        out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling,
+                             enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+AttentionInterface.register(ATTENTION, rows_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 class SlotLayer:
@@ -142,15 +178,16 @@ class Engine:
         if slots < 1 or max_prompt < 1 or max_new < 1:
             raise ValueError(f"slots, max_prompt and max_new must be positive, not {slots}, {max_prompt}, {max_new}")
         attention = model.config._attn_implementation
-        if attention not in ("sdpa", "eager"):
-            raise ValueError(f"engine llmopt runs sdpa or eager attention, not {attention!r}")
+        if attention not in ("sdpa", "eager", ATTENTION):
+            raise ValueError(f"engine llmopt serves models loaded with sdpa or eager attention, not {attention!r}")
         # on CPU the steps run eagerly unless a torch.compile backend is named (tests trace the decode step
         # with one, as CUDA compiles it); on CUDA the decode step is always compiled into CUDA graphs
-        self.model, self.device, self.attention, self.compile_backend = model, device, attention, compile_backend
+        self.model, self.device, self.compile_backend = model, device, compile_backend
+        self.loaded_attention = attention  # given back to the model by stop()
         self.dtype = next(model.parameters()).dtype
         self.widths = prefill_widths(max_prompt)
         self.max_prompt, self.max_new = self.widths[-1], max_new
-        self.max_len = self.max_prompt + max_new
+        self.max_len = -(-(self.max_prompt + max_new) // KV_BLOCK) * KV_BLOCK  # whole blocks of keys
         self.cache = SlotCache(model.config, slots, self.max_len, device, self.dtype)
         from transformers import StaticCache
 
@@ -195,8 +232,7 @@ class Engine:
         key = torch.arange(self.max_prompt, device=ids.device)[None]
         allowed = ((key <= query)[None] & (key[None] >= pad[:, None, None])) | (key == query)[None]
         positions = (torch.arange(width, device=ids.device)[None] - pad[:, None]).clamp(min=0)
-        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=_mask(allowed[:, None], self.attention,
-                                                                                        self.dtype),
+        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=allowed[:, None],
                             past_key_values=scratch, use_cache=True, logits_to_keep=1).logits
         for source, target in zip(scratch.layers, self.cache.layers, strict=True):
             target.keys[:, :, :width].index_copy_(0, rows, source.keys[:, :, :width])
@@ -204,12 +240,11 @@ class Engine:
         return logits[:, -1].argmax(-1)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token for every row [slots, 1] at its own position; each row's next token [slots]."""
+        """One token for every row [slots, 1] at its own position, attending over its own span of keys
+        (`row_blocks`); each row's next token [slots]."""
         cache = self.cache
-        key = torch.arange(cache.max_len, device=tokens.device)[None]
-        allowed = (key >= cache.start[:, None]) & (key <= cache.write_pos[:, None])
         logits = self.model(input_ids=tokens, position_ids=(cache.write_pos - cache.start)[:, None],
-                            attention_mask=_mask(allowed[:, None, None], self.attention, self.dtype),
+                            attention_mask=row_blocks(cache.start, cache.write_pos, cache.max_len),
                             past_key_values=cache, use_cache=True).logits
         return logits[:, -1].argmax(-1)
 
@@ -260,6 +295,7 @@ class Engine:
     # --- the loop --------------------------------------------------------------------------------
 
     def start(self) -> Engine:
+        self.model.set_attn_implementation(ATTENTION)
         ready, failed = threading.Event(), []
 
         def run():
@@ -282,6 +318,7 @@ class Engine:
         self._thread.start()
         ready.wait()
         if failed:
+            self.model.set_attn_implementation(self.loaded_attention)
             raise failed[0]
         return self
 
@@ -289,6 +326,7 @@ class Engine:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.model.set_attn_implementation(self.loaded_attention)
 
     def submit(self, request: Request) -> None:
         if not request.ids:
@@ -424,7 +462,8 @@ class Engine:
                 "engine": {"name": "llmopt", "slots": self.slots, "max_prompt_tokens": self.max_prompt,
                            "max_new_tokens": self.max_new, "prefill_widths": self.widths,
                            "prefill_batches": self.batches, "sampling": "greedy",
-                           "attention": self.attention, "steps": self.steps, "prefills": self.prefills,
+                           "attention": {"decode": f"flex, blocks of {KV_BLOCK} keys", "prefill": "sdpa"},
+                           "steps": self.steps, "prefills": self.prefills,
                            "prefill_calls": self.prefill_calls}}
 
 

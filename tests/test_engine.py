@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import greedy_by_forward_passes
-from llmopt.engine import Detokenizer, Engine, Request, prefill_widths
+from llmopt.engine import KV_BLOCK, Detokenizer, Engine, Request, prefill_widths, row_blocks
 from llmopt.models import load_plain, load_tokenizer
 
 
@@ -24,7 +24,7 @@ def test_rows_decode_what_generate_decodes(tiny):
     model, _ = tiny
     engine = Engine(model, "cpu", slots=3, max_prompt=50, max_new=24).start()
     try:
-        assert engine.widths == [32, 64] and engine.max_len == 64 + 24
+        assert engine.widths == [32, 64] and engine.max_len == 128, "64 + 24 keys, in whole blocks of 64"
         g = torch.Generator().manual_seed(0)
         lengths = [5, 31, 32, 33, 50, 1, 17]
         prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in lengths]
@@ -34,6 +34,7 @@ def test_rows_decode_what_generate_decodes(tiny):
         assert engine.batches == [1, 2] and engine.prefill_calls < 7, "the first three prefilled as a batch of 2 and 1"
     finally:
         engine.stop()
+    assert model.config._attn_implementation == "sdpa", "the model's own attention given back by stop()"
     for ids, n, tokens in zip(prompts, outputs, got, strict=True):
         assert tokens == greedy_by_forward_passes(model, ids, n), f"prompt of {len(ids)} tokens, {n} out"
 
@@ -111,7 +112,7 @@ def test_the_openai_completions_api_streams_token_by_token(tiny):
         stop = client.post("/v1/completions", json={**body, "stop": ["."]})
         assert stop.status_code == 400 and "stop sequences" in stop.text
         stats = client.get("/llmopt/stats").json()
-        assert (stats["kv_blocks"], stats["kv_block_size"], stats["engine"]["sampling"]) == (2, 64 + 12, "greedy")
+        assert (stats["kv_blocks"], stats["kv_block_size"], stats["engine"]["sampling"]) == (2, 128, "greedy")
         assert stats["kv_blocks_used_peak"] == 1 and stats["engine"]["prefills"] == 2
     finally:
         engine.stop()
@@ -132,3 +133,21 @@ def test_the_decode_step_traces_whole_and_once(tiny):
         engine.stop()
     assert got == [greedy_by_forward_passes(model, ids, n) for ids, n in zip(prompts, [6, 2, 5], strict=True)]
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_a_decode_step_reads_only_the_blocks_of_each_rows_own_span():
+    """The block list FlexAttention's kernel reads (on CPU FlexAttention applies only the mask, so the
+    greedy tests above cannot see a wrong list): for each row, exactly the blocks from the one holding
+    its first real position to the one holding its current position, and within them the mask keeps
+    exactly that span. A row no request holds (start = position = 0) reads one block."""
+    max_len = 4 * KV_BLOCK
+    spans = [(0, 0), (10, 20), (KV_BLOCK - 1, KV_BLOCK), (70, 4 * KV_BLOCK - 1), (KV_BLOCK, 3 * KV_BLOCK - 1), (0, 3 * KV_BLOCK)]
+    start, pos = (torch.tensor(x) for x in zip(*spans, strict=True))
+    mask = row_blocks(start, pos, max_len)
+    assert mask.shape == (len(spans), 1, 1, max_len)
+    read = mask.to_dense()[:, 0, 0].tolist()  # [rows, blocks]: 1 where the kernel reads the block
+    expected = [[int(a // KV_BLOCK <= k <= b // KV_BLOCK) for k in range(4)] for a, b in spans]
+    assert read == expected
+    keys = torch.arange(max_len)
+    inside = torch.stack([mask.mask_mod(torch.tensor(r), 0, 0, keys) for r in range(len(spans))])
+    assert inside.tolist() == [[a <= k <= b for k in range(max_len)] for a, b in spans]

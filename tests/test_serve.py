@@ -179,8 +179,9 @@ def test_engine_llmopt_serves_candidate_and_base_under_the_same_load(tiny_workdi
             assert tokens_per_request == pytest.approx(16, rel=1e-6)
             assert m[f"serve/tokens_per_chunk/{point}{suffix}"] <= 1.5
             assert m[f"serve/graph_captures/{point}{suffix}"] == 0
-        # 3 rows of 64 prompt (32 + 4 x 4, plus BOS, padded to 32) + 16 output tokens; all 3 in use at c3
-        assert (m[f"serve/kv_blocks{suffix}"], m[f"serve/kv_block_size{suffix}"]) == (3, 80)
+        # 3 rows of 64 prompt (32 + 4 x 4, plus BOS, padded to 32) + 16 output tokens, in whole blocks of 64
+        # keys: 128; all 3 in use at c3
+        assert (m[f"serve/kv_blocks{suffix}"], m[f"serve/kv_block_size{suffix}"]) == (3, 128)
         assert m[f"serve/kv_blocks_used_peak{suffix}"] == 3
     assert m["serve/weights_gb_in_memory"] < 0.6 * m["serve/weights_gb_in_memory_base"], "served on int4pack"
     reports = [json.loads(r.read_text()) for r in tiny_workdir["cache"].glob("stages/*/report.json")]
