@@ -11,8 +11,8 @@ static loop's step and schedules requests around it:
   holds one row from its prefill to its last token, then the row serves the next request. Every
   decode step runs all rows as one batch (rows without a request compute and are ignored), so it
   has one shape, and each row writes its token's keys and values at its own position;
-- **CUDA graphs captured at start-up, none while serving**: the decode step (compiled with
-  `torch.compile(mode="reduce-overhead")`, as the compiled runtime's) and one prefill graph per
+- **CUDA graphs captured at start-up, none while serving**: the decode step (compiled by
+  `torch.compile`, as the compiled runtime's, then captured) and one prefill graph per
   batch and prompt width (prompts left-padded to a multiple of `PREFILL_WIDTH`), so no request meets a
   capture (transformers serve captures a graph whenever a step meets a new padded shape);
 - waiting requests are prefilled together, up to 8 at once (batches of 1, 2, 4 or 8, each padded
@@ -106,6 +106,22 @@ def rows_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 AttentionInterface.register(ATTENTION, rows_attention)
 AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
+def _captured(run, pool, warmups: int = 1):
+    """`run` (tensors in, at fixed addresses, to a tensor out) captured into a CUDA graph in `pool`,
+    after `warmups` runs off the capturing stream (as torch's capture asks); a replay's function that
+    returns the graph's output tensor."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), torch.no_grad():
+        for _ in range(warmups):
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool), torch.no_grad():
+        out = run()
+    return lambda: (graph.replay(), out)[1]
 
 
 class SlotLayer:
@@ -262,29 +278,14 @@ class Engine:
             self.decode_run = lambda: step(self.tokens)
             return
         started = time.perf_counter()
-        step = torch.compile(self._decode, mode="reduce-overhead", fullgraph=True)
-
-        def decode_run():
-            torch.compiler.cudagraph_mark_step_begin()
-            return step(self.tokens)
-
-        with torch.no_grad():
-            for _ in range(3):  # compile, record, then a replay
-                decode_run()
-        self.decode_run = decode_run
+        # compiled by inductor without its CUDA graph trees, and captured here like the prefills: the trees
+        # keep their state per thread, and refuse a thread other than the one that first imported them
+        # (a second engine in one process, on a thread of its own, met that on an H100)
+        step = torch.compile(self._decode, fullgraph=True)
         pool = torch.cuda.graph_pool_handle()
-        self.prefill_run = {}
-        for shape in shapes:
-            inputs = self.prefill_inputs[shape]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), torch.no_grad():
-                self._prefill(*inputs)  # warm-up off the capturing stream, as torch's capture asks
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.no_grad():
-                first = self._prefill(*inputs)
-            self.prefill_run[shape] = (lambda graph=graph, first=first: (graph.replay(), first)[1])
+        self.decode_run = _captured(lambda: step(self.tokens), pool, warmups=2)  # compile, then a run
+        self.prefill_run = {shape: _captured(lambda shape=shape: self._prefill(*self.prefill_inputs[shape]), pool)
+                            for shape in shapes}
         torch.cuda.synchronize()
         self.graphs_captured = 1 + len(shapes)
         self.graph_capture_s = time.perf_counter() - started
