@@ -8,11 +8,14 @@ at the SLA by 1.20-1.24x where the static compiled loop gives 1.8-1.9x. This eng
 static loop's step and schedules requests around it:
 
 - **slots**: a static KV cache of `slots` rows of `max_len` tokens each (`SlotCache`); a request
-  holds one row from its prefill to its last token, then the row serves the next request. Every
-  decode step runs all rows as one batch (rows without a request compute and are ignored), so it
-  has one shape, and each row writes its token's keys and values at its own position;
-- **CUDA graphs captured at start-up, none while serving**: the decode step (compiled by
-  `torch.compile`, as the compiled runtime's, then captured) and one prefill graph per
+  holds one row from its prefill to its last token, then the row serves the next request;
+- **a decode step runs the rows that hold a request, not all rows**: gathered into the smallest of
+  the decode batches (`decode_batches`: 16, 32, 64, ... up to `slots`) that holds them, padded with
+  a free row; each writes its token's keys and values at its own row and position. Running all 64
+  rows every step cost a 7B's int4 weights their speed on an H100 (a step of 64 rows: 6.6 ms at
+  one stream, where the static loop's batch 1 takes 2.9 ms), and int4 served no faster than bf16;
+- **CUDA graphs captured at start-up, none while serving**: one decode step per decode batch
+  (compiled by `torch.compile`, as the compiled runtime's, then captured) and one prefill graph per
   batch and prompt width (prompts left-padded to a multiple of `PREFILL_WIDTH`), so no request meets a
   capture (transformers serve captures a graph whenever a step meets a new padded shape);
 - waiting requests are prefilled together, up to 8 at once (batches of 1, 2, 4 or 8, each padded
@@ -24,12 +27,13 @@ static loop's step and schedules requests around it:
 
 No paging: rows are reserved whole (`slots` x `max_len` tokens), which is what a load of at most
 `slots` streams of at most `max_len` tokens needs; the benchmark stage sizes both to the recipe's
-load. A decode step's attention reads only each row's own span, from its first real position to
-its current one, in blocks of `KV_BLOCK` keys: FlexAttention over a block list built in the step
-from the rows' positions (`row_blocks`). A masked dense read of every row's whole length costs
-`slots` x `max_len` keys a step whatever the load (18 GB a step for a 7B's 64 rows of 544
-tokens, more than its int4 weights' 3.9 GB); rows that no request holds read one block. Prefills
-run sdpa with a dense mask (`ATTENTION`).
+load. The rows lie end to end in one sequence of keys per layer, and a decode step's attention
+reads only each of its rows' own span, from its first real position to its current one, in blocks
+of `KV_BLOCK` keys: FlexAttention over a block list built in the step from the rows' positions
+(`row_blocks`), every query against the one shared sequence. A masked dense read of every row's
+whole length costs `slots` x `max_len` keys a step whatever the load (18 GB a step for a 7B's 64
+rows of 544 tokens, more than its int4 weights' 3.9 GB). Prefills run sdpa with a dense mask
+(`ATTENTION`).
 
 `python -m llmopt.serve SPEC.json` runs it when the spec names `"engine": "llmopt"` (`serve`): the
 OpenAI-compatible `/v1/completions` (streamed or not, `ignore_eos`, `max_tokens`), `/v1/models`,
@@ -60,11 +64,23 @@ PREFILL_BATCHES = (1, 2, 4, 8)  # requests prefilled together (waiting ones, old
 KV_BLOCK = 64  # keys per block of a decode step's attention (rows are a whole number of blocks; FlexAttention's
 # decoding kernel tiles keys by 64 on CUDA, and a row's span wastes half a block at each end on average)
 ATTENTION = "llmopt_rows"  # the attention the engine sets on its model: FlexAttention for a BlockMask, else sdpa
+DECODE_BATCH_MIN = 16  # the smallest decode batch: a 7B's step of up to 16 rows costs about one row's (Marlin and
+# cuBLAS tile 16 rows; the weights' read is the step), so fewer graphs to compile at start-up
 
 
 def prefill_widths(max_prompt: int) -> list[int]:
     """The padded prompt widths a server of prompts up to `max_prompt` tokens captures."""
     return list(range(PREFILL_WIDTH, -(-max_prompt // PREFILL_WIDTH) * PREFILL_WIDTH + 1, PREFILL_WIDTH))
+
+
+def decode_batches(slots: int, smallest: int = DECODE_BATCH_MIN) -> list[int]:
+    """The decode steps' batch sizes, one compiled graph each: powers of two from `smallest` below
+    `slots`, then `slots`. A step runs the smallest that holds every row with a request."""
+    sizes, size = [], smallest
+    while size < slots:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, slots]
 
 
 def _attention_shape(config) -> tuple[int, int, int]:
@@ -76,12 +92,13 @@ def _attention_shape(config) -> tuple[int, int, int]:
     return kv_shape(config)
 
 
-def row_blocks(start: torch.Tensor, pos: torch.Tensor, max_len: int) -> BlockMask:
-    """Each row's keys from `start` to `pos` (both included; [rows]) as a FlexAttention BlockMask for one
-    query a row: the row's blocks of KV_BLOCK keys from the one holding `start` to the one holding
-    `pos` (the kernel reads no other), and the mask within them. Tensor operations only: it is built
-    inside the compiled decode step, from the positions the engine writes before each step."""
-    blocks = max_len // KV_BLOCK
+def row_blocks(start: torch.Tensor, pos: torch.Tensor, keys: int) -> BlockMask:
+    """For one query a row [rows], its keys from `start` to `pos` (both included) of a sequence of `keys`
+    keys, as a FlexAttention BlockMask: the row's blocks of KV_BLOCK keys from the one holding `start`
+    to the one holding `pos` (the kernel reads no other), and the mask within them. Tensor operations
+    only: it is built inside the compiled decode step, from the positions the engine writes before
+    each step."""
+    blocks = keys // KV_BLOCK
     first = start // KV_BLOCK
     count = (pos // KV_BLOCK - first + 1).to(torch.int32)
     indices = (first[:, None] + torch.arange(blocks, device=start.device)[None]).clamp(max=blocks - 1).to(torch.int32)
@@ -90,14 +107,14 @@ def row_blocks(start: torch.Tensor, pos: torch.Tensor, max_len: int) -> BlockMas
         return (kv >= start[b]) & (kv <= pos[b])
 
     return BlockMask.from_kv_blocks(count[:, None, None], indices[:, None, None], BLOCK_SIZE=(128, KV_BLOCK),
-                                    mask_mod=inside, seq_lengths=(1, max_len))
+                                    mask_mod=inside, seq_lengths=(1, keys))
 
 
 def rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The engine's attention: FlexAttention when the mask is a BlockMask (the decode step's rows),
     sdpa for any other mask (prefills; and the model's own calls, so a model left with it behaves as
     with sdpa)."""
-    if isinstance(attention_mask, BlockMask):
+    if isinstance(attention_mask, BlockMask):  # queries [rows, heads, 1, d]; keys [1, KV heads, all rows' keys, d]
         out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling,
                              enable_gqa=query.shape[1] != key.shape[1])
         return out.transpose(1, 2).contiguous(), None
@@ -125,8 +142,9 @@ def _captured(run, pool, warmups: int = 1):
 
 
 class SlotLayer:
-    """One layer's rows of a `SlotCache`: a decode step writes each row's new key and value at that
-    row's own position (`SlotCache.write_pos`) and attends over the whole row."""
+    """One layer's rows of a `SlotCache`, end to end in one sequence [1, KV heads, slots x max_len, head
+    size]: a decode step writes each of its rows' new key and value at that row's own place in it
+    (`SlotCache.write_at`) and attends over the sequence (its own span of it, by the step's mask)."""
 
     is_compileable, is_sliding, is_initialized = True, False, True
 
@@ -134,9 +152,9 @@ class SlotLayer:
         self.owner, self.keys, self.values = owner, keys, values
 
     def update(self, key_states, value_states, *args, **kwargs):
-        rows, pos = self.owner.rows, self.owner.write_pos
-        self.keys[rows, :, pos] = key_states[:, :, -1]
-        self.values[rows, :, pos] = value_states[:, :, -1]
+        at = self.owner.write_at[:key_states.shape[0]]
+        self.keys[0].index_copy_(1, at, key_states[:, :, -1].transpose(0, 1))
+        self.values[0].index_copy_(1, at, value_states[:, :, -1].transpose(0, 1))
         return self.keys, self.values
 
     def get_seq_length(self) -> int:
@@ -150,21 +168,21 @@ class SlotLayer:
 
 
 class SlotCache(Cache):
-    """`slots` rows of `max_len` positions for every layer, preallocated at fixed addresses (CUDA
-    graphs replay them); `write_pos` (each row's position this step) and `start` (the row's first
-    real position: its prompt is left-padded) are static tensors the engine fills before a step."""
+    """`slots` rows of `max_len` positions for every layer, end to end (row r holds positions r x max_len
+    to (r + 1) x max_len - 1 of the layer's sequence), preallocated at fixed addresses (CUDA graphs
+    replay them); `write_at`: where each row of this step's batch writes, filled by the step."""
 
     def __init__(self, config, slots: int, max_len: int, device, dtype):
         layers, kv_heads, head_dim = _attention_shape(config)
-        shape = (slots, kv_heads, max_len, head_dim)
+        shape = (1, kv_heads, slots * max_len, head_dim)
         super().__init__(layers=[SlotLayer(self, torch.zeros(shape, dtype=dtype, device=device),
                                            torch.zeros(shape, dtype=dtype, device=device)) for _ in range(layers)])
         self.slots, self.max_len = slots, max_len
-        self.rows = torch.arange(slots, device=device)
-        self.write_pos = torch.zeros(slots, dtype=torch.long, device=device)
-        self.start = torch.zeros(slots, dtype=torch.long, device=device)
-        for t in (*(x for layer in self.layers for x in (layer.keys, layer.values)), self.rows, self.write_pos, self.start):
-            torch._dynamo.mark_static_address(t)
+        self.write_at = torch.zeros(slots, dtype=torch.long, device=device)
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """A layer's keys or values as rows [KV heads, slots, max_len, head size] (a view)."""
+        return x[0].view(x.shape[1], self.slots, self.max_len, x.shape[3])
 
     @property
     def bytes(self) -> int:
@@ -190,7 +208,8 @@ class Engine:
     (compiles and captures on CUDA; on CPU the steps run eagerly) and starts the loop's thread;
     `submit` queues a request from any thread."""
 
-    def __init__(self, model, device: str, slots: int, max_prompt: int, max_new: int, compile_backend: str | None = None):
+    def __init__(self, model, device: str, slots: int, max_prompt: int, max_new: int, compile_backend: str | None = None,
+                 smallest_batch: int = DECODE_BATCH_MIN):
         if slots < 1 or max_prompt < 1 or max_new < 1:
             raise ValueError(f"slots, max_prompt and max_new must be positive, not {slots}, {max_prompt}, {max_new}")
         attention = model.config._attn_implementation
@@ -207,7 +226,8 @@ class Engine:
         self.cache = SlotCache(model.config, slots, self.max_len, device, self.dtype)
         from transformers import StaticCache
 
-        _, kv_heads, _, head_dim = self.cache.layers[0].keys.shape  # [slots, KV heads, max_len, head size]
+        _, kv_heads, _, head_dim = self.cache.layers[0].keys.shape  # [1, KV heads, slots x max_len, head size]
+        self.decode_sizes = decode_batches(slots, smallest_batch)
         self.batches = [b for b in PREFILL_BATCHES if b <= slots]
         self.scratch = {}  # per prefill batch: its prompts' keys and values before they go to their rows
         for b in self.batches:
@@ -215,8 +235,12 @@ class Engine:
             probe = torch.zeros(b, kv_heads, 1, head_dim, dtype=self.dtype, device=device)
             for layer in self.scratch[b].layers:  # allocated now, outside any graph's memory pool
                 layer.lazy_initialization(probe, probe)
-        self.tokens = torch.zeros(slots, 1, dtype=torch.long, device=device)  # each row's input this step
+        self.last = torch.zeros(slots, dtype=torch.long, device=device)  # each row's latest token: its next input
         cuda = device.startswith("cuda")
+        # a decode step's batch [slots, 3]: each entry's row, position and first real position (its first
+        # `batch` entries), written through pinned memory before the step
+        self.step_plan = torch.zeros(slots, 3, dtype=torch.long, device=device)
+        self._plan = torch.zeros(slots, 3, dtype=torch.long, pin_memory=cuda)
         # the tokens' way to the host: pinned, copied after the step, then an event waited on without the
         # GIL (.tolist() of a CUDA tensor waits holding it, which would stall the HTTP thread a whole step)
         self._host = torch.zeros(slots, dtype=torch.long, pin_memory=cuda)
@@ -225,6 +249,8 @@ class Engine:
         self.rows: list[Request | None] = [None] * slots
         self.graphs_captured, self.graph_capture_s, self.peak_rows = 0, 0.0, 0
         self.steps, self.prefills, self.prefill_calls = 0, 0, 0
+        self.steps_by_batch = dict.fromkeys(self.decode_sizes, 0)
+        self.padded_steps = 0  # steps whose batch carried free rows (fewer active rows than a decode batch)
         self._stop, self._arrived = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.failed: BaseException | None = None
@@ -251,18 +277,26 @@ class Engine:
         logits = self.model(input_ids=ids, position_ids=positions, attention_mask=allowed[:, None],
                             past_key_values=scratch, use_cache=True, logits_to_keep=1).logits
         for source, target in zip(scratch.layers, self.cache.layers, strict=True):
-            target.keys[:, :, :width].index_copy_(0, rows, source.keys[:, :, :width])
-            target.values[:, :, :width].index_copy_(0, rows, source.values[:, :, :width])
-        return logits[:, -1].argmax(-1)
+            for mine, theirs in ((target.keys, source.keys), (target.values, source.values)):
+                self.cache.rows(mine)[:, :, :width].index_copy_(1, rows, theirs[:, :, :width].transpose(0, 1))
+        first = logits[:, -1].argmax(-1)
+        self.last.index_copy_(0, rows, first)
+        return first
 
-    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """One token for every row [slots, 1] at its own position, attending over its own span of keys
-        (`row_blocks`); each row's next token [slots]."""
+    def _decode(self, batch: int) -> torch.Tensor:
+        """One token for each of the first `batch` rows of the step's plan, each at its own position and
+        attending over its own span of keys (`row_blocks`); their next tokens [batch], also kept as the
+        rows' latest."""
         cache = self.cache
-        logits = self.model(input_ids=tokens, position_ids=(cache.write_pos - cache.start)[:, None],
-                            attention_mask=row_blocks(cache.start, cache.write_pos, cache.max_len),
+        rows, pos, start = self.step_plan[:batch].unbind(1)
+        offset = rows * cache.max_len  # each row's first key in the layers' sequence
+        cache.write_at[:batch].copy_(offset + pos)
+        logits = self.model(input_ids=self.last[rows][:, None], position_ids=(pos - start)[:, None],
+                            attention_mask=row_blocks(offset + start, offset + pos, cache.slots * cache.max_len),
                             past_key_values=cache, use_cache=True).logits
-        return logits[:, -1].argmax(-1)
+        made = logits[:, -1].argmax(-1)
+        self.last.index_copy_(0, rows, made)
+        return made
 
     def _build(self) -> None:
         """The steps as CUDA graphs on CUDA (the decode compiled, one prefill graph per batch and
@@ -271,27 +305,41 @@ class Engine:
         self.prefill_inputs = {(b, w): (torch.zeros(b, w, dtype=torch.long, device=self.device),
                                         torch.zeros(b, dtype=torch.long, device=self.device),
                                         torch.arange(b, device=self.device)) for b, w in shapes}
+        # one compiled graph per decode batch (the batch is a constant of its graph)
+        limit = torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit,
+                                                               len(self.decode_sizes)))
         if not self.device.startswith("cuda"):
             self.prefill_run = {shape: (lambda shape=shape: self._prefill(*self.prefill_inputs[shape])) for shape in shapes}
-            step = torch.compile(self._decode, backend=self.compile_backend, fullgraph=True) if self.compile_backend \
-                else self._decode
-            self.decode_run = lambda: step(self.tokens)
+            step = torch.compile(self._decode, backend=self.compile_backend, fullgraph=True, dynamic=False) \
+                if self.compile_backend else self._decode
+            self.decode_run = {b: (lambda b=b: step(b)) for b in self.decode_sizes}
+            if self.compile_backend:  # traced now, as CUDA compiles at start-up
+                with limit, torch.no_grad():
+                    for run in self.decode_run.values():
+                        run()
+                self._clear()
             return
         started = time.perf_counter()
         # compiled by inductor without its CUDA graph trees, and captured here like the prefills: the trees
         # keep their state per thread, and refuse a thread other than the one that first imported them
         # (a second engine in one process, on a thread of its own, met that on an H100)
-        step = torch.compile(self._decode, fullgraph=True)
+        step = torch.compile(self._decode, fullgraph=True, dynamic=False)
         pool = torch.cuda.graph_pool_handle()
-        self.decode_run = _captured(lambda: step(self.tokens), pool, warmups=2)  # compile, then a run
+        with limit:
+            self.decode_run = {b: _captured(lambda b=b: step(b), pool, warmups=2) for b in self.decode_sizes}
         self.prefill_run = {shape: _captured(lambda shape=shape: self._prefill(*self.prefill_inputs[shape]), pool)
                             for shape in shapes}
         torch.cuda.synchronize()
-        self.graphs_captured = 1 + len(shapes)
+        self.graphs_captured = len(self.decode_sizes) + len(shapes)
         self.graph_capture_s = time.perf_counter() - started
-        for layer in self.cache.layers:  # the warm-up wrote rows that no request owns
+        self._clear()
+
+    def _clear(self) -> None:
+        """The warm-up wrote rows that no request owns."""
+        for layer in self.cache.layers:
             layer.keys.zero_()
             layer.values.zero_()
+        self.last.zero_()
 
     # --- the loop --------------------------------------------------------------------------------
 
@@ -415,7 +463,6 @@ class Engine:
             pad.copy_(torch.tensor([width - len(r.ids) for r in batch]))
             row_ids.copy_(torch.tensor(rows))
             first = self.prefill_run[(k, width)]()
-            self.tokens.index_copy_(0, row_ids, first[:, None])
             self.prefills += k
             self.prefill_calls += 1
             for i, request, token in zip(rows, batch, self._read(first), strict=True):
@@ -438,15 +485,16 @@ class Engine:
                 self._arrived.wait(0.1)  # idle: wait for a request
                 self._arrived.clear()
                 continue
-            self.cache.write_pos.copy_(torch.tensor(positions))
-            self.cache.start.copy_(torch.tensor(starts))
-            out = self.decode_run()
-            self.tokens.copy_(out[:, None])
-            made = self._read(out)
+            batch = next(b for b in self.decode_sizes if b >= len(active))
+            pad = [self.rows.index(None)] * (batch - len(active)) if batch > len(active) else []  # a free row
+            self._plan[:batch] = torch.tensor([(i, positions[i], starts[i]) for i in active] + [(i, 0, 0) for i in pad])
+            self.step_plan[:batch].copy_(self._plan[:batch], non_blocking=True)
+            made = self._read(self.decode_run[batch]()[:len(active)])
             self.steps += 1
-            for i in active:
+            self.steps_by_batch[batch] += 1
+            self.padded_steps += bool(pad)
+            for i, token in zip(active, made, strict=True):
                 request = self.rows[i]
-                token = made[i]
                 request.made += 1
                 positions[i] += 1
                 request.deliver(token)
@@ -464,7 +512,9 @@ class Engine:
                            "max_new_tokens": self.max_new, "prefill_widths": self.widths,
                            "prefill_batches": self.batches, "sampling": "greedy",
                            "attention": {"decode": f"flex, blocks of {KV_BLOCK} keys", "prefill": "sdpa"},
-                           "steps": self.steps, "prefills": self.prefills,
+                           "decode_batches": self.decode_sizes, "steps": self.steps,
+                           "steps_by_batch": {str(b): n for b, n in self.steps_by_batch.items()},
+                           "padded_steps": self.padded_steps, "prefills": self.prefills,
                            "prefill_calls": self.prefill_calls}}
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import greedy_by_forward_passes
-from llmopt.engine import KV_BLOCK, Detokenizer, Engine, Request, prefill_widths, row_blocks
+from llmopt.engine import KV_BLOCK, Detokenizer, Engine, Request, decode_batches, prefill_widths, row_blocks
 from llmopt.models import load_plain, load_tokenizer
 
 
@@ -20,9 +20,10 @@ def tiny(tiny_model):
 def test_rows_decode_what_generate_decodes(tiny):
     """7 requests of different prompt lengths (padded to 32 and 64) and output lengths on 3 rows:
     prefilled in batches (prompts of different lengths padded to one width), rows taken, freed and
-    taken again mid-stream, and every request's tokens equal greedy decoding's by whole forward passes."""
+    taken again mid-stream, decode steps of 3 rows and of 2 (two rows gathered, or one and a free
+    row), and every request's tokens equal greedy decoding's by whole forward passes."""
     model, _ = tiny
-    engine = Engine(model, "cpu", slots=3, max_prompt=50, max_new=24).start()
+    engine = Engine(model, "cpu", slots=3, max_prompt=50, max_new=24, smallest_batch=2).start()
     try:
         assert engine.widths == [32, 64] and engine.max_len == 128, "64 + 24 keys, in whole blocks of 64"
         g = torch.Generator().manual_seed(0)
@@ -32,8 +33,13 @@ def test_rows_decode_what_generate_decodes(tiny):
         got = engine.complete(prompts, outputs)
         assert engine.peak_rows == 3 and engine.prefills == 7, "all three rows in use, every request prefilled once"
         assert engine.batches == [1, 2] and engine.prefill_calls < 7, "the first three prefilled as a batch of 2 and 1"
+        assert engine.decode_sizes == [2, 3] and min(engine.steps_by_batch.values()) > 0
+        padded = engine.padded_steps
+        [alone] = engine.complete([prompts[0]], [9])
+        assert engine.padded_steps == padded + 8, "a lone request's 8 decode steps ran as a batch of 2 with a free row"
     finally:
         engine.stop()
+    assert alone == got[0][:9]
     assert model.config._attn_implementation == "sdpa", "the model's own attention given back by stop()"
     for ids, n, tokens in zip(prompts, outputs, got, strict=True):
         assert tokens == greedy_by_forward_passes(model, ids, n), f"prompt of {len(ids)} tokens, {n} out"
@@ -52,6 +58,11 @@ def test_a_request_ends_at_eos_unless_it_ignores_it(tiny):
     finally:
         engine.stop()
     assert ended == expected[:expected.index(stop_at) + 1] and full == expected
+
+
+def test_decode_batches_grow_by_powers_of_two_to_the_rows():
+    assert decode_batches(64) == [16, 32, 64] and decode_batches(100) == [16, 32, 64, 100]
+    assert decode_batches(16) == [16] and decode_batches(3) == [3] and decode_batches(5, 1) == [1, 2, 4, 5]
 
 
 def test_requests_that_do_not_fit_are_refused(tiny):
@@ -120,19 +131,21 @@ def test_the_openai_completions_api_streams_token_by_token(tiny):
 
 def test_the_decode_step_traces_whole_and_once(tiny):
     """CUDA compiles the decode step (fullgraph, then CUDA graphs): traced here on CPU by torch.compile
-    (aot_eager), it is one graph that rows coming and going never recompile, with the same tokens."""
+    (aot_eager), it is one graph per decode batch (1 and 2 rows), all traced at start-up, that rows
+    coming and going never recompile, with the same tokens."""
     model, _ = tiny
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    engine = Engine(model, "cpu", slots=2, max_prompt=20, max_new=6, compile_backend="aot_eager").start()
+    engine = Engine(model, "cpu", slots=2, max_prompt=20, max_new=9, compile_backend="aot_eager", smallest_batch=1).start()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     try:
         g = torch.Generator().manual_seed(2)
         prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (4, 20, 9)]
-        got = engine.complete(prompts, [6, 2, 5])
+        got = engine.complete(prompts, [6, 2, 9])
     finally:
         engine.stop()
-    assert got == [greedy_by_forward_passes(model, ids, n) for ids, n in zip(prompts, [6, 2, 5], strict=True)]
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert got == [greedy_by_forward_passes(model, ids, n) for ids, n in zip(prompts, [6, 2, 9], strict=True)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 and min(engine.steps_by_batch.values()) > 0
 
 
 def test_a_decode_step_reads_only_the_blocks_of_each_rows_own_span():

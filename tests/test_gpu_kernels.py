@@ -159,10 +159,14 @@ def test_compiled_runtime_decodes_a_left_padded_batch_as_generate_does(tiny_mode
 
 @pytest.mark.parametrize("kernel", ["none", "marlin"])
 def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids, kernel_cache, tmp_path):
-    """engine llmopt on CUDA: its decode step compiled into CUDA graphs (Marlin's custom op inside for
-    int4) and one prefill graph per batch (1, 2) and prompt width (32, 64), all captured at start; 5
-    requests of 5-40 tokens on 2 rows (rows reused, prompts left-padded): each one's first 8 tokens are greedy
-    decoding's by whole forward passes on the same model (the module's tolerance: bf16, other kernels)."""
+    """engine llmopt on CUDA: its decode steps (batches of 1 and 2 rows) compiled into CUDA graphs (Marlin's
+    custom op inside for int4) and one prefill graph per batch (1, 2) and prompt width (32, 64), all
+    captured at start; 5 requests of 5-40 tokens on 2 rows (rows reused, prompts left-padded, the
+    keys read by FlexAttention's block lists), then 2 again: each of their 8 tokens is greedy
+    decoding's choice, scored by whole forward passes on the same model along the engine's text, or
+    within the module's 0.1 of it (bf16 logits near 10 carry about 0.06 of rounding, and the engine's
+    attention and batch shapes round differently: on an H100 the Marlin case's second token of one
+    request took the runner-up of a near-tie)."""
     from llmopt.engine import Engine
     from transformers import AutoModelForCausalLM
 
@@ -182,12 +186,25 @@ def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids
         assert applied.kernel == "marlin"
     prompts = [list(ids[start:start + n]) for start, n in ((0, 16), (100, 11), (200, 40), (300, 5), (400, 27))]
     expected = [greedy_by_forward_passes(model, p, 8) for p in prompts]
-    engine = Engine(model, "cuda", slots=2, max_prompt=40, max_new=8).start()
+    engine = Engine(model, "cuda", slots=2, max_prompt=40, max_new=8, smallest_batch=1).start()
     try:
-        assert engine.graphs_captured == 1 + len(engine.batches) * len(engine.widths) == 5
+        assert engine.graphs_captured == len(engine.decode_sizes) + len(engine.batches) * len(engine.widths) == 6
         got = engine.complete(prompts, [8] * len(prompts))
         again = engine.complete(prompts[:2], [8, 8])
+        assert min(engine.steps_by_batch.values()) > 0, engine.steps_by_batch
     finally:
         engine.stop()
-    assert got == expected, (got, expected)
-    assert again == got[:2], "rows reused by later requests decode the same"
+    gaps = [_greedy_gap(model, p, tokens) for p, tokens in zip(prompts + prompts[:2], got + again, strict=True)]
+    exact = sum(a == b for a, b in zip(got + again, expected + expected[:2], strict=True))
+    print(f"engine {kernel}: {exact}/7 requests as greedy decoding exactly; largest gap {max(gaps):.3f}")
+    assert max(gaps) <= 0.1, (gaps, got, expected)
+
+
+def _greedy_gap(model, prompt: list[int], tokens: list[int]) -> float:
+    """How far below the model's top logit each of `tokens` (made after `prompt`) scores, at most:
+    0 for greedy decoding's own tokens."""
+    seq = torch.tensor([prompt + tokens], device="cuda")
+    with torch.no_grad():
+        logits = model(seq).logits[0, len(prompt) - 1:-1].float()
+    chosen = logits.gather(-1, seq[0, len(prompt):, None]).squeeze(-1)
+    return (logits.max(-1).values - chosen).max().item()
