@@ -249,6 +249,7 @@ class Engine:
         self.rows: list[Request | None] = [None] * slots
         self.graphs_captured, self.graph_capture_s, self.peak_rows = 0, 0.0, 0
         self.steps, self.prefills, self.prefill_calls = 0, 0, 0
+        self.prefill_tokens, self.prefill_padded_tokens = 0, 0  # prompts' tokens, and the tokens their prefills computed
         self.steps_by_batch = dict.fromkeys(self.decode_sizes, 0)
         self.padded_steps = 0  # steps whose batch carried free rows (fewer active rows than a decode batch)
         self._stop, self._arrived = threading.Event(), threading.Event()
@@ -448,11 +449,13 @@ class Engine:
         return taken
 
     def _admit(self, positions: list[int], starts: list[int]) -> None:
-        """Prefill waiting requests into free rows, in batches of PREFILL_BATCHES (the largest that the
-        waiting requests fill), each padded to the widest prompt of its batch; each request's first
-        token goes out at once."""
+        """Prefill waiting requests into free rows (the oldest first, as many as there are free rows),
+        in batches of PREFILL_BATCHES (the largest that the waiting requests fill), each padded to the
+        widest prompt of its batch; each request's first token goes out at once. The requests of one
+        turn are batched by prompt length, so a batch pads its prompts to a width near their own: a
+        burst's prefills are compute-bound, and its last TTFT is the burst's padded tokens."""
         free = [i for i, request in enumerate(self.rows) if request is None]
-        taken = self._waiting(len(free))
+        taken = sorted(self._waiting(len(free)), key=lambda r: len(r.ids))
         while taken:
             k = max(b for b in self.batches if b <= len(taken))
             batch, taken = taken[:k], taken[k:]
@@ -465,6 +468,8 @@ class Engine:
             first = self.prefill_run[(k, width)]()
             self.prefills += k
             self.prefill_calls += 1
+            self.prefill_tokens += sum(len(r.ids) for r in batch)
+            self.prefill_padded_tokens += k * width
             for i, request, token in zip(rows, batch, self._read(first), strict=True):
                 request.made = 1
                 request.deliver(token)
@@ -515,6 +520,7 @@ class Engine:
                            "decode_batches": self.decode_sizes, "steps": self.steps,
                            "steps_by_batch": {str(b): n for b, n in self.steps_by_batch.items()},
                            "padded_steps": self.padded_steps, "prefills": self.prefills,
+                           "prefill_tokens": self.prefill_tokens, "prefill_padded_tokens": self.prefill_padded_tokens,
                            "prefill_calls": self.prefill_calls}}
 
 

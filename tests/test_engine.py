@@ -5,6 +5,8 @@ requests overlap."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import greedy_by_forward_passes
@@ -43,6 +45,29 @@ def test_rows_decode_what_generate_decodes(tiny):
     assert model.config._attn_implementation == "sdpa", "the model's own attention given back by stop()"
     for ids, n, tokens in zip(prompts, outputs, got, strict=True):
         assert tokens == greedy_by_forward_passes(model, ids, n), f"prompt of {len(ids)} tokens, {n} out"
+
+
+def test_requests_waiting_together_are_prefilled_by_length(tiny):
+    """Three requests waiting together (prompts of 40, 5 and 6 tokens) on 3 rows are prefilled as a batch
+    of 2 and one of 1: by length, the 5 and 6 share a width of 32 and the 40 has 64 to itself (128
+    tokens computed); in arrival order the 40 and 5 would pad to 64 together (160). Each request's
+    tokens stay greedy decoding's."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (40, 5, 6)]
+    out: list[list[int]] = [[], [], []]
+    engine = Engine(model, "cpu", slots=3, max_prompt=40, max_new=4)
+    for i, ids in enumerate(prompts):  # all waiting before the loop starts
+        engine.submit(Request(ids=ids, max_new=4, deliver=lambda t, i=i: t is not None and out[i].append(t)))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while any(len(o) < 4 for o in out) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert (engine.prefill_calls, engine.prefill_tokens, engine.prefill_padded_tokens) == (2, 51, 128)
+    assert out == [greedy_by_forward_passes(model, ids, 4) for ids in prompts]
 
 
 def test_a_request_ends_at_eos_unless_it_ignores_it(tiny):
