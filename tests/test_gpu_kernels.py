@@ -116,6 +116,54 @@ def test_compiled_runtime_runs_marlin_in_its_cuda_graph(tiny_model, kernel_cache
     assert result.metrics["kernel/layers"] == LAYERS and result.metrics["bench/output_tok_s/bs8"] > 0
 
 
+def test_a_benchmarked_model_is_gone_before_the_next_is_measured(tiny_model, kernel_cache, tmp_path):
+    """A bf16 base benchmarked after its quantized candidate in one process counted the candidate's
+    whole model in its peak memory (7B, H100 and H200: the base's extra was the candidate's own
+    batch-1 peak, Marlin and FP8 alike, with Marlin's layer list already weak). After a compiled-runtime
+    benchmark stage and the runner's collection, no quantized layer may be alive and CUDA memory must
+    be back where it was; on failure the message names what holds a layer, a few referrers deep."""
+    import gc
+
+    from llmopt.cache import Artifact
+    from llmopt.kernels.linear import QuantLinear
+    from llmopt.methods.gptq_rtn import GptqRtnQuantize
+    from llmopt.recipe import Benchmark
+    from llmopt.runner import release_memory
+    from llmopt.stages import StageContext, benchmark, quantize
+
+    ctx = StageContext("cuda", "bfloat16", False, progress=False, cache_root=kernel_cache)
+    (tmp_path / "q").mkdir()
+    artifact = quantize.run(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32),
+                            Artifact(tiny_model, "hf-checkpoint"), tmp_path / "q", ctx)
+    release_memory("cuda")
+    before = torch.cuda.memory_allocated()
+    cfg = Benchmark(stage="benchmark", runtime="transformers-compiled", kernel="marlin", batch_sizes=[1, 4],
+                    input_tokens=32, output_tokens=16, warmup=1, repeats=1)
+    (tmp_path / "b").mkdir()
+    benchmark.run(cfg, artifact, tmp_path / "b", ctx)
+    release_memory("cuda")
+    alive = [o for o in gc.get_objects() if isinstance(o, QuantLinear)]
+    assert not alive, f"{len(alive)} quantized layers alive; held by: {_holders(alive[0])}"
+    assert torch.cuda.memory_allocated() - before < 1e6, (before, torch.cuda.memory_allocated())
+
+
+def _holders(obj, depth: int = 4) -> list[str]:
+    """The types (and a dict's keys) on a chain of referrers up from `obj`: what keeps it alive."""
+    import gc
+    import inspect
+
+    chain, seen = [], {id(obj)}
+    for _ in range(depth):
+        referrers = [r for r in gc.get_referrers(obj) if id(r) not in seen and not inspect.isframe(r)
+                     and not (isinstance(r, list) and any(x is obj for x in r) and len(r) > 50)]
+        if not referrers:
+            break
+        obj = referrers[0]
+        seen.add(id(obj))
+        chain.append(type(obj).__name__ + (f"{sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else ""))
+    return chain
+
+
 def test_compiled_runtime_decodes_what_generate_decodes(tiny_model, ids):
     """The compiled runtime (its decode step one CUDA graph) produces greedy decoding's tokens: the
     first 8 as `generate` (the module's tolerance: inductor's fusions round differently from eager),
