@@ -252,6 +252,10 @@ class Engine:
         self.prefill_tokens, self.prefill_padded_tokens = 0, 0  # prompts' tokens, and the tokens their prefills computed
         self.steps_by_batch = dict.fromkeys(self.decode_sizes, 0)
         self.padded_steps = 0  # steps whose batch carried free rows (fewer active rows than a decode batch)
+        # a step's tokens (None: the request's end), handed out once the next step is launched, so that the
+        # GPU runs while the HTTP side takes them
+        self._pending: list[tuple[Request, int | None]] = []
+        self.host_s, self.host_steps = 0.0, 0  # host time from a step's tokens read to the next step's launch
         self._stop, self._arrived = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.failed: BaseException | None = None
@@ -409,7 +413,13 @@ class Engine:
             raise RuntimeError(f"the serving loop failed: {self.failed}") from self.failed
         return out
 
+    def _hand_out(self) -> None:
+        pending, self._pending = self._pending, []
+        for request, token in pending:
+            request.deliver(token)
+
     def _fail_all(self) -> None:
+        self._hand_out()  # these were made
         for i, request in enumerate(self.rows):
             if request is not None:
                 request.finish = "error"
@@ -430,10 +440,6 @@ class Engine:
         self._copied.synchronize()
         return host.tolist()
 
-    def _end(self, i: int) -> None:
-        request, self.rows[i] = self.rows[i], None
-        request.deliver(None)
-
     def _waiting(self, most: int) -> list[Request]:
         """Up to `most` waiting requests, oldest first (cancelled ones ended on the way)."""
         taken: list[Request] = []
@@ -448,7 +454,7 @@ class Engine:
                 taken.append(request)
         return taken
 
-    def _admit(self, positions: list[int], starts: list[int]) -> None:
+    def _admit(self, positions: list[int], starts: list[int]) -> int:
         """Prefill waiting requests into free rows (the oldest first, as many as there are free rows),
         in batches of PREFILL_BATCHES (the largest that the waiting requests fill), each padded to the
         widest prompt of its batch; each request's first token goes out at once. The requests of one
@@ -456,6 +462,9 @@ class Engine:
         burst's prefills are compute-bound, and its last TTFT is the burst's padded tokens."""
         free = [i for i, request in enumerate(self.rows) if request is None]
         taken = sorted(self._waiting(len(free)), key=lambda r: len(r.ids))
+        admitted = len(taken)
+        if taken:
+            self._hand_out()  # the last step's tokens before the prefills, which take a while
         while taken:
             k = max(b for b in self.batches if b <= len(taken))
             batch, taken = taken[:k], taken[k:]
@@ -479,14 +488,19 @@ class Engine:
                     continue
                 self.rows[i] = request
                 positions[i], starts[i] = width, width - len(request.ids)
+        return admitted
 
     def _loop(self) -> None:
         positions, starts = [0] * self.slots, [0] * self.slots
+        ready = None  # when the last step's tokens were read, if no prefill has run since
         while not self._stop.is_set():
-            self._admit(positions, starts)
+            if self._admit(positions, starts):
+                ready = None
             active = [i for i, r in enumerate(self.rows) if r is not None]
             self.peak_rows = max(self.peak_rows, len(active))
             if not active:
+                self._hand_out()
+                ready = None
                 self._arrived.wait(0.1)  # idle: wait for a request
                 self._arrived.clear()
                 continue
@@ -494,7 +508,13 @@ class Engine:
             pad = [self.rows.index(None)] * (batch - len(active)) if batch > len(active) else []  # a free row
             self._plan[:batch] = torch.tensor([(i, positions[i], starts[i]) for i in active] + [(i, 0, 0) for i in pad])
             self.step_plan[:batch].copy_(self._plan[:batch], non_blocking=True)
-            made = self._read(self.decode_run[batch]()[:len(active)])
+            if ready is not None:  # the GPU idled from the last step's end to here
+                self.host_s += time.perf_counter() - ready
+                self.host_steps += 1
+            out = self.decode_run[batch]()
+            self._hand_out()  # the last step's tokens, while this one runs
+            made = self._read(out[:len(active)])
+            ready = time.perf_counter()
             self.steps += 1
             self.steps_by_batch[batch] += 1
             self.padded_steps += bool(pad)
@@ -502,11 +522,13 @@ class Engine:
                 request = self.rows[i]
                 request.made += 1
                 positions[i] += 1
-                request.deliver(token)
+                self._pending.append((request, token))
                 if request.cancelled or request.made >= request.max_new or token in request.eos:
                     request.finish = "stop" if token in request.eos and request.made < request.max_new else "length"
-                    self._end(i)
+                    self.rows[i] = None
+                    self._pending.append((request, None))
                     positions[i] = starts[i] = 0
+        self._hand_out()
 
     def stats(self) -> dict:
         """The rows as `/llmopt/stats` reports a KV cache: a row is a block of `max_len` tokens."""
@@ -520,8 +542,31 @@ class Engine:
                            "decode_batches": self.decode_sizes, "steps": self.steps,
                            "steps_by_batch": {str(b): n for b, n in self.steps_by_batch.items()},
                            "padded_steps": self.padded_steps, "prefills": self.prefills,
+                           # host time between two decode steps (no prefill between), while the GPU idles
+                           "host_ms_between_steps": 1000 * self.host_s / max(self.host_steps, 1),
                            "prefill_tokens": self.prefill_tokens, "prefill_padded_tokens": self.prefill_padded_tokens,
                            "prefill_calls": self.prefill_calls}}
+
+
+class Mailbox:
+    """Tokens from the engine's thread to the HTTP server's event loop: one wake-up of a loop for all
+    that arrive before it runs (a step's tokens for every stream), not one a token."""
+
+    def __init__(self):
+        self.lock, self.items = threading.Lock(), {}  # per event loop: the (stream's queue, token) pairs not yet put
+
+    def put(self, loop, stream, token) -> None:
+        with self.lock:
+            waiting = loop in self.items
+            self.items.setdefault(loop, []).append((stream, token))
+        if not waiting:
+            loop.call_soon_threadsafe(self._drain, loop)
+
+    def _drain(self, loop) -> None:
+        with self.lock:
+            items = self.items.pop(loop)
+        for stream, token in items:
+            stream.put_nowait(token)
 
 
 class Detokenizer:
@@ -559,6 +604,7 @@ def app(engine: Engine, tokenizer, model_name: str, stats):
 
     api = FastAPI()
     eos = eos_ids(engine.model, tokenizer)
+    mailbox = Mailbox()
 
     @api.get("/health")
     def health():
@@ -595,8 +641,7 @@ def app(engine: Engine, tokenizer, model_name: str, stats):
         if body.get("stop"):
             raise HTTPException(400, "stop: engine llmopt does not take stop sequences")
         loop, tokens = asyncio.get_running_loop(), asyncio.Queue()
-        request = Request(ids=ids, max_new=max_new,
-                          deliver=lambda token: loop.call_soon_threadsafe(tokens.put_nowait, token),
+        request = Request(ids=ids, max_new=max_new, deliver=lambda token: mailbox.put(loop, tokens, token),
                           eos=frozenset() if body.get("ignore_eos") else eos)
         try:
             engine.submit(request)

@@ -36,6 +36,7 @@ def test_rows_decode_what_generate_decodes(tiny):
         assert engine.peak_rows == 3 and engine.prefills == 7, "all three rows in use, every request prefilled once"
         assert engine.batches == [1, 2] and engine.prefill_calls < 7, "the first three prefilled as a batch of 2 and 1"
         assert engine.decode_sizes == [2, 3] and min(engine.steps_by_batch.values()) > 0
+        assert engine.host_steps > 0 and engine.host_s > 0, "host time between decode steps is counted"
         padded = engine.padded_steps
         [alone] = engine.complete([prompts[0]], [9])
         assert engine.padded_steps == padded + 8, "a lone request's 8 decode steps ran as a batch of 2 with a free row"
@@ -100,6 +101,32 @@ def test_requests_that_do_not_fit_are_refused(tiny):
     with pytest.raises(ValueError, match="the prompt is empty"):
         engine.submit(Request(ids=[], max_new=1, deliver=print))
     assert prefill_widths(1) == [32] and prefill_widths(64) == [32, 64] and prefill_widths(65) == [32, 64, 96]
+
+
+def test_a_steps_tokens_wake_the_http_loop_once():
+    """The engine's thread hands a step's tokens for every stream to the HTTP loop with one wake-up
+    (`call_soon_threadsafe`), not one a token; each stream's queue gets its own tokens in order."""
+    from llmopt.engine import Mailbox
+
+    class Loop:
+        def __init__(self):
+            self.calls = []
+
+        def call_soon_threadsafe(self, fn, *args):
+            self.calls.append((fn, args))
+
+    class Stream(list):
+        put_nowait = list.append
+
+    loop, mailbox, a, b = Loop(), Mailbox(), Stream(), Stream()
+    for stream, token in ((a, 1), (b, 7), (a, 2), (b, None), (a, 3)):
+        mailbox.put(loop, stream, token)
+    assert len(loop.calls) == 1 and a == [] and b == []
+    fn, args = loop.calls.pop()
+    fn(*args)
+    assert a == [1, 2, 3] and b == [7, None]
+    mailbox.put(loop, a, None)
+    assert len(loop.calls) == 1, "the next step's tokens wake the loop again"
 
 
 def test_detokenizer_streams_the_decoded_text(tiny):
