@@ -81,6 +81,12 @@ def run_recipe(recipe: Path, name: str, workdir: Path, out: Path, label: dict) -
               "tags": {k: v for k, v in (found.tags if found else {}).items() if k.startswith("env.")}}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result), flush=True)
+    # a served run's server statistics (llmopt.serve's /llmopt/stats after its last point: the engine's
+    # counters, the KV cache), candidate and base, from the stage reports this run wrote
+    reports = [json.loads(r.read_text()) for r in (workdir / "cache" / "stages").glob("*/report.json")
+               if r.stat().st_mtime >= time.time() - (time.perf_counter() - started)]
+    if served := [{"kernel": r.get("kernel"), **r["server_stats"]} for r in reports if r.get("server_stats")]:
+        out.with_name(out.name + "-server-stats.json").write_text(json.dumps(served, indent=1))
     return result
 
 
