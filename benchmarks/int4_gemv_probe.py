@@ -45,27 +45,30 @@ from marlin_probe import marlin_layer  # noqa: E402
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 # (out, in) of one decoder layer as the compiled runtime runs it: q/k/v stacked, o, gate/up stacked, down
 LAYER = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]
-BATCHES = [1, 8, 32]
+# PROBE_BATCHES=1,8,16,32,64: the serving engine's decode batches (16, 32, 64) beside the static loop's
+BATCHES = [int(b) for b in os.environ.get("PROBE_BATCHES", "1,8,32").split(",")]
 BITS = int(sys.argv[2]) if len(sys.argv) > 2 else 4
 GROUP = 128 if BITS == 4 else -1  # int8: per output channel
 
 
 def marlin_variants(layer) -> dict:
     """llmopt's direct call of Marlin's GEMM (llmopt.kernels.linear.MarlinLinear.product), with
-    the fp32 global reduce as GPTQModel sets it and without."""
+    the fp32 global reduce as GPTQModel sets it and without, and with atomic adds in place of the
+    global reduce (GPTQModel turns those on only below 2048 outputs; measured here at every shape)."""
     from llmopt.kernels.linear import marlin_gemm_op
 
     gemm = marlin_gemm_op(layer)
     if gemm is None:
         return {"marlin_gptqmodel_forward": layer}
 
-    def call(fp32: bool):
+    def call(fp32: bool, atomic: bool = False):
         return lambda x: gemm(x, None, layer.qweight, None, layer.scales, None, layer.qzeros, layer.g_idx,
                               layer.g_idx_sort_indices, layer.workspace, layer.weight_type.id, x.shape[0],
-                              layer.out_features, layer.in_features, layer.is_k_full, False, fp32, False)
+                              layer.out_features, layer.in_features, layer.is_k_full, atomic, fp32, False)
 
     return {f"marlin_fp32reduce_{bool(layer.fp32)}": call(bool(layer.fp32)),
-            f"marlin_fp32reduce_{not layer.fp32}": call(not layer.fp32)}
+            f"marlin_fp32reduce_{not layer.fp32}": call(not layer.fp32),
+            "marlin_atomic_add": call(bool(layer.fp32), atomic=True)}
 
 
 def gemlite_kernel(weight: torch.Tensor):
