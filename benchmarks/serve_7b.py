@@ -32,7 +32,9 @@ a 7B sweep. The presets:
   3007 tok/s int4 and 3097 bf16 at the SLA (32 streams; README). The version that runs only
   the rows in use compiles one decode graph per decode batch (16, 32, 64) at start-up: longer
   start-ups, not yet measured.
-Each preset writes OUTDIR/<preset>.json (metrics and tags of the benchmark run) and its log.
+Each preset writes OUTDIR/<preset>.json (metrics and tags of the benchmark run), its log, and
+OUTDIR/<preset>-server-stats.json (each server's /llmopt/stats after its last point: for the engine,
+its host time between steps, steps by decode batch, and prefill padding).
 Marlin's extension builds in the background from the start (benchmarks/reference_7b.py).
 
 Measured on an H200 (benchmarks/results/serve_7b_h200/): the graphs preset took 475 s in all
