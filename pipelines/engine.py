@@ -544,6 +544,7 @@ class Engine:
                            "padded_steps": self.padded_steps, "prefills": self.prefills,
                            # host time between two decode steps (no prefill between), while the GPU idles
                            "host_ms_between_steps": 1000 * self.host_s / max(self.host_steps, 1),
+                           "host_s": self.host_s, "host_steps": self.host_steps,
                            "prefill_tokens": self.prefill_tokens, "prefill_padded_tokens": self.prefill_padded_tokens,
                            "prefill_calls": self.prefill_calls}}
 

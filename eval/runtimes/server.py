@@ -60,8 +60,10 @@ SLA_METRICS = tuple(f"{p}_{m}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in
 POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "errors", "incomplete", "error_rate",
                  *(f"{m}_{p}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")),
                  "tokens_per_chunk", "usd_per_1m_output_tokens", "meets_sla", "warmup_rounds",
-                 # the last two: servers that report their CUDA graph captures (llmopt.serve)
-                 "graph_captures", "graph_capture_s")
+                 # the next two: servers that report their CUDA graph captures (llmopt.serve)
+                 "graph_captures", "graph_capture_s",
+                 # engine llmopt's own (window_engine): host time between decode steps, steps, prefill padding
+                 "host_ms_between_steps", "decode_steps", "prefill_padding")
 HEADLINE = ("load_at_sla", "tok_s_at_sla", "requests_s_at_sla", "usd_per_1m_output_tokens_at_sla", "points_meeting_sla")
 SERVER_FIGURES = ("startup_s", "warmup_s", "weights_gb_in_memory", "kv_blocks", "kv_block_size", "kv_gb_reserved",
                   "kv_blocks_used_peak", "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb", "graphs_captured",
@@ -350,6 +352,27 @@ def window_captures(before: tuple[int, float], after: tuple[int, float]) -> dict
     return {"graph_captures": float(after[0] - before[0]), "graph_capture_s": float(after[1] - before[1])}
 
 
+ENGINE_COUNTERS = ("host_s", "host_steps", "steps", "prefill_tokens", "prefill_padded_tokens")
+
+
+def engine_snapshot(server) -> dict[str, float] | None:
+    """engine llmopt's step counters so far (its /llmopt/stats), else None."""
+    engine = (server.get("/llmopt/stats") or {}).get("engine")
+    if not isinstance(engine, dict) or any(k not in engine for k in ENGINE_COUNTERS):
+        return None
+    return {k: float(engine[k]) for k in ENGINE_COUNTERS}
+
+
+def window_engine(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """A point's engine figures between two snapshots around its timed run: the host's milliseconds
+    between two decode steps (the GPU idles then: the loop's own work, and its waits for the GIL,
+    which the HTTP side holds while it streams), the decode steps, and the prefill padding (tokens
+    computed per prompt token)."""
+    d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
+    return {"host_ms_between_steps": 1000 * d["host_s"] / max(d["host_steps"], 1), "decode_steps": d["steps"],
+            "prefill_padding": d["prefill_padded_tokens"] / d["prefill_tokens"] if d["prefill_tokens"] else 1.0}
+
+
 def _warm_up(cfg, server, generator, model_name: str, tokenizer: Path, value: float, out: Path, label: str,
              seeds: list[int]) -> int:
     """Warm one load point up: `warmup` rounds of its concurrency in one run, then, on a server that
@@ -510,12 +533,14 @@ class ServerRuntime(Runtime):
                         rounds = _warm_up(cfg, server, generator, model_name, src.path, value, out, label,
                                           [warmup_seed, *extra_warmup_seeds(cfg, index)])
                         metrics["serve/warmup_s"] += time.perf_counter() - started
-                    before = capture_snapshot(server)
+                    before, engine_before = capture_snapshot(server), engine_snapshot(server)
                     row = _generate(cfg, server, generator, model_name, src.path, value, out, label, seed)
                     if cfg.warmup:
                         row["warmup_rounds"] = float(rounds)
                     if before is not None:  # a server that reports its CUDA graph captures (llmopt.serve)
                         row.update(window_captures(before, capture_snapshot(server)))
+                    if engine_before is not None:  # engine llmopt
+                        row.update(window_engine(engine_before, engine_snapshot(server)))
                     row = finish_point(row, label, cfg)
                     rows.append((value, row))
                     report["points"][label] = row
