@@ -180,7 +180,8 @@ def test_engine_llmopt_serves_candidate_and_base_under_the_same_load(tiny_workdi
             assert m[f"serve/tokens_per_chunk/{point}{suffix}"] <= 1.5
             assert m[f"serve/graph_captures/{point}{suffix}"] == 0
         # one request at a time: each of the 9 makes its first token in its prefill, then 15 decode steps;
-        # 3 at a time share steps. Prompts of 33-49 tokens pad to 64
+        # 3 at a time share steps. Prompts (32 +- 4 tokens and BOS) pad to 32 or 64: some padding, less than a
+        # 33-token prompt's 64/33
         assert m[f"serve/decode_steps/c1{suffix}"] == 9 * 15 and 45 <= m[f"serve/decode_steps/c3{suffix}"] < 9 * 15
         assert 1.0 < m[f"serve/prefill_padding/c1{suffix}"] < 64 / 33 and m[f"serve/host_ms_between_steps/c3{suffix}"] > 0
         # 3 rows of 64 prompt (32 + 4 x 4, plus BOS, padded to 32) + 16 output tokens, in whole blocks of 64
