@@ -333,7 +333,10 @@ def extra_warmup_seeds(cfg, index: int) -> list[int]:
 def capture_snapshot(server) -> tuple[int, float] | None:
     """CUDA graphs the server has captured so far and the seconds they took, where it reports them
     (llmopt.serve), else None."""
-    stats = server.get("/llmopt/stats") or {}
+    return _captures(server.get("/llmopt/stats") or {})
+
+
+def _captures(stats: dict) -> tuple[int, float] | None:
     if stats.get("graphs_captured") is None:
         return None
     return int(stats["graphs_captured"]), float(stats.get("graph_capture_s", 0.0))
@@ -355,9 +358,15 @@ def window_captures(before: tuple[int, float], after: tuple[int, float]) -> dict
 ENGINE_COUNTERS = ("host_s", "host_steps", "steps", "prefill_tokens", "prefill_padded_tokens")
 
 
-def engine_snapshot(server) -> dict[str, float] | None:
-    """engine llmopt's step counters so far (its /llmopt/stats), else None."""
-    engine = (server.get("/llmopt/stats") or {}).get("engine")
+def point_snapshot(server) -> tuple[tuple[int, float] | None, dict[str, float] | None]:
+    """One read of the server's /llmopt/stats around a point's timed run: its CUDA graph captures so far
+    (`capture_snapshot`) and engine llmopt's step counters so far, each None where not reported."""
+    stats = server.get("/llmopt/stats") or {}
+    return _captures(stats), _engine_counters(stats)
+
+
+def _engine_counters(stats: dict) -> dict[str, float] | None:
+    engine = stats.get("engine")
     if not isinstance(engine, dict) or any(k not in engine for k in ENGINE_COUNTERS):
         return None
     return {k: float(engine[k]) for k in ENGINE_COUNTERS}
@@ -533,14 +542,15 @@ class ServerRuntime(Runtime):
                         rounds = _warm_up(cfg, server, generator, model_name, src.path, value, out, label,
                                           [warmup_seed, *extra_warmup_seeds(cfg, index)])
                         metrics["serve/warmup_s"] += time.perf_counter() - started
-                    before, engine_before = capture_snapshot(server), engine_snapshot(server)
+                    before, engine_before = point_snapshot(server)
                     row = _generate(cfg, server, generator, model_name, src.path, value, out, label, seed)
                     if cfg.warmup:
                         row["warmup_rounds"] = float(rounds)
+                    after, engine_after = point_snapshot(server)
                     if before is not None:  # a server that reports its CUDA graph captures (llmopt.serve)
-                        row.update(window_captures(before, capture_snapshot(server)))
+                        row.update(window_captures(before, after))
                     if engine_before is not None:  # engine llmopt
-                        row.update(window_engine(engine_before, engine_snapshot(server)))
+                        row.update(window_engine(engine_before, engine_after))
                     row = finish_point(row, label, cfg)
                     rows.append((value, row))
                     report["points"][label] = row
