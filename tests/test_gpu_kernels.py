@@ -84,11 +84,9 @@ def test_kernel_matches_the_format_library(case, tiny_model, ids, kernel_cache, 
     prompt = torch.tensor([ids[:24]]).cuda()
     with torch.no_grad():
         greedy = reference.generate(prompt, max_new_tokens=8, do_sample=False)
-        # the kernel's logits along the library's greedy text: each library token is the kernel's top
-        # choice, or within bf16's resolution of it (logits near 10 carry about 0.06 of rounding)
-        logits = fast(greedy).logits[0, prompt.shape[1] - 1:-1].float()
-    chosen = logits.gather(-1, greedy[0, prompt.shape[1]:, None]).squeeze(-1)
-    gap = (logits.max(-1).values - chosen).max().item()
+    # the kernel's logits along the library's greedy text: each library token is the kernel's top
+    # choice, or within bf16's resolution of it (logits near 10 carry about 0.06 of rounding)
+    gap = _greedy_gap(fast, ids[:24], greedy[0, prompt.shape[1]:].tolist())
     ppl = [perplexity(m, ids, 128, 128, 16, False)["ppl"] for m in (reference, fast)]
     print(f"{case}: ppl library {ppl[0]:.4f} kernel {ppl[1]:.4f}; greedy gap {gap:.3f}; build {applied.build_s:.1f} s, "
           f"repack {applied.prepare_s:.1f} s")
