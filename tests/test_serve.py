@@ -567,6 +567,59 @@ def test_warm_up_runs_rounds_while_the_server_still_captures_cuda_graphs(per_run
     assert ("still captured 5 CUDA graphs after 4 rounds" in caplog.text) == warned
 
 
+class _LosingLoadGenerator:
+    """Stands in for GuideLLM runs whose figures lack `lost[i]` of the point's requests on run i (its
+    shutdown race drops the last completion), beside a server with engine counters."""
+
+    def __init__(self, lost: list[int], requests: int):
+        self.lost, self.total, self.runs, self.steps = lost, requests, [], 0
+
+    def get(self, path):
+        assert path == "/llmopt/stats"
+        return {"engine": {"steps": self.steps, "host_s": 0.0, "host_steps": 0, "prefill_tokens": 0,
+                           "prefill_padded_tokens": 0}}
+
+    def generate(self, cfg, server, generator, model_name, tokenizer, value, out, name, seed, requests=None):
+        kept = self.total - self.lost[len(self.runs)]
+        self.runs.append((name, seed, requests))
+        self.steps += 10 * len(self.runs)  # each run's decode steps: 10, then 20, then 30
+        return {"requests": float(kept - 1), "errors": 1.0, "incomplete": 0.0, "output_tok_s": float(kept), "error": None}
+
+
+@pytest.mark.parametrize("lost, runs, warned", [
+    ([0], 1, ""),  # every request accounted for: one run
+    ([1, 0], 2, "running the point again"),  # the tiny-serve CI failure (11 of 12): rerun, the second is whole
+    ([1, 2, 1], 3, "kept after 3 runs"),  # still short after LOST_UPDATE_RETRIES reruns: kept, and said
+])
+def test_a_point_whose_figures_lost_a_request_runs_again_on_fresh_prompts(lost, runs, warned, monkeypatch, caplog):
+    """GuideLLM 0.8.1 can lose a run's last completion (CI, 2026-12-06: the server logged 12 POSTs, the
+    report 11): the point's window then has that request's time without its tokens. Counted requests,
+    errors and cut-off requests short of load.requests rerun the point on prompts of its own; the
+    figures kept (engine counters included) are the last run's."""
+    from types import SimpleNamespace
+
+    from llmopt.eval.runtimes import server as runtime
+
+    cfg = SimpleNamespace(warmup=1, seed=0, load=SimpleNamespace(points=[1, 4], warmup_max_rounds=3, requests=12,
+                                                                 duration_s=None))
+    fake = _LosingLoadGenerator(lost, 12)
+    monkeypatch.setattr(runtime, "_generate", fake.generate)
+    seeds = [cfg.seed + 1, *runtime.retry_seeds(cfg, 1)]
+    with caplog.at_level("WARNING", logger="llmopt"):
+        row = runtime._timed_point(cfg, fake, None, "m", Path("."), 4, Path("."), "c4", seeds)
+    assert [r[1] for r in fake.runs] == seeds[:runs] and all(r[2] is None for r in fake.runs)
+    assert row["retries"] == runs - 1 and row["requests"] == 12 - lost[runs - 1] - 1
+    assert row["decode_steps"] == 10 * runs, "the window is the kept run's alone"
+    assert (warned in caplog.text) and (("lack" in caplog.text) == bool(warned))
+    every = [s for pair in runtime.point_seeds(cfg) for s in pair] + runtime.extra_warmup_seeds(cfg, 0) \
+        + runtime.extra_warmup_seeds(cfg, 1) + runtime.retry_seeds(cfg, 0) + runtime.retry_seeds(cfg, 1)
+    assert len(set(every)) == len(every), "a rerun draws prompts no other run of the sweep sent"
+    # a duration-bound point's count is the window's: nothing is lost there, nothing rerun
+    for bound in ({"requests": None, "duration_s": 30.0}, {"requests": 12, "duration_s": 30.0}):
+        assert runtime.lost_requests(SimpleNamespace(load=SimpleNamespace(**bound)),
+                                     {"requests": 3.0, "errors": 0.0, "incomplete": 1.0}) == 0
+
+
 def test_batching_is_tuned_for_the_load_and_device_unless_the_recipe_sets_it():
     from llmopt.eval.runtimes.server import CUDA_BATCHING, tuned_batching
     from llmopt.recipe import Benchmark

@@ -60,6 +60,7 @@ SLA_METRICS = tuple(f"{p}_{m}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in
 POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "errors", "incomplete", "error_rate",
                  *(f"{m}_{p}" for m in ("ttft_ms", "itl_ms", "e2e_ms") for p in ("p50", "p90", "p99")),
                  "tokens_per_chunk", "usd_per_1m_output_tokens", "meets_sla", "warmup_rounds",
+                 "retries",  # timed reruns after GuideLLM lost a completion (_timed_point)
                  # the next two: servers that report their CUDA graph captures (llmopt.serve)
                  "graph_captures", "graph_capture_s",
                  # engine llmopt's own (window_engine): host time between decode steps, steps, prefill padding
@@ -542,15 +543,10 @@ class ServerRuntime(Runtime):
                         rounds = _warm_up(cfg, server, generator, model_name, src.path, value, out, label,
                                           [warmup_seed, *extra_warmup_seeds(cfg, index)])
                         metrics["serve/warmup_s"] += time.perf_counter() - started
-                    before, engine_before = point_snapshot(server)
-                    row = _generate(cfg, server, generator, model_name, src.path, value, out, label, seed)
+                    row = _timed_point(cfg, server, generator, model_name, src.path, value, out, label,
+                                       [seed, *retry_seeds(cfg, index)])
                     if cfg.warmup:
                         row["warmup_rounds"] = float(rounds)
-                    after, engine_after = point_snapshot(server)
-                    if before is not None:  # a server that reports its CUDA graph captures (llmopt.serve)
-                        row.update(window_captures(before, after))
-                    if engine_before is not None:  # engine llmopt
-                        row.update(window_engine(engine_before, engine_after))
                     row = finish_point(row, label, cfg)
                     rows.append((value, row))
                     report["points"][label] = row
@@ -661,6 +657,52 @@ def finish_point(row: dict, label: str, cfg) -> dict:
                     "TTFT and ITL tails. Raise warmup or load.warmup_max_rounds", label, row["graph_captures"],
                     row.get("graph_capture_s", 0.0))
     del row["error"]
+    return row
+
+
+LOST_UPDATE_RETRIES = 2  # timed runs of a point after the first, when GuideLLM lost a completion
+
+
+def retry_seeds(cfg, index: int) -> list[int]:
+    """Seeds of a load point's timed reruns (_timed_point): apart from every other run's seeds
+    (point_seeds, extra_warmup_seeds), so that a rerun meets no prefix its first try left cached."""
+    n, extra = len(cfg.load.points), max(cfg.load.warmup_max_rounds - cfg.warmup, 0)
+    return [cfg.seed + n * (2 + extra + k) + index for k in range(LOST_UPDATE_RETRIES)]
+
+
+def lost_requests(cfg, row: dict) -> int:
+    """Requests a count-bound point (load.requests, no duration) sent whose end GuideLLM's figures lack.
+    GuideLLM 0.8.1 can drop the last completion of a run: its receive thread sets the shutdown event
+    before it queues that update, and the main loop, timing out between the two, stops reading. The
+    server served the request (its log shows the POST); the point's window then ends at that request's
+    completion, while its token count lacks it: on tiny-serve's 12 requests, 8% too few tok/s."""
+    if cfg.load.requests is None or cfg.load.duration_s is not None:
+        return 0
+    return max(int(cfg.load.requests - (row["requests"] + row["errors"] + row["incomplete"])), 0)
+
+
+def _timed_point(cfg, server: Server, generator: LoadGenerator, model_name: str, tokenizer: Path, value: float,
+                 out: Path, label: str, seeds: list[int]) -> dict:
+    """A load point's timed run (_generate), with the server's capture and engine counters around it
+    (point_snapshot); run again on fresh prompts (`seeds` after the first) while GuideLLM's figures lack
+    requests it sent (lost_requests), up to LOST_UPDATE_RETRIES times. `retries` counts the reruns."""
+    for attempt, seed in enumerate(seeds):
+        before, engine_before = point_snapshot(server)
+        row = _generate(cfg, server, generator, model_name, tokenizer, value, out, label, seed)
+        after, engine_after = point_snapshot(server)
+        if before is not None:  # a server that reports its CUDA graph captures (llmopt.serve)
+            row.update(window_captures(before, after))
+        if engine_before is not None:  # engine llmopt
+            row.update(window_engine(engine_before, engine_after))
+        row["retries"] = float(attempt)
+        lost = lost_requests(cfg, row)
+        if not lost:
+            return row
+        more = attempt + 1 < len(seeds)
+        log.warning("load %s: GuideLLM's figures lack %d of the %d requests it sent (its last completion lost at "
+                    "shutdown: the window would count that request's time without its tokens)%s", label, lost,
+                    cfg.load.requests, "; running the point again on fresh prompts" if more else
+                    f"; kept after {len(seeds)} runs (serve/retries/{label})")
     return row
 
 
