@@ -22,6 +22,9 @@ static loop's step and schedules requests around it:
   to its widest prompt), into a scratch cache, and the same graph copies their keys and values
   into their rows; a decode step follows each turn's admissions. A burst of 64 requests is 8
   prefills, not 64, so the last one's TTFT is not 64 prefills long;
+- **steps overlapped with the host's turn** (`_loop`): step k + 1 is launched before step k's tokens
+  are read, so the host's work between steps (reading and delivering tokens, admitting, planning,
+  waiting for the GIL the HTTP side holds while it streams) runs while the GPU decodes;
 - greedy decoding (the load generator's requests ask for fixed output lengths; sampling parameters
   are not applied, and `/llmopt/stats` says `sampling: greedy`).
 
@@ -199,8 +202,23 @@ class Request:
     deliver: object
     eos: frozenset = frozenset()
     cancelled: bool = False
-    made: int = 0
+    made: int = 0  # tokens delivered
+    launched: int = 0  # tokens made or on their way: the prefill's, and one per decode step launched with its row
+    ended: bool = False  # its last token (or its end) delivered: a step still in flight with its row is wasted
     finish: str = "length"
+
+
+@dataclasses.dataclass(eq=False)
+class _Step:
+    """A decode step launched and not yet read: its batch, each active entry's row and request (in the
+    plan's order), and where its tokens land on the host (`host`, after `done`; on CPU the tokens)."""
+
+    batch: int
+    entries: list[tuple[int, Request]]
+    host: torch.Tensor
+    done: torch.cuda.Event | None
+    begun: torch.cuda.Event | None
+    after_prefill: bool
 
 
 class Engine:
@@ -240,11 +258,17 @@ class Engine:
         # a decode step's batch [slots, 3]: each entry's row, position and first real position (its first
         # `batch` entries), written through pinned memory before the step
         self.step_plan = torch.zeros(slots, 3, dtype=torch.long, device=device)
-        self._plan = torch.zeros(slots, 3, dtype=torch.long, pin_memory=cuda)
+        # two of each host buffer: with steps overlapped, step k + 1's plan is written, and step k's tokens
+        # are still on their way, while step k's plan may not have been copied yet (see `_loop`)
+        self._plans = [torch.zeros(slots, 3, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
         # the tokens' way to the host: pinned, copied after the step, then an event waited on without the
         # GIL (.tolist() of a CUDA tensor waits holding it, which would stall the HTTP thread a whole step)
-        self._host = torch.zeros(slots, dtype=torch.long, pin_memory=cuda)
+        self._hosts = [torch.zeros(slots, dtype=torch.long, pin_memory=cuda) for _ in range(2)]
+        self._host = torch.zeros(slots, dtype=torch.long, pin_memory=cuda)  # a prefill's first tokens
         self._copied = torch.cuda.Event() if cuda else None
+        self._launched = 0  # decode steps launched: which of the two host buffers a step uses
+        self._steps: list[_Step] = []  # steps launched and not yet read, oldest first (at most two, for a moment)
+        self._previous_done = None  # the end of the last step read (an event on CUDA, else the host's clock)
         self.waiting: queue.Queue[Request] = queue.Queue()
         self.rows: list[Request | None] = [None] * slots
         self.graphs_captured, self.graph_capture_s, self.peak_rows = 0, 0.0, 0
@@ -252,10 +276,10 @@ class Engine:
         self.prefill_tokens, self.prefill_padded_tokens = 0, 0  # prompts' tokens, and the tokens their prefills computed
         self.steps_by_batch = dict.fromkeys(self.decode_sizes, 0)
         self.padded_steps = 0  # steps whose batch carried free rows (fewer active rows than a decode batch)
-        # a step's tokens (None: the request's end), handed out once the next step is launched, so that the
-        # GPU runs while the HTTP side takes them
-        self._pending: list[tuple[Request, int | None]] = []
-        self.host_s, self.host_steps = 0.0, 0  # host time from a step's tokens read to the next step's launch
+        self.wasted_rows = 0  # rows decoded a step after their request ended (at EOS, or cancelled): overlap's cost
+        # the GPU's idle time between two decode steps with no prefill between (CUDA events; on CPU the
+        # host's clock), and how many such gaps: what the host's turn between steps costs the GPU
+        self.idle_s, self.idle_steps = 0.0, 0
         self._stop, self._arrived = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.failed: BaseException | None = None
@@ -413,22 +437,18 @@ class Engine:
             raise RuntimeError(f"the serving loop failed: {self.failed}") from self.failed
         return out
 
-    def _hand_out(self) -> None:
-        pending, self._pending = self._pending, []
-        for request, token in pending:
-            request.deliver(token)
-
     def _fail_all(self) -> None:
-        self._hand_out()  # these were made
-        for i, request in enumerate(self.rows):
-            if request is not None:
-                request.finish = "error"
-                request.deliver(None)
-                self.rows[i] = None
+        """The loop failed: every request it holds (in a row, in the step in flight, waiting) ends with an
+        error; the in-flight step's tokens are not delivered."""
+        held = [r for step in self._steps for _, r in step.entries] + [r for r in self.rows if r is not None]
+        self._steps = []
         while not self.waiting.empty():
-            request = self.waiting.get_nowait()
-            request.finish = "error"
-            request.deliver(None)
+            held.append(self.waiting.get_nowait())
+        self.rows = [None] * self.slots
+        for request in dict.fromkeys(held):  # once each, in order
+            if not request.ended:
+                request.finish, request.ended = "error", True
+                request.deliver(None)
 
     def _read(self, values: torch.Tensor) -> list[int]:
         """Token ids from the device, waiting for them with the GIL released on CUDA."""
@@ -459,12 +479,12 @@ class Engine:
         in batches of PREFILL_BATCHES (the largest that the waiting requests fill), each padded to the
         widest prompt of its batch; each request's first token goes out at once. The requests of one
         turn are batched by prompt length, so a batch pads its prompts to a width near their own: a
-        burst's prefills are compute-bound, and its last TTFT is the burst's padded tokens."""
+        burst's prefills are compute-bound, and its last TTFT is the burst's padded tokens. A prefill
+        runs after the step in flight (one stream): a row freed while that step still writes it is
+        overwritten in order."""
         free = [i for i, request in enumerate(self.rows) if request is None]
         taken = sorted(self._waiting(len(free)), key=lambda r: len(r.ids))
         admitted = len(taken)
-        if taken:
-            self._hand_out()  # the last step's tokens before the prefills, which take a while
         while taken:
             k = max(b for b in self.batches if b <= len(taken))
             batch, taken = taken[:k], taken[k:]
@@ -480,55 +500,105 @@ class Engine:
             self.prefill_tokens += sum(len(r.ids) for r in batch)
             self.prefill_padded_tokens += k * width
             for i, request, token in zip(rows, batch, self._read(first), strict=True):
-                request.made = 1
+                request.made = request.launched = 1
                 request.deliver(token)
                 if request.max_new == 1 or token in request.eos:
                     request.finish = "stop" if token in request.eos and request.max_new > 1 else "length"
+                    request.ended = True
                     request.deliver(None)
                     continue
                 self.rows[i] = request
                 positions[i], starts[i] = width, width - len(request.ids)
         return admitted
 
+    def _launch(self, plan: list[int], positions: list[int], starts: list[int], after_prefill: bool) -> _Step:
+        """Launch a decode step for the rows in `plan` (gathered into the smallest decode batch that holds
+        them, padded with a row outside the plan), its tokens' copy to the host behind it; advance the
+        rows' positions. A row whose request's last token this step makes is free from now: a prefill
+        into it runs after this step."""
+        cuda = self._copied is not None
+        k = self._launched % 2
+        self._launched += 1
+        batch = next(b for b in self.decode_sizes if b >= len(plan))
+        planned = set(plan)
+        spare = [next(i for i in range(self.slots) if i not in planned)] * (batch - len(plan)) if batch > len(plan) \
+            else []
+        self._plans[k][:batch] = torch.tensor([(i, positions[i], starts[i]) for i in plan] + [(i, 0, 0) for i in spare])
+        begun = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+        if cuda:
+            begun.record()
+        self.step_plan[:batch].copy_(self._plans[k][:batch], non_blocking=True)
+        out = self.decode_run[batch]()
+        if cuda:
+            host, done = self._hosts[k][:len(plan)], torch.cuda.Event(enable_timing=True)
+            host.copy_(out[:len(plan)], non_blocking=True)
+            done.record()
+        else:
+            host, done = out[:len(plan)].clone(), time.perf_counter()
+        entries = []
+        for i in plan:
+            request = self.rows[i]
+            entries.append((i, request))
+            positions[i] += 1
+            request.launched += 1
+            if request.launched >= request.max_new:
+                self.rows[i] = None
+        self.steps += 1
+        self.steps_by_batch[batch] += 1
+        self.padded_steps += bool(spare)
+        return _Step(batch, entries, host, done, begun, after_prefill)
+
+    def _finish(self, step: _Step) -> None:
+        """Read a launched step's tokens (waiting without the GIL on CUDA) and deliver them; a request
+        ends at its length, its EOS or its cancellation, and frees its row if it still holds it."""
+        if isinstance(step.done, torch.cuda.Event):
+            step.done.synchronize()
+        tokens = step.host.tolist()
+        if not step.after_prefill and self._previous_done is not None:  # the gap since the previous step's end
+            if isinstance(step.begun, torch.cuda.Event):
+                self.idle_s += max(self._previous_done.elapsed_time(step.begun), 0.0) / 1000
+            else:
+                self.idle_s += max(step.begun - self._previous_done, 0.0)
+            self.idle_steps += 1
+        self._previous_done = step.done
+        for (i, request), token in zip(step.entries, tokens, strict=True):
+            if request.ended:  # ended at an earlier step's EOS, or failed: this step's row was wasted
+                self.wasted_rows += 1
+                continue
+            request.made += 1
+            request.deliver(token)
+            eos = token in request.eos
+            if request.cancelled or request.made >= request.max_new or eos:
+                request.finish = "stop" if eos and request.made < request.max_new else "length"
+                request.ended = True
+                request.deliver(None)
+                if self.rows[i] is request:
+                    self.rows[i] = None
+
     def _loop(self) -> None:
+        """Steps overlapped with the host's turn: step k + 1 is launched before step k's tokens are read,
+        so the GPU runs step k + 1 while the host reads and delivers step k's tokens, admits requests and
+        plans; it idles between steps only when that turn outlasts a step. What step k + 1 cannot know:
+        which rows step k ends at EOS (or which clients left). Those rows run one step more, their token
+        dropped (`wasted_rows`); a row ended by its length is known at launch and planned no further.
+        As vLLM's async scheduling and SGLang's overlap scheduler do."""
         positions, starts = [0] * self.slots, [0] * self.slots
-        ready = None  # when the last step's tokens were read, if no prefill has run since
         while not self._stop.is_set():
-            if self._admit(positions, starts):
-                ready = None
-            active = [i for i, r in enumerate(self.rows) if r is not None]
-            self.peak_rows = max(self.peak_rows, len(active))
-            if not active:
-                self._hand_out()
-                ready = None
+            prefilled = self._admit(positions, starts)
+            plan = [i for i, r in enumerate(self.rows) if r is not None]
+            self.peak_rows = max(self.peak_rows, len(plan))
+            if plan:
+                self._steps.append(self._launch(plan, positions, starts, after_prefill=bool(prefilled) or not self._steps))
+            if self._steps and (len(self._steps) > 1 or not plan):
+                self._finish(self._steps[0])  # the older step, while the GPU runs the newer one
+                self._steps.pop(0)
+            elif not plan:
+                self._previous_done = None
                 self._arrived.wait(0.1)  # idle: wait for a request
                 self._arrived.clear()
-                continue
-            batch = next(b for b in self.decode_sizes if b >= len(active))
-            pad = [self.rows.index(None)] * (batch - len(active)) if batch > len(active) else []  # a free row
-            self._plan[:batch] = torch.tensor([(i, positions[i], starts[i]) for i in active] + [(i, 0, 0) for i in pad])
-            self.step_plan[:batch].copy_(self._plan[:batch], non_blocking=True)
-            if ready is not None:  # the GPU idled from the last step's end to here
-                self.host_s += time.perf_counter() - ready
-                self.host_steps += 1
-            out = self.decode_run[batch]()
-            self._hand_out()  # the last step's tokens, while this one runs
-            made = self._read(out[:len(active)])
-            ready = time.perf_counter()
-            self.steps += 1
-            self.steps_by_batch[batch] += 1
-            self.padded_steps += bool(pad)
-            for i, token in zip(active, made, strict=True):
-                request = self.rows[i]
-                request.made += 1
-                positions[i] += 1
-                self._pending.append((request, token))
-                if request.cancelled or request.made >= request.max_new or token in request.eos:
-                    request.finish = "stop" if token in request.eos and request.made < request.max_new else "length"
-                    self.rows[i] = None
-                    self._pending.append((request, None))
-                    positions[i] = starts[i] = 0
-        self._hand_out()
+        while self._steps:
+            self._finish(self._steps[0])
+            self._steps.pop(0)
 
     def stats(self) -> dict:
         """The rows as `/llmopt/stats` reports a KV cache: a row is a block of `max_len` tokens."""
@@ -541,10 +611,11 @@ class Engine:
                            "attention": {"decode": f"flex, blocks of {KV_BLOCK} keys", "prefill": "sdpa"},
                            "decode_batches": self.decode_sizes, "steps": self.steps,
                            "steps_by_batch": {str(b): n for b, n in self.steps_by_batch.items()},
-                           "padded_steps": self.padded_steps, "prefills": self.prefills,
-                           # host time between two decode steps (no prefill between), while the GPU idles
-                           "host_ms_between_steps": 1000 * self.host_s / max(self.host_steps, 1),
-                           "host_s": self.host_s, "host_steps": self.host_steps,
+                           "padded_steps": self.padded_steps, "wasted_rows": self.wasted_rows,
+                           "prefills": self.prefills,
+                           # the GPU's idle time between two decode steps with no prefill between
+                           "idle_ms_between_steps": 1000 * self.idle_s / max(self.idle_steps, 1),
+                           "idle_s": self.idle_s, "idle_steps": self.idle_steps,
                            "prefill_tokens": self.prefill_tokens, "prefill_padded_tokens": self.prefill_padded_tokens,
                            "prefill_calls": self.prefill_calls}}
 

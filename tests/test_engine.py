@@ -36,7 +36,7 @@ def test_rows_decode_what_generate_decodes(tiny):
         assert engine.peak_rows == 3 and engine.prefills == 7, "all three rows in use, every request prefilled once"
         assert engine.batches == [1, 2] and engine.prefill_calls < 7, "the first three prefilled as a batch of 2 and 1"
         assert engine.decode_sizes == [2, 3] and min(engine.steps_by_batch.values()) > 0
-        assert engine.host_steps > 0 and engine.host_s > 0, "host time between decode steps is counted"
+        assert engine.idle_steps > 0 and engine.idle_s > 0, "the time between decode steps is counted"
         padded = engine.padded_steps
         [alone] = engine.complete([prompts[0]], [9])
         assert engine.padded_steps == padded + 8, "a lone request's 8 decode steps ran as a batch of 2 with a free row"
@@ -84,6 +84,32 @@ def test_a_request_ends_at_eos_unless_it_ignores_it(tiny):
     finally:
         engine.stop()
     assert ended == expected[:expected.index(stop_at) + 1] and full == expected
+
+
+def test_a_row_ended_at_eos_runs_one_step_more_and_serves_the_next_request(tiny):
+    """Steps overlap the host's turn: step k + 1 is launched before step k's tokens are read, so a row
+    whose request step k ends at EOS runs step k + 1 too, its token dropped (one wasted row), while a
+    request ended by its length is planned no further (none wasted). On one row, the next request then
+    takes that row, which the wasted step wrote one position past the EOS; its tokens stay greedy
+    decoding's (the prefill rewrites the row, and a decode step writes each position before reading it)."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(4)
+    first, second = (torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (30, 6))
+    expected = greedy_by_forward_passes(model, first, 10)
+    stop_at = expected[4]
+    assert stop_at not in expected[:4], "the test's EOS ends the first request at its fifth token"
+    engine = Engine(model, "cpu", slots=1, max_prompt=32, max_new=10, smallest_batch=1).start()
+    try:
+        [by_length] = engine.complete([first], [10])
+        assert (engine.wasted_rows, engine.steps) == (0, 9), "ended by its length: 9 decode steps, none wasted"
+        ended, after = engine.complete([first, second], [10, 10], eos=frozenset({stop_at}))
+    finally:
+        engine.stop()  # the loop reads the steps still in flight before it ends: the counts are whole
+    eos_again = 1 < len(after) < 10  # the second request may meet the same EOS at a decode step: one more wasted row
+    assert engine.wasted_rows == 1 + eos_again, "the first request's row decoded one step past its EOS"
+    assert engine.steps == 9 + (4 + 1) + (len(after) - 1 + eos_again), "4 decode steps to the EOS, 1 wasted"
+    assert by_length == expected and ended == expected[:5]
+    assert after == greedy_by_forward_passes(model, second, len(after)) and (len(after) == 10 or after[-1] == stop_at)
 
 
 def test_decode_batches_grow_by_powers_of_two_to_the_rows():

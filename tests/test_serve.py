@@ -183,7 +183,7 @@ def test_engine_llmopt_serves_candidate_and_base_under_the_same_load(tiny_workdi
         # 3 at a time share steps. Prompts (32 +- 4 tokens and BOS) pad to 32 or 64: some padding, less than a
         # 33-token prompt's 64/33
         assert m[f"serve/decode_steps/c1{suffix}"] == 9 * 15 and 45 <= m[f"serve/decode_steps/c3{suffix}"] < 9 * 15
-        assert 1.0 < m[f"serve/prefill_padding/c1{suffix}"] < 64 / 33 and m[f"serve/host_ms_between_steps/c3{suffix}"] > 0
+        assert 1.0 < m[f"serve/prefill_padding/c1{suffix}"] < 64 / 33 and m[f"serve/idle_ms_between_steps/c3{suffix}"] > 0
         # 3 rows of 64 prompt (32 + 4 x 4, plus BOS, padded to 32) + 16 output tokens, in whole blocks of 64
         # keys: 128; all 3 in use at c3
         assert (m[f"serve/kv_blocks{suffix}"], m[f"serve/kv_block_size{suffix}"]) == (3, 128)
@@ -576,7 +576,7 @@ class _LosingLoadGenerator:
 
     def get(self, path):
         assert path == "/llmopt/stats"
-        return {"engine": {"steps": self.steps, "host_s": 0.0, "host_steps": 0, "prefill_tokens": 0,
+        return {"engine": {"steps": self.steps, "idle_s": 0.0, "idle_steps": 0, "prefill_tokens": 0,
                            "prefill_padded_tokens": 0}}
 
     def generate(self, cfg, server, generator, model_name, tokenizer, value, out, name, seed, requests=None):

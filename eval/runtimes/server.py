@@ -63,8 +63,8 @@ POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "
                  "retries",  # timed reruns after GuideLLM lost a completion (_timed_point)
                  # the next two: servers that report their CUDA graph captures (llmopt.serve)
                  "graph_captures", "graph_capture_s",
-                 # engine llmopt's own (window_engine): host time between decode steps, steps, prefill padding
-                 "host_ms_between_steps", "decode_steps", "prefill_padding")
+                 # engine llmopt's own (window_engine): GPU idle between decode steps, steps, prefill padding
+                 "idle_ms_between_steps", "decode_steps", "prefill_padding")
 HEADLINE = ("load_at_sla", "tok_s_at_sla", "requests_s_at_sla", "usd_per_1m_output_tokens_at_sla", "points_meeting_sla")
 SERVER_FIGURES = ("startup_s", "warmup_s", "weights_gb_in_memory", "kv_blocks", "kv_block_size", "kv_gb_reserved",
                   "kv_blocks_used_peak", "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb", "graphs_captured",
@@ -356,7 +356,7 @@ def window_captures(before: tuple[int, float], after: tuple[int, float]) -> dict
     return {"graph_captures": float(after[0] - before[0]), "graph_capture_s": float(after[1] - before[1])}
 
 
-ENGINE_COUNTERS = ("host_s", "host_steps", "steps", "prefill_tokens", "prefill_padded_tokens")
+ENGINE_COUNTERS = ("idle_s", "idle_steps", "steps", "prefill_tokens", "prefill_padded_tokens")
 
 
 def point_snapshot(server) -> tuple[tuple[int, float] | None, dict[str, float] | None]:
@@ -374,12 +374,12 @@ def _engine_counters(stats: dict) -> dict[str, float] | None:
 
 
 def window_engine(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    """A point's engine figures between two snapshots around its timed run: the host's milliseconds
-    between two decode steps (the GPU idles then: the loop's own work, and its waits for the GIL,
-    which the HTTP side holds while it streams), the decode steps, and the prefill padding (tokens
-    computed per prompt token)."""
+    """A point's engine figures between two snapshots around its timed run: the GPU's idle milliseconds
+    between two decode steps with no prefill between (the engine launches a step before it reads the
+    last one's tokens, so the GPU idles only when the host's turn, its waits for the GIL included,
+    outlasts a step), the decode steps, and the prefill padding (tokens computed per prompt token)."""
     d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
-    return {"host_ms_between_steps": 1000 * d["host_s"] / max(d["host_steps"], 1), "decode_steps": d["steps"],
+    return {"idle_ms_between_steps": 1000 * d["idle_s"] / max(d["idle_steps"], 1), "decode_steps": d["steps"],
             "prefill_padding": d["prefill_padded_tokens"] / d["prefill_tokens"] if d["prefill_tokens"] else 1.0}
 
 
