@@ -5,6 +5,7 @@ requests overlap."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -110,6 +111,42 @@ def test_a_row_ended_at_eos_runs_one_step_more_and_serves_the_next_request(tiny)
     assert engine.steps == 9 + (4 + 1) + (len(after) - 1 + eos_again), "4 decode steps to the EOS, 1 wasted"
     assert by_length == expected and ended == expected[:5]
     assert after == greedy_by_forward_passes(model, second, len(after)) and (len(after) == 10 or after[-1] == stop_at)
+
+
+def test_a_client_that_leaves_frees_its_row_for_the_next_request(tiny):
+    """A request cancelled mid-stream (its client gone: the HTTP side sets `cancelled`) ends at the step
+    that sees it, its row's in-flight step wasted, and the request waiting for that one row is served
+    with greedy decoding's tokens."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(5)
+    first, second = (torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (9, 14))
+    got: list[list[int]] = [[], []]
+    ended = [threading.Event(), threading.Event()]
+
+    def deliver(i, request_of):
+        def take(token):
+            if token is None:
+                ended[i].set()
+                return
+            got[i].append(token)
+            if i == 0 and len(got[0]) == 3:
+                request_of[0].cancelled = True  # the client leaves after its third token
+        return take
+
+    holder: list[Request] = []
+    leaving = Request(ids=first, max_new=20, deliver=deliver(0, holder))
+    holder.append(leaving)
+    staying = Request(ids=second, max_new=8, deliver=deliver(1, holder))
+    engine = Engine(model, "cpu", slots=1, max_prompt=16, max_new=20, smallest_batch=1).start()
+    try:
+        engine.submit(leaving)
+        engine.submit(staying)
+        assert all(e.wait(60) for e in ended)
+    finally:
+        engine.stop()
+    assert got[0] == greedy_by_forward_passes(model, first, 3) and leaving.ended
+    assert got[1] == greedy_by_forward_passes(model, second, 8)
+    assert engine.wasted_rows == 1 and engine.steps == 2 + 1 + 7, "2 steps to the third token, 1 wasted, 7 for the next"
 
 
 def test_decode_batches_grow_by_powers_of_two_to_the_rows():
