@@ -30,11 +30,12 @@ a 7B sweep. The presets:
   Its first version (every row every step, commit bbdcb9f) ran on an H100 on 2026-12-06 in one call
   of 536 s (smoke 2 min; per model a server start of about 60 s, warm-ups, 4 points of 12 s):
   3007 tok/s int4 and 3097 bf16 at the SLA (32 streams; README). The version that runs only
-  the rows in use compiles one decode graph per decode batch (16, 32, 64) at start-up: longer
-  start-ups, not yet measured.
+  the rows in use compiles one decode graph per decode batch (16, 32, 64) at start-up, and launches
+  each step before it reads the last one's tokens (overlapped with the host's turn): longer
+  start-ups, neither yet measured on a GPU.
 Each preset writes OUTDIR/<preset>.json (metrics and tags of the benchmark run), its log, and
 OUTDIR/<preset>-server-stats.json (each server's /llmopt/stats after its last point: for the engine,
-its host time between steps, steps by decode batch, and prefill padding).
+the GPU's idle time between decode steps, steps by decode batch, rows wasted past an EOS, prefill padding).
 Marlin's extension builds in the background from the start (benchmarks/reference_7b.py).
 
 Measured on an H200 (benchmarks/results/serve_7b_h200/): the graphs preset took 475 s in all
