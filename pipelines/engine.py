@@ -642,13 +642,26 @@ class Mailbox:
 
 
 class Detokenizer:
-    """Streamed text, token by token: each token's text as the difference of two decodes over a short
-    window (a byte-level tokenizer may need the next token to finish a character; such text waits)."""
+    """Streamed text, token by token (a byte-level tokenizer may need the next token to finish a
+    character; such text waits). A fast tokenizer that cleans up no spaces streams through its own
+    incremental decoder (`tokenizers`' DecodeStream, one Rust call a token); others as the difference
+    of two decodes over a short window. On this project's 2-core machine the two decodes cost 6 us a
+    token with SmolLM2's tokenizer and 16 with the tiny Llama's, the incremental decoder 1.2 and 0.7;
+    the HTTP side's whole work was about 50 us a streamed token (64 streams from a stand-in engine),
+    most of it Starlette's and uvicorn's streaming, so this is a small part of it."""
 
     def __init__(self, tokenizer):
         self.tokenizer, self.ids, self.prefix, self.read = tokenizer, [], 0, 0
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.stream = None
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            from tokenizers.decoders import DecodeStream
+
+            self.stream, self.backend = DecodeStream(skip_special_tokens=True), backend
 
     def add(self, token: int) -> str:
+        if self.stream is not None:
+            return self.stream.step(self.backend, token) or ""
         self.ids.append(token)
         before = self.tokenizer.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
         after = self.tokenizer.decode(self.ids[self.prefix:], skip_special_tokens=True)

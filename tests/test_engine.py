@@ -192,14 +192,49 @@ def test_a_steps_tokens_wake_the_http_loop_once():
     assert len(loop.calls) == 1, "the next step's tokens wake the loop again"
 
 
-def test_detokenizer_streams_the_decoded_text(tiny):
-    """Concatenated, the streamed pieces are the whole decode."""
-    _, tokenizer = tiny
-    ids = tokenizer.encode("Once upon a time, a little fox found a shiny stone by the river.", add_special_tokens=False)
+def _trained_tokenizer(kind: str):
+    """A small fast tokenizer trained here: byte-level BPE over every byte (a character of several
+    bytes is several tokens), or SentencePiece-style (Metaspace, Llama's decoder)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = ["Once upon a time a little fox found a shiny stone.", "naïve café, 東京"] * 20
+    special = ["<unk>", "<s>", "</s>"]
+    if kind == "byte-level":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=special,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator([t.replace("東京", "") for t in text], trainer)  # 東京: bytes, not merged
+    else:
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+        tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=special))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", bos_token="<s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("which", ["tiny", "byte-level", "metaspace"])
+@pytest.mark.parametrize("path", ["stream", "window"])
+def test_detokenizer_streams_the_decoded_text(tiny, which, path):
+    """Concatenated, the streamed pieces are the whole decode, a special token skipped and characters
+    of several bytes whole (over several byte-level tokens), through the fast tokenizer's incremental
+    decoder and through the two-decode window (tokenizers without one)."""
+    tokenizer = tiny[1] if which == "tiny" else _trained_tokenizer(which)
+    ids = tokenizer.encode("Once upon a time, a little fox found a shiny stone: naïve café, 東京.", add_special_tokens=False)
+    ids = ids[:6] + [tokenizer.eos_token_id] + ids[6:]
     detokenizer = Detokenizer(tokenizer)
+    assert detokenizer.stream is not None, "a fast tokenizer that cleans up no spaces streams incrementally"
+    if path == "window":
+        detokenizer.stream = None
     pieces = [detokenizer.add(t) for t in ids]
-    assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True)
-    assert sum(1 for p in pieces if p) > len(ids) // 2, "most tokens stream text of their own"
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    assert "".join(pieces) == whole and "</s>" not in whole
+    assert sum(1 for p in pieces if p) > len(ids) // 3, "most tokens stream text of their own"
+    if which != "tiny":  # the shipped tiny vocabulary has no bytes beyond its stories' ASCII
+        assert "東京" in whole and "naïve" in whole
+    if which == "byte-level":
+        assert len(tokenizer.encode("東京", add_special_tokens=False)) == 6, "a byte a token: text waits for whole characters"
 
 
 def test_the_openai_completions_api_streams_token_by_token(tiny):
