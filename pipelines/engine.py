@@ -210,14 +210,14 @@ class Request:
 
 @dataclasses.dataclass(eq=False)
 class _Step:
-    """A decode step launched and not yet read: its batch, each active entry's row and request (in the
-    plan's order), and where its tokens land on the host (`host`, after `done`; on CPU the tokens)."""
+    """A decode step launched and not yet read: each active entry's row and request (in the plan's
+    order), where its tokens land on the host (`host`, after `done`; on CPU the tokens), and when it
+    began and ended (CUDA events; on CPU the host's clock)."""
 
-    batch: int
     entries: list[tuple[int, Request]]
     host: torch.Tensor
-    done: torch.cuda.Event | None
-    begun: torch.cuda.Event | None
+    done: torch.cuda.Event | float
+    begun: torch.cuda.Event | float
     after_prefill: bool
 
 
@@ -546,7 +546,7 @@ class Engine:
         self.steps += 1
         self.steps_by_batch[batch] += 1
         self.padded_steps += bool(spare)
-        return _Step(batch, entries, host, done, begun, after_prefill)
+        return _Step(entries, host, done, begun, after_prefill)
 
     def _finish(self, step: _Step) -> None:
         """Read a launched step's tokens (waiting without the GIL on CUDA) and deliver them; a request

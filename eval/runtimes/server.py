@@ -312,8 +312,14 @@ def point_seeds(cfg) -> list[tuple[int, int]]:
     """(warm-up seed, timed seed) per load point: every run draws prompts of its own, so that no point
     meets prompts an earlier run left in the server's prefix cache (transformers serve and vLLM share
     KV blocks of identical prefixes by default); the candidate and the base get the same ones."""
-    n = len(cfg.load.points)
-    return [(cfg.seed + n + i, cfg.seed + i) for i in range(n)]
+    return [(run_seed(cfg, 1, i), run_seed(cfg, 0, i)) for i in range(len(cfg.load.points))]
+
+
+def run_seed(cfg, slot: int, index: int) -> int:
+    """The prompts' seed of one GuideLLM run: load point `index`'s run in `slot` (0 the timed run, 1 the
+    first warm-up, then the extra warm-ups (extra_warmup_seeds), then the timed reruns (retry_seeds)).
+    One seed per (slot, point), so no two runs of a sweep draw the same prompts."""
+    return cfg.seed + len(cfg.load.points) * slot + index
 
 
 def warmup_requests(cfg, value: float, rounds: int | None = None) -> int:
@@ -327,8 +333,11 @@ def warmup_requests(cfg, value: float, rounds: int | None = None) -> int:
 def extra_warmup_seeds(cfg, index: int) -> list[int]:
     """Seeds of the warm-up rounds after the first run at load point `index` (_warm_up): apart from
     every point's timed and first warm-up seeds (point_seeds), and from each other's."""
-    n = len(cfg.load.points)
-    return [cfg.seed + n * (2 + k) + index for k in range(max(cfg.load.warmup_max_rounds - cfg.warmup, 0))]
+    return [run_seed(cfg, 2 + k, index) for k in range(_extra_warmups(cfg))]
+
+
+def _extra_warmups(cfg) -> int:
+    return max(cfg.load.warmup_max_rounds - cfg.warmup, 0)
 
 
 def capture_snapshot(server) -> tuple[int, float] | None:
@@ -668,8 +677,7 @@ LOST_UPDATE_RETRIES = 2  # timed runs of a point after the first, when GuideLLM 
 def retry_seeds(cfg, index: int) -> list[int]:
     """Seeds of a load point's timed reruns (_timed_point): apart from every other run's seeds
     (point_seeds, extra_warmup_seeds), so that a rerun meets no prefix its first try left cached."""
-    n, extra = len(cfg.load.points), max(cfg.load.warmup_max_rounds - cfg.warmup, 0)
-    return [cfg.seed + n * (2 + extra + k) + index for k in range(LOST_UPDATE_RETRIES)]
+    return [run_seed(cfg, 2 + _extra_warmups(cfg) + k, index) for k in range(LOST_UPDATE_RETRIES)]
 
 
 def lost_requests(cfg, row: dict) -> int:
