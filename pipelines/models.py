@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -100,7 +102,9 @@ def load_model(artifact: Artifact, device: str, dtype: str = "auto", trust_remot
         return load_plain(artifact.path, device, dtype, trust_remote_code)
     from llmopt import methods
 
-    return methods.by_format(fmt).load(artifact, device, dtype, trust_remote_code)
+    method = methods.by_format(fmt)
+    import_detached(*method.imports_at_load)
+    return method.load(artifact, device, dtype, trust_remote_code)
 
 
 def load_plain(path: Path, device: str, dtype: str = "auto", trust_remote_code: bool = False):
@@ -120,6 +124,37 @@ def load_pretrained(path: Path, device: str, trust_remote_code: bool, **kwargs):
                                                      device_map=device, **kwargs)
     model.eval()
     return model
+
+
+def import_detached(*names: str) -> None:
+    """Import each module in `names` not yet imported on a thread of its own, so that no frame of
+    the caller's stack is on the import's stack. GPTQModel keeps an exception it catches while
+    importing (llama_cpp's ModuleNotFoundError), so its traceback's frames live on, and through their
+    f_back every frame below on the stack that imported it, each with its locals as they were when
+    it returned; importing `modelopt.torch` pins its importer's locals as well (measured, cause not
+    traced). Imported inside a model loader, that kept the first model a process
+    loaded alive for good: a bf16 base benchmarked after its candidate counted the candidate's whole
+    batch-1 peak in its own (7B: 17.55 GB for 13.48 GB of weights, H100, 2026-12-06). Here the
+    stack ends at the thread's start. An import error is raised in the caller, as an import would."""
+    for name in names:
+        if name not in sys.modules:
+            _import_on_a_thread(name)
+
+
+def _import_on_a_thread(name: str) -> None:
+    failed: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            importlib.import_module(name)
+        except BaseException as e:  # noqa: BLE001 (raised in the caller's thread below)
+            failed.append(e)
+
+    thread = threading.Thread(target=target, name=f"import {name}")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
 
 
 def weights_bytes(path: Path) -> int:

@@ -561,3 +561,87 @@ def test_modelopt_quantizes_in_a_process_of_its_own(tiny_model, tmp_path):
     assert artifact.info["modelopt_format"] == "fp8" and artifact.metrics["quantize/calibration_windows"] > 0
     assert any(artifact.path.glob("*.safetensors"))
     assert quantizers() == before
+
+
+# a module that keeps an exception it caught while importing, as GPTQModel keeps llama_cpp's import error
+KEEPS_ITS_IMPORT_ERROR = """
+try:
+    import llmopt_test_no_such_module
+except ImportError as e:
+    KEPT = e
+"""
+
+
+def test_a_library_that_keeps_its_import_error_pins_its_importer_unless_imported_detached(tmp_path, monkeypatch):
+    """The kept traceback's frames reach, through f_back, every frame that was on the stack below the
+    import, each with its locals as it returned: a loader that imported such a library kept its
+    model alive. `import_detached` imports on a thread of its own, so the loader's model is freed."""
+    import gc
+    import importlib
+    import sys
+    import weakref
+
+    from llmopt.models import import_detached
+
+    for name in ("keeps_plain", "keeps_detached"):
+        (tmp_path / f"{name}.py").write_text(KEEPS_ITS_IMPORT_ERROR)
+        monkeypatch.delitem(sys.modules, name, raising=False)  # restored (removed) after the test
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    class Model:
+        pass
+
+    def load(importer) -> weakref.ref:
+        model = Model()
+        importer()
+        return weakref.ref(model)
+
+    plain = load(lambda: importlib.import_module("keeps_plain"))
+    detached = load(lambda: import_detached("keeps_detached"))
+    gc.collect()
+    assert plain() is not None, "the premise: a plain import from the loader pins the loader's locals"
+    assert detached() is None
+    assert isinstance(sys.modules["keeps_detached"].KEPT, ImportError)  # imported all the same
+    with pytest.raises(ModuleNotFoundError, match="llmopt_test_no_such_module"):
+        import_detached("llmopt_test_no_such_module")
+
+
+LOAD_AND_DROP = """
+import gc, json, sys, weakref
+from pathlib import Path
+from llmopt import kernels
+from llmopt.cache import Artifact
+
+path, info, cache = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3])
+libraries = ("gptqmodel", "modelopt")
+before = [m for m in libraries if m in sys.modules]
+model, applied = kernels.load_accelerated(Artifact(Path(path), "hf-checkpoint", {}, info), "cpu", "float32", False,
+                                          "auto", cache)
+model_ref = weakref.ref(model)
+del model, applied
+gc.collect()
+print(json.dumps({"before": before, "after": [m for m in libraries if m in sys.modules], "alive": model_ref() is not None}))
+"""
+
+
+@pytest.mark.parametrize("case", ["gptq_rtn", "modelopt-fp8"])
+def test_the_first_model_a_process_loads_is_freed_when_dropped(case, tiny_model, tmp_path):
+    """In a fresh process (the library not yet imported, as in a pipeline's benchmark stage), the
+    first quantized model loaded is gone once its last reference is dropped. Before the fix the
+    library's kept import traceback held the loader's frames, and so the model: on an H100 the bf16
+    base, benchmarked after its candidate in one process, counted the candidate's batch-1 peak in
+    its own (17.55 GB for 13.48 GB of weights)."""
+    import json
+    import subprocess
+    import sys
+
+    cfg = (GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32) if case == "gptq_rtn" else
+           ModeloptQuantize(stage="quantize", method="modelopt", format="fp8", calibration=CALIBRATION))
+    artifact = _quantized(cfg, tiny_model, tmp_path / "q")
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_DROP, str(artifact.path), json.dumps(artifact.info),
+                           str(tmp_path / "cache")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    library = "gptqmodel" if case == "gptq_rtn" else "modelopt"
+    assert library not in seen["before"] and library in seen["after"], seen  # the load imported it
+    assert seen["alive"] is False

@@ -58,6 +58,10 @@ class Method:
     Config: ClassVar[type]  # pydantic model with `stage: Literal["quantize"]` and `method: Literal[name]`
     summary: ClassVar[str] = ""  # one line for `llmopt methods` and the README
     libraries: ClassVar[tuple[str, ...]] = ()
+    # modules its load and fast path import in the measuring process: imported before a model exists,
+    # on a thread of their own (llmopt.models.import_detached: GPTQModel and ModelOpt pin the frames
+    # that import them)
+    imports_at_load: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str | None] = None  # `pip install 'llmopt[extra]'` installs the libraries
     formats: ClassVar[tuple[str, ...]] = ()  # values of Artifact.info["format"] this method writes
     serving: ClassVar[dict[str, Serving]] = {}

@@ -42,6 +42,7 @@ class Gptq(Method):
     Config = GptqQuantize
     summary = "GPTQ via GPTQModel: calibrated 4/8-bit weights, the GPTQ checkpoint format"
     libraries = ("gptqmodel", "optimum")
+    imports_at_load = ("gptqmodel",)
     extra = "gptq"
     formats = ("gptq",)
     serving = {
@@ -157,13 +158,13 @@ def quiet_gptqmodel() -> None:
     import tempfile
     from pathlib import Path
 
-    from llmopt.models import output_to
+    from llmopt.models import import_detached, output_to
 
     if "gptqmodel" not in sys.modules:
         with tempfile.TemporaryDirectory() as tmp:
             said = Path(tmp) / "import.log"
             with output_to(said):
-                import gptqmodel  # noqa: F401
+                import_detached("gptqmodel")
             for line in said.read_text(errors="replace").splitlines():
                 if "ERROR" in line or "WARN" in line:
                     level = logging.WARNING if "ERROR" in line else logging.INFO

@@ -36,6 +36,7 @@ class GptqRtn(Method):
     Config = GptqRtnQuantize
     summary = "round-to-nearest packed in the GPTQ format (int8 weight-only by default); no calibration"
     libraries = Gptq.libraries
+    imports_at_load = Gptq.imports_at_load
     extra = Gptq.extra
     formats = ()  # it writes format `gptq`: loaded, served and carded as GPTQ is
 

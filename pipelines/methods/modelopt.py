@@ -46,6 +46,7 @@ class Modelopt(Method):
     Config = ModeloptQuantize
     summary = "NVIDIA ModelOpt: FP8, INT8 SmoothQuant, INT4-AWQ, W4A8-AWQ, NVFP4 for TensorRT-LLM"
     libraries = ("modelopt",)
+    imports_at_load = ("modelopt.torch.quantization", "modelopt.torch.export")
     extra = "modelopt"
     formats = ("modelopt",)
     # extension_build_s: the JIT build of ModelOpt's CUDA kernels, apart from calibration (0 without CUDA)
