@@ -103,7 +103,7 @@ def load_model(artifact: Artifact, device: str, dtype: str = "auto", trust_remot
     from llmopt import methods
 
     method = methods.by_format(fmt)
-    import_detached(*method.imports_at_load)
+    method.import_libraries()
     return method.load(artifact, device, dtype, trust_remote_code)
 
 

@@ -113,11 +113,11 @@ def load_accelerated(artifact, device: str, dtype: str, trust_remote_code: bool,
     tried, the method's `load_for_kernel` (ModelOpt: the plain source model, without the fake
     quantization its kernels replace)."""
     from llmopt import methods
-    from llmopt.models import import_detached, load_model
+    from llmopt.models import load_model
 
     method = methods.writing(artifact.info.get("format"))
     if method is not None:
-        import_detached(*method.imports_at_load)  # before a model exists (they pin the frames importing them)
+        method.import_libraries()  # before a model exists: GPTQModel and ModelOpt pin the frames importing them
     spec = artifact.info.get("kernel_spec") or {}
     if method is not None and wanted != "none" and method.kernels(spec, device, _sm(device)):
         model = method.load_for_kernel(artifact, device, dtype, trust_remote_code)

@@ -276,7 +276,9 @@ class MarlinLinear(QuantLinear):
         if weight.act_order and not (n % 64 == 0 and k % 128 == 0 or n % 128 == 0 and k % 64 == 0):
             raise ValueError(f"marlin runs act-order weights on tile-aligned shapes only, not {n}x{k}")
         super().__init__(weight, None, torch.bfloat16, device)
-        import_detached("gptqmodel")  # not from this frame's stack: it would pin the model being swapped
+        from llmopt.methods.gptq import quiet_gptqmodel
+
+        quiet_gptqmodel()  # imported detached: from this frame's stack it would pin the model being swapped
         from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear as GptqModelMarlin
 
         layer = GptqModelMarlin(bits=weight.bits, group_size=group, desc_act=weight.act_order, sym=True, in_features=k,
@@ -316,7 +318,9 @@ def marlin_gemm_op(layer):
     None for the others (they keep GPTQModel's forward)."""
     if getattr(layer, "_marlin_tile_padding", None) is not None or getattr(layer, "adapter", None) is not None:
         return None
-    import_detached("gptqmodel")
+    from llmopt.methods.gptq import quiet_gptqmodel
+
+    quiet_gptqmodel()
     from gptqmodel import extension
 
     return extension.op("marlin_bf16", "gptq_marlin_gemm_bf16")

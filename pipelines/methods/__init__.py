@@ -108,6 +108,14 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def import_libraries(cls) -> None:
+        """Import what `imports_at_load` names, before a model exists and on a thread of their own
+        (llmopt.models.import_detached); the loaders call it first."""
+        from llmopt.models import import_detached
+
+        import_detached(*cls.imports_at_load)
+
+    @classmethod
     def load(cls, artifact: Artifact, device: str, dtype: str, trust_remote_code: bool):
         """The model the artifact holds, as the evaluation and benchmark stages run it."""
         from llmopt.models import load_plain

@@ -70,6 +70,10 @@ class Gptq(Method):
         return run_gptqmodel(cfg, src, out, ctx, examples, seed=cal.seed, label="gptq")
 
     @classmethod
+    def import_libraries(cls) -> None:
+        quiet_gptqmodel()  # detached, and its banner off the terminal
+
+    @classmethod
     def load(cls, artifact, device, dtype, trust_remote_code):
         return load_gptq(artifact, device, trust_remote_code)
 
