@@ -33,6 +33,9 @@ a 7B sweep. The presets:
   the rows in use compiles one decode graph per decode batch (16, 32, 64) at start-up, and launches
   each step before it reads the last one's tokens (overlapped with the host's turn): longer
   start-ups, neither yet measured on a GPU.
+- `engine-dense`: `engine` with the int4 candidate's prefills of 320 tokens or more run dense
+  (`dense_prefill_tokens`: its weights dequantized a layer at a time, cuBLAS), where Marlin computes
+  slower than bf16's cuBLAS; not yet measured on a GPU.
 Each preset writes OUTDIR/<preset>.json (metrics and tags of the benchmark run), its log, and
 OUTDIR/<preset>-server-stats.json (each server's /llmopt/stats after its last point: for the engine,
 the GPU's idle time between decode steps, steps by decode batch, rows wasted past an EOS, prefill padding).
@@ -75,6 +78,10 @@ PRESETS = {
     # CUDA graph captured at start-up (64 rows of 288 prompt + 256 output tokens, in blocks of 64: 576 tokens,
     # 19.3 GB of KV cache)
     "engine": "    server: {engine: llmopt}\n",
+    # the same, the int4 candidate's prefills of 320 tokens or more dense (dense_prefill_tokens): from the H100
+    # reference's prefills (Marlin 50.1 against bf16's 30.5 ms for 1024 tokens, so about 19 us a token more)
+    # and an estimated 6 ms to dequantize a 7B's int4 weights, they break even near 316 tokens (not measured)
+    "engine-dense": "    server: {engine: llmopt, dense_prefill_tokens: 320}\n",
 }
 STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"

@@ -173,7 +173,8 @@ def main(spec_path: str) -> int:
     artifact = Artifact(Path(spec["artifact"]["path"]), spec["artifact"]["kind"], {}, spec["artifact"]["info"])
     started = time.perf_counter()
     model, applied = kernels.load_accelerated(artifact, spec["device"], spec["dtype"], spec.get("trust_remote_code", False),
-                                              spec.get("kernel", "auto"), spec["cache_root"])
+                                              spec.get("kernel", "auto"), spec["cache_root"],
+                                              spec.get("engine_options", {}).get("dense_prefill_tokens", 0))
     weights = in_memory_bytes(model)  # as served: packed by the kernel (an RTN artifact is stored dequantized)
     tokenizer = load_tokenizer(artifact.path, spec.get("trust_remote_code", False))  # every artifact keeps its tokenizer
     print(f"llmopt.serve: model loaded in {time.perf_counter() - started:.1f} s; kernel {applied.tag()}", flush=True)

@@ -212,7 +212,7 @@ def test_compiled_runtime_decodes_a_left_padded_batch_as_generate_does(tiny_mode
     assert torch.equal(runtime.tokens[:, :8], expected[:, :8]), (runtime.tokens, expected)
 
 
-@pytest.mark.parametrize("kernel", ["none", "marlin"])
+@pytest.mark.parametrize("kernel", ["none", "marlin", "marlin-dense"])
 def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids, kernel_cache, tmp_path):
     """engine llmopt on CUDA: its decode steps (batches of 1 and 2 rows) compiled into CUDA graphs (Marlin's
     custom op inside for int4) and one prefill graph per batch (1, 2) and prompt width (32, 64), all
@@ -221,7 +221,9 @@ def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids
     decoding's choice, scored by whole forward passes on the same model along the engine's text, or
     within the module's 0.1 of it (bf16 logits near 10 carry about 0.06 of rounding, and the engine's
     attention and batch shapes round differently: on an H100 the Marlin case's second token of one
-    request took the runner-up of a near-tie)."""
+    request took the runner-up of a near-tie). `marlin-dense`: prefills of 40 rows or more (a 64-wide
+    prompt) on the int4 weights dequantized by the compiled `dense_weight` inside the captured graph,
+    the rest and every decode step on Marlin."""
     from llmopt.engine import Engine
     from transformers import AutoModelForCausalLM
 
@@ -237,8 +239,9 @@ def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids
         (tmp_path / "q").mkdir()
         artifact = quantize.run(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32),
                                 Artifact(tiny_model, "hf-checkpoint"), tmp_path / "q", ctx)
-        model, applied = kernels.load_accelerated(artifact, "cuda", "bfloat16", False, "marlin", kernel_cache)
-        assert applied.kernel == "marlin"
+        dense = 40 if kernel == "marlin-dense" else 0
+        model, applied = kernels.load_accelerated(artifact, "cuda", "bfloat16", False, "marlin", kernel_cache, dense)
+        assert applied.kernel == "marlin" and ("products of 40+ rows dense" in applied.tag()) == bool(dense)
     prompts = [list(ids[start:start + n]) for start, n in ((0, 16), (100, 11), (200, 40), (300, 5), (400, 27))]
     expected = [greedy_by_forward_passes(model, p, 8) for p in prompts]
     engine = Engine(model, "cuda", slots=2, max_prompt=40, max_new=8, smallest_batch=1).start()
@@ -263,3 +266,23 @@ def _greedy_gap(model, prompt: list[int], tokens: list[int]) -> float:
         logits = model(seq).logits[0, len(prompt) - 1:-1].float()
     chosen = logits.gather(-1, seq[0, len(prompt):, None]).squeeze(-1)
     return (logits.max(-1).values - chosen).max().item()
+
+
+def test_marlin_dense_prefill_matches_the_kernel_and_the_grid(kernel_cache):
+    """`keep_dense` beside Marlin: 512 rows (over the 256 threshold) run the compiled `dense_weight`
+    and cuBLAS, and agree with the grid's float32 product to bf16 rounding, as Marlin's own product
+    of the same rows does (within the module's 3%)."""
+    from llmopt.kernels.linear import QuantizedWeight, build_marlin, kernel_module, relative_error
+
+    build_marlin(kernel_cache)
+    g = torch.Generator().manual_seed(0)
+    n, k = 512, 1024
+    weight = QuantizedWeight(torch.randint(0, 16, (n, k), generator=g).to(torch.uint8),
+                             torch.rand(k // 128, n, generator=g) * 0.02 + 1e-3, 4, 128)
+    module = kernel_module("marlin", weight, "cuda", torch.bfloat16)
+    module.keep_dense(weight, 256, "cuda", torch.bfloat16)
+    x = torch.randn(512, k, generator=g).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        dense, marlin = module(x).float(), module._mm(x).float()
+    reference = x.float() @ weight.dequantize().to("cuda").t()
+    assert relative_error(dense, reference) < 1e-2 and relative_error(marlin, reference) < 3e-2

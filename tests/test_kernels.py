@@ -645,3 +645,100 @@ def test_the_first_model_a_process_loads_is_freed_when_dropped(case, tiny_model,
     library = "gptqmodel" if case == "gptq_rtn" else "modelopt"
     assert library not in seen["before"] and library in seen["after"], seen  # the load imported it
     assert seen["alive"] is False
+
+
+def _random_weight(bits: int, n: int, k: int, group: int, asym: bool, act_order: bool, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    groups = k // group
+    codes = torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = torch.rand(groups, n, generator=g) * 0.02 + 0.001
+    zeros = torch.randint(0, 2**bits, (groups, n), generator=g, dtype=torch.int32) if asym else None
+    g_idx = torch.randperm(k, generator=g) % groups if act_order else None
+    return QuantizedWeight(codes, scales, bits, group, zeros, g_idx, bias=torch.randn(n, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("kernel, bits, group, asym, act_order", [
+    ("int4pack", 4, 32, False, False), ("int4pack", 4, 64, True, False), ("int4pack", 4, 32, True, True),
+    ("int8pack", 8, 256, False, False)])
+def test_dense_prefill_runs_the_kept_codes_dense_and_short_products_on_the_kernel(kernel, bits, group, asym, act_order,
+                                                                                  monkeypatch):
+    """`keep_dense`: the kept codes dequantize to exactly the weight's grid (`dequantize`), whatever
+    the packing (two 4-bit codes a byte), zeros and act-order's column groups; a product of at least
+    `min_tokens` rows is that weight's dense product (with bias), and a shorter one runs the kernel,
+    which agrees with it to the kernel's bf16 rounding."""
+    from llmopt.kernels.linear import dense_copy_bytes, kernel_module, relative_error
+
+    n, k = 96, 256
+    weight = _random_weight(bits, n, k, group, asym, act_order)
+    module = kernel_module(kernel, weight, "cpu", torch.float32)
+    module.keep_dense(weight, 16, "cpu", torch.float32)
+    reference = weight.dequantize()
+    assert torch.equal(module.dense_weight(torch.float32), reference)
+    kept = n * k * bits // 8 + n * (k // group) * 4 + (n * (k // group) if asym else 0) + (k * 4 if act_order else 0)
+    assert dense_copy_bytes(torch.nn.Sequential(module)) == kept
+    x = torch.randn(16, k, generator=torch.Generator().manual_seed(1))
+    calls = []
+    kernel_mm = module._mm
+    monkeypatch.setattr(module, "_mm", lambda x: calls.append(x.shape[0]) or kernel_mm(x))
+    with torch.no_grad():
+        dense = module(x)
+        short = module(x[:15])
+    assert calls == [15], "16 rows ran dense, 15 on the kernel"
+    expected = x @ reference.t() + weight.bias
+    assert torch.allclose(dense, expected, rtol=1e-5, atol=1e-5)
+    assert relative_error(short, expected[:15]) < 3e-2
+
+
+def test_dense_prefill_is_kept_by_the_fast_path_and_reported(tiny_model, tmp_path):
+    """Through `accelerate`: every kernel module keeps its codes, the run's metrics say from how
+    many rows and how much memory the copy costs (0.5 byte a 4-bit weight, plus scales), the tag
+    says so; without it nothing is kept and no such metric is logged."""
+    from llmopt.kernels.linear import QuantLinear
+
+    artifact = _quantized(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32), tiny_model,
+                          tmp_path / "q")
+    model, applied = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "int4pack", tmp_path,
+                                        dense_prefill_tokens=64)
+    modules = {id(m): m for m in model.modules() if isinstance(m, QuantLinear)}.values()
+    assert modules and all(m.dense_tokens == 64 for m in modules)
+    weights = sum(m.in_features * m.out_features for m in modules)
+    scales = sum(m.out_features * m.in_features // 32 for m in modules) * 4  # float32 on CPU
+    assert applied.metrics()["kernel/dense_prefill_tokens"] == 64
+    assert applied.metrics()["kernel/dense_copy_gb"] == pytest.approx((weights // 2 + scales) / 1e9)
+    assert "products of 64+ rows dense" in applied.tag()
+    plain, without = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "int4pack", tmp_path)
+    assert "kernel/dense_prefill_tokens" not in without.metrics()
+    assert not any(getattr(m, "dense_tokens", 0) for m in plain.modules())
+
+
+def test_the_engine_prefills_dense_and_decodes_on_the_kernel(tiny_model, tmp_path):
+    """engine llmopt with `dense_prefill_tokens`: its prefills (batch x width rows: 64 and up) take the
+    dense branch, its decode steps (at most 3 rows) the kernel, and every request's tokens are greedy
+    decoding's. So that the test sees the wiring and not bf16 rounding, each kernel call here computes
+    the same float32 product as the dense branch (the branches' numbers: the test above)."""
+    import torch.nn.functional as F
+    from conftest import greedy_by_forward_passes
+    from llmopt.engine import Engine
+    from llmopt.kernels.linear import QuantLinear
+
+    artifact = _quantized(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32), tiny_model,
+                          tmp_path / "q")
+    model, _ = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "int4pack", tmp_path,
+                                  dense_prefill_tokens=60)
+    rows = {"dense": [], "kernel": []}
+    for module in {id(m): m for m in model.modules() if isinstance(m, QuantLinear)}.values():
+        exact = module.dense_weight(torch.float32)
+        module.dense_weight = lambda dtype, w=exact: rows["dense"].append(1) or w.to(dtype)
+        module._mm = lambda x, w=exact: rows["kernel"].append(x.shape[0]) or F.linear(x, w)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (40, 5, 33, 12)]
+    engine = Engine(model, "cpu", slots=3, max_prompt=40, max_new=6, smallest_batch=2).start()
+    try:
+        got = engine.complete(prompts, [6, 6, 6, 6])
+    finally:
+        engine.stop()
+    assert rows["dense"], "a prefill of 64 rows or more ran dense"
+    decode = [r for r in rows["kernel"] if r <= 3]
+    assert decode and all(r < 60 for r in rows["kernel"]), "decode steps and short prefills ran the kernel"
+    for ids, tokens in zip(prompts, got, strict=True):  # the reference's passes (46 rows at most) run the kernel
+        assert tokens == greedy_by_forward_passes(model, ids, 6)

@@ -163,14 +163,15 @@ stages:
     warmup: 1
     load: {profile: concurrent, points: [1, 3], requests: 9}
     sla: {p99_ttft_ms: 5000, p99_itl_ms: 1000}
-    server: {engine: llmopt}
+    server: {engine: llmopt, dense_prefill_tokens: 48}
 """
 
 
 def test_engine_llmopt_serves_candidate_and_base_under_the_same_load(tiny_workdir, tmp_path):
     """server: {engine: llmopt}: llmopt's own continuous batching (rows of a static cache) behind the same
     API, load generator and figures: every request completes with its 16 tokens, streamed one a chunk;
-    the rows (the sweep's 3 streams) are reported as the KV cache, and nothing is captured while serving."""
+    the rows (the sweep's 3 streams) are reported as the KV cache, and nothing is captured while serving.
+    With dense_prefill_tokens, the candidate's server runs its long prefills dense (its kernel tag says so)."""
     recipe = tmp_path / "engine.yaml"
     recipe.write_text(ENGINE)
     assert run_cli(tiny_workdir, "run", str(recipe)) == 0
@@ -196,6 +197,9 @@ def test_engine_llmopt_serves_candidate_and_base_under_the_same_load(tiny_workdi
     reports = [json.loads(r.read_text()) for r in tiny_workdir["cache"].glob("stages/*/report.json")]
     engines = [r["server_stats"]["engine"] for r in reports if "server_stats" in r]
     assert len(engines) == 2 and all(e["name"] == "llmopt" and e["slots"] == 3 for e in engines), engines
+    # prefills of 48 rows or more (a 64-wide prompt) ran the candidate's int4 weights dense; the bf16 base has none
+    kernels = sorted(r["server_stats"]["kernel"] for r in reports if "server_stats" in r)
+    assert kernels[0].startswith("int4pack (products of 48+ rows dense") and kernels[1].startswith("none"), kernels
     assert not _serve_processes() and not _serve_processes("llmopt.eval.runtimes.loadgen")
 
 
@@ -225,6 +229,13 @@ BAD = {
     "engine llmopt at a request rate without slots": (
         "    load: {profile: poisson, points: [2], requests: 4}\n    server: {engine: llmopt}\n", "stages[0]",
         "server.slots: engine llmopt reserves a row of its cache per request served at once; a poisson rate"),
+    "dense prefill for transformers serve": (LOAD + "    server: {dense_prefill_tokens: 512}\n", "stages[0]",
+                                             "dense_prefill_tokens: an engine: llmopt setting"),
+    "dense prefill within the decode steps' rows": (
+        LOAD + "    server: {engine: llmopt, dense_prefill_tokens: 1}\n", "stages[0]",
+        "server.dense_prefill_tokens: 1 must exceed the engine's 1 rows"),
+    "dense prefill within the slots": (LOAD + "    server: {engine: llmopt, slots: 8, dense_prefill_tokens: 8}\n",
+                                       "stages[0]", "dense_prefill_tokens: 8 must exceed slots (8)"),
     "cb options without continuous batching": (LOAD + "    server: {continuous_batching: false, cb_use_cuda_graph: true}\n",
                                                "stages[0]", "cb_use_cuda_graph: continuous-batching options"),
 }
@@ -667,6 +678,23 @@ def test_batching_is_tuned_for_the_load_and_device_unless_the_recipe_sets_it():
     assert tuned_batching(stage({"tune_batching": False}), "cuda") == {}
     assert tuned_batching(stage({"command": ["vllm", "serve", "{model}"]}), "cuda") == {}
     assert tuned_batching(stage({"continuous_batching": False}), "cuda") == {}
+
+
+def test_engine_options_carry_the_rows_the_workload_and_dense_prefill():
+    """What the engine is started with (the server spec's engine_options): its rows (slots, or the
+    sweep's most concurrent streams), the longest prompt (+1 for BOS) and output, and the dense-prefill
+    threshold only where the recipe sets one."""
+    from llmopt.recipe import Benchmark
+
+    def stage(**server):
+        return Benchmark(stage="benchmark", runtime="server", input_tokens={"mean": 128, "stdev": 32}, output_tokens=256,
+                         load={"points": [1, 8, 32], "requests": 8}, server={"engine": "llmopt", **server})
+
+    cfg = stage()
+    assert cfg.serving.engine_options(cfg) == {"slots": 32, "max_prompt_tokens": 128 + 4 * 32 + 1, "max_new_tokens": 256}
+    cfg = stage(slots=40, dense_prefill_tokens=512)
+    assert cfg.serving.engine_options(cfg) == {"slots": 40, "max_prompt_tokens": 257, "max_new_tokens": 256,
+                                                "dense_prefill_tokens": 512}
 
 
 @pytest.mark.parametrize("handled", [False, True], ids=["without the handler", "with it"])

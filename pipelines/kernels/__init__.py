@@ -94,10 +94,16 @@ class Applied:
     prepare_s: float = 0.0  # repacking the weights into the kernel's layout
     dequantized: int = 0  # of `layers`, those `auto` ran dequantized (small products on CPU)
     notes: list[str] = field(default_factory=list)
+    dense_prefill_tokens: int = 0  # products of this many rows or more run dense (0: none)
+    dense_copy_bytes: int = 0  # the codes kept for them
 
     def metrics(self) -> dict[str, float]:
-        return {"kernel/build_s": self.build_s, "kernel/prepare_s": self.prepare_s, "kernel/layers": float(self.layers),
-                "kernel/layers_dequantized": float(self.dequantized)}
+        found = {"kernel/build_s": self.build_s, "kernel/prepare_s": self.prepare_s, "kernel/layers": float(self.layers),
+                 "kernel/layers_dequantized": float(self.dequantized)}
+        if self.dense_prefill_tokens:
+            found |= {"kernel/dense_prefill_tokens": float(self.dense_prefill_tokens),
+                      "kernel/dense_copy_gb": self.dense_copy_bytes / 1e9}
+        return found
 
     def tag(self) -> str:
         return self.kernel + (f" ({self.reason})" if self.reason else "")
@@ -108,7 +114,7 @@ class KernelBuildError(RuntimeError):
 
 
 def load_accelerated(artifact, device: str, dtype: str, trust_remote_code: bool, wanted: str,
-                     cache_root) -> tuple[object, Applied]:
+                     cache_root, dense_prefill_tokens: int = 0) -> tuple[object, Applied]:
     """`load_model` then `accelerate`, loading only what the fast path needs: where a kernel will be
     tried, the method's `load_for_kernel` (ModelOpt: the plain source model, without the fake
     quantization its kernels replace)."""
@@ -123,10 +129,10 @@ def load_accelerated(artifact, device: str, dtype: str, trust_remote_code: bool,
         model = method.load_for_kernel(artifact, device, dtype, trust_remote_code)
     else:
         model = load_model(artifact, device, dtype, trust_remote_code)
-    return accelerate(model, artifact, device, wanted, cache_root)
+    return accelerate(model, artifact, device, wanted, cache_root, dense_prefill_tokens)
 
 
-def accelerate(model, artifact, device: str, wanted: str, cache_root) -> tuple[object, Applied]:
+def accelerate(model, artifact, device: str, wanted: str, cache_root, dense_prefill_tokens: int = 0) -> tuple[object, Applied]:
     """Swap the quantized layers of `model` (loaded from `artifact`) for `wanted` (`auto`, a kernel
     name, or `none`). Never silent: with no fast kernel, `auto` logs a warning and says why in the
     result; a named kernel that cannot run here is an error."""
@@ -161,7 +167,8 @@ def accelerate(model, artifact, device: str, wanted: str, cache_root) -> tuple[o
         started = time.perf_counter()
         build_s = prepare(kernel, cache_root)
         try:
-            model, layers = method.fast_path(model, artifact, device, kernel, dense_below=dense_below)
+            model, layers = method.fast_path(model, artifact, device, kernel, dense_below=dense_below,
+                                             dense_prefill_tokens=dense_prefill_tokens)
         except ValueError as e:
             if kernel == order[-1]:
                 raise
@@ -182,8 +189,14 @@ def accelerate(model, artifact, device: str, wanted: str, cache_root) -> tuple[o
         kernel = "dequantized"
     elif dequantized:
         reasons.append(f"{dequantized} of {layers} layers dequantized: products under {dense_below} weights")
+    from llmopt.kernels.linear import dense_copy_bytes
+
+    copied = dense_copy_bytes(model) if dense_prefill_tokens else 0
+    if copied:
+        reasons.append(f"products of {dense_prefill_tokens}+ rows dense, from a {copied / 1e9:.2f} GB copy of the codes")
     applied = Applied(kernel, "; ".join(reasons), layers=layers, build_s=build_s, prepare_s=prepare_s,
-                      dequantized=dequantized)
+                      dequantized=dequantized, dense_prefill_tokens=dense_prefill_tokens if copied else 0,
+                      dense_copy_bytes=copied)
     log.info("kernel %s on %d layers (build %.1f s, repack %.1f s)", applied.tag(), layers, applied.build_s,
              applied.prepare_s)
     return model, applied

@@ -157,10 +157,12 @@ class Method:
         return f"llmopt has no fast kernel for {cls.name} {spec} on {device}"
 
     @classmethod
-    def fast_path(cls, model, artifact: Artifact, device: str, kernel: str, dense_below: int = 0) -> tuple[Any, int]:
+    def fast_path(cls, model, artifact: Artifact, device: str, kernel: str, dense_below: int = 0,
+                  dense_prefill_tokens: int = 0) -> tuple[Any, int]:
         """Swap the model's quantized layers for modules running `kernel` (one of `kernels`), those
-        with fewer than `dense_below` weights for their dequantized weight (`swap`); returns (model,
-        layers swapped). Each method reads its own format."""
+        with fewer than `dense_below` weights for their dequantized weight, and with
+        `dense_prefill_tokens` each integer kernel's products of that many rows dense (`swap`); returns
+        (model, layers swapped). Each method reads its own format."""
         raise NotImplementedError(f"{cls.name} declares no fast path")
 
     # --- the model card ----------------------------------------------------------------------------

@@ -155,7 +155,7 @@ class Modelopt(Method):
         return super().no_kernel_reason(spec, device, sm)
 
     @classmethod
-    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0):
+    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0, dense_prefill_tokens: int = 0):
         """Run the exported checkpoint's real weights (not the fake quantization): every quantized
         layer from its packed int4 or FP8 tensors and scales, every other exported tensor (norms that
         absorbed AWQ's pre-quant scales) copied into a plain model of the source, which replaces the
@@ -196,7 +196,8 @@ class Modelopt(Method):
         fold_pre_scales(model, weights)
         # the fake-quantized layers apply the pre-quant scale of q/k/v and gate/up themselves, where
         # the export folded it into the norms: compare the kernels with the weights, not with those
-        return model, swap(model, weights, kernel, device, compare_with_original=False, dense_below=dense_below)
+        return model, swap(model, weights, kernel, device, compare_with_original=False, dense_below=dense_below,
+                           dense_prefill_tokens=dense_prefill_tokens)
 
     @classmethod
     def card(cls, info: dict) -> list[str]:

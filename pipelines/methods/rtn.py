@@ -65,7 +65,7 @@ class Rtn(Method):
         return gptq_kernels(spec, device)  # the same integer grids
 
     @classmethod
-    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0):
+    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0, dense_prefill_tokens: int = 0):
         """The saved weights lie on the rounding grid: recover codes and scales from them exactly
         (checked), and run them as integers."""
         import torch
@@ -75,7 +75,7 @@ class Rtn(Method):
         weights = {name: regrid(module.weight.data, spec["bits"], spec["group_size"], spec["sym"], module.bias)
                    for name, module in model.named_modules()
                    if isinstance(module, torch.nn.Linear) and name != "lm_head"}
-        return model, swap(model, weights, kernel, device, dense_below=dense_below)
+        return model, swap(model, weights, kernel, device, dense_below=dense_below, dense_prefill_tokens=dense_prefill_tokens)
 
     @classmethod
     def limits(cls, info: dict) -> list[str]:

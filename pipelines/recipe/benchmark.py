@@ -37,6 +37,12 @@ class ServerSpec(Strict):
     # engine llmopt: rows of the static cache, the most requests served at once (default: the sweep's
     # most concurrent streams; a rate profile must say)
     slots: PositiveInt | None = None
+    # engine llmopt: products of at least this many token rows (a prefill's batch x width) run on the
+    # quantized weights dequantized one layer at a time through the dense matrix product, where a
+    # weight-only kernel computes slower (Marlin's prefill on an H100: 50.1 against bf16's 30.5 ms for
+    # 8 x 128 tokens); costs a second copy of the codes (0.5 byte a 4-bit weight); decode steps keep
+    # the kernel, so it must exceed `slots`. Integer kernels only (FP8 runs its own product). Off by default
+    dense_prefill_tokens: PositiveInt | None = None
     model_name: str | None = None  # what requests name; default: "llmopt", or {model} for a command
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535)  # default: a free port
@@ -80,7 +86,8 @@ class ServerSpec(Strict):
         """engine llmopt's sizes for the stage `cfg`: its rows, and the longest prompt (one token more:
         a tokenizer may add BOS to the load generator's prompt) and output of the recipe's workload."""
         streams = self.slots or int(max(cfg.load.points))
-        return {"slots": streams, "max_prompt_tokens": cfg.longest_input + 1, "max_new_tokens": cfg.longest_output}
+        options = {"slots": streams, "max_prompt_tokens": cfg.longest_input + 1, "max_new_tokens": cfg.longest_output}
+        return options | ({"dense_prefill_tokens": self.dense_prefill_tokens} if self.dense_prefill_tokens else {})
 
     def transformers_serve_options(self) -> dict:
         """The options llmopt.serve gives `transformers serve`: those the recipe set, or that have a default."""
@@ -88,8 +95,14 @@ class ServerSpec(Strict):
 
     @model_validator(mode="after")
     def _options_for_the_default_server(self) -> ServerSpec:
-        if self.command is not None and ({"engine", "slots"} & self.model_fields_set):
-            raise ValueError("engine, slots: llmopt's own servers' options, and `command` runs another server")
+        if self.command is not None and ({"engine", "slots", "dense_prefill_tokens"} & self.model_fields_set):
+            raise ValueError("engine, slots, dense_prefill_tokens: llmopt's own servers' options, and `command` runs "
+                             "another server")
+        if self.dense_prefill_tokens is not None and self.engine != "llmopt":
+            raise ValueError("dense_prefill_tokens: an engine: llmopt setting")
+        if self.dense_prefill_tokens is not None and self.slots is not None and self.dense_prefill_tokens <= self.slots:
+            raise ValueError(f"dense_prefill_tokens: {self.dense_prefill_tokens} must exceed slots ({self.slots}): a decode "
+                             "step of that many rows would run dense instead of on the kernel")
         if self.engine == "llmopt":
             theirs = sorted(k for k in self.model_fields_set
                             if self.is_transformers_serve_option(k) or k == "tune_batching")
@@ -195,6 +208,10 @@ class Benchmark(Strict):
         if self.serving.engine == "llmopt" and self.load.profile != "concurrent" and self.serving.slots is None:
             raise ValueError(f"server.slots: engine llmopt reserves a row of its cache per request served at once; a "
                              f"{self.load.profile} rate does not bound them, so give slots")
+        dense, rows = self.serving.dense_prefill_tokens, self.serving.slots or int(max(self.load.points))
+        if dense is not None and dense <= rows:
+            raise ValueError(f"server.dense_prefill_tokens: {dense} must exceed the engine's {rows} rows (slots, or the "
+                             "sweep's most concurrent streams): a decode step of that many rows would run dense")
         for name, bound in self.sla.items():
             if name not in SLA_METRICS:
                 import difflib
