@@ -5,6 +5,7 @@ module that runs one maintained kernel on them. Each module computes the same pr
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import weakref
@@ -116,7 +117,7 @@ class QuantLinear(torch.nn.Module):
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The kept codes dequantized, W [N, K] in `dtype` (input columns in their own order)."""
-        fn = _dense_weight_compiled if self.dense_codes.is_cuda else dense_weight
+        fn = _dense_weight_compiled() if self.dense_codes.is_cuda else dense_weight
         return fn(self.dense_codes, self.dense_scales, self.dense_zeros, self.dense_groups, self.dense_bits, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -156,9 +157,12 @@ def dense_weight(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor 
     return (q - zero[:, groups]) * scales.to(dtype)[:, groups]
 
 
-# on CUDA one fused kernel per weight shape (inductor): read 0.5 byte a weight, write 2; eagerly the
-# unpacking, subtraction and scaling would each pass over the whole bf16 weight
-_dense_weight_compiled = torch.compile(dense_weight, dynamic=False)
+@functools.cache
+def _dense_weight_compiled():
+    """`dense_weight` as one fused kernel per weight shape (inductor), for CUDA: it reads 0.5 byte a
+    4-bit weight and writes 2; eagerly the unpacking, subtraction and scaling would each pass over
+    the whole bf16 weight. Made on first use (torch.compile imports dynamo)."""
+    return torch.compile(dense_weight, dynamic=False)
 
 
 class Int4PackLinear(QuantLinear):
@@ -615,7 +619,7 @@ def swap(model, weights: dict[str, QuantizedWeight], kernel: str, device: str,
         error = check_module(module, weight, dtype, device)
         if dense_prefill_tokens and not small(weight):
             module.keep_dense(weight, dense_prefill_tokens, device, dtype)
-            error = max(error, relative_error(module.dense_weight(dtype).float().cpu(), weight.dequantize().cpu()))
+            error = max(error, relative_error(module.dense_weight(dtype).float(), weight.dequantize().to(device)))
         if compare_with_original:
             x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)
             with torch.no_grad():
