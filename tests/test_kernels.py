@@ -699,7 +699,7 @@ def test_dense_prefill_is_kept_by_the_fast_path_and_reported(tiny_model, tmp_pat
                           tmp_path / "q")
     model, applied = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "int4pack", tmp_path,
                                         dense_prefill_tokens=64)
-    modules = {id(m): m for m in model.modules() if isinstance(m, QuantLinear)}.values()
+    modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert modules and all(m.dense_tokens == 64 for m in modules)
     weights = sum(m.in_features * m.out_features for m in modules)
     scales = sum(m.out_features * m.in_features // 32 for m in modules) * 4  # float32 on CPU
@@ -726,7 +726,7 @@ def test_the_engine_prefills_dense_and_decodes_on_the_kernel(tiny_model, tmp_pat
     model, _ = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "int4pack", tmp_path,
                                   dense_prefill_tokens=60)
     rows = {"dense": [], "kernel": []}
-    for module in {id(m): m for m in model.modules() if isinstance(m, QuantLinear)}.values():
+    for module in [m for m in model.modules() if isinstance(m, QuantLinear)]:
         exact = module.dense_weight(torch.float32)
         module.dense_weight = lambda dtype, w=exact: rows["dense"].append(1) or w.to(dtype)
         module._mm = lambda x, w=exact: rows["kernel"].append(x.shape[0]) or F.linear(x, w)

@@ -126,13 +126,11 @@ class QuantLinear(torch.nn.Module):
         if self.pre_scale is not None:
             x = x * self.pre_scale
         if self.dense_tokens and x.shape[0] >= self.dense_tokens:  # a static shape: decided once per graph
-            y = F.linear(x, self.dense_weight(x.dtype))
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*shape[:-1], self.out_features)
-        if self.order is not None:
-            x = x.index_select(-1, self.order)
-        y = self._mm(x)
+            y = F.linear(x, self.dense_weight(x.dtype))  # the kept codes are in the input's own column order
+        else:
+            if self.order is not None:
+                x = x.index_select(-1, self.order)
+            y = self._mm(x)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
@@ -468,9 +466,8 @@ def kernels_in(model) -> dict[str, int]:
 
 def dense_copy_bytes(model) -> int:
     """Bytes of the codes, scales and zeros the model's kernel modules keep for dense products
-    (`QuantLinear.keep_dense`); a fused group's module counts once."""
-    seen = {id(m): m for m in model.modules() if isinstance(m, QuantLinear) and m.dense_tokens}
-    return sum(t.numel() * t.element_size() for m in seen.values()
+    (`QuantLinear.keep_dense`; `modules()` yields a fused group's module once)."""
+    return sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear) and m.dense_tokens
                for t in (m.dense_codes, m.dense_scales, m.dense_zeros, m.dense_groups) if t is not None)
 
 

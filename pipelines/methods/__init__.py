@@ -58,10 +58,6 @@ class Method:
     Config: ClassVar[type]  # pydantic model with `stage: Literal["quantize"]` and `method: Literal[name]`
     summary: ClassVar[str] = ""  # one line for `llmopt methods` and the README
     libraries: ClassVar[tuple[str, ...]] = ()
-    # modules its load and fast path import in the measuring process: imported before a model exists,
-    # on a thread of their own (llmopt.models.import_detached: GPTQModel and ModelOpt pin the frames
-    # that import them)
-    imports_at_load: ClassVar[tuple[str, ...]] = ()
     extra: ClassVar[str | None] = None  # `pip install 'llmopt[extra]'` installs the libraries
     formats: ClassVar[tuple[str, ...]] = ()  # values of Artifact.info["format"] this method writes
     serving: ClassVar[dict[str, Serving]] = {}
@@ -109,11 +105,9 @@ class Method:
 
     @classmethod
     def import_libraries(cls) -> None:
-        """Import what `imports_at_load` names, before a model exists and on a thread of their own
-        (llmopt.models.import_detached); the loaders call it first."""
-        from llmopt.models import import_detached
-
-        import_detached(*cls.imports_at_load)
+        """Import the libraries its load and fast path use in the measuring process, before a model
+        exists, on a thread of their own (llmopt.models.import_detached: GPTQModel and ModelOpt pin
+        the frames that import them); the loaders call it first. None by default."""
 
     @classmethod
     def load(cls, artifact: Artifact, device: str, dtype: str, trust_remote_code: bool):

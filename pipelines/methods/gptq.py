@@ -42,7 +42,6 @@ class Gptq(Method):
     Config = GptqQuantize
     summary = "GPTQ via GPTQModel: calibrated 4/8-bit weights, the GPTQ checkpoint format"
     libraries = ("gptqmodel", "optimum")
-    imports_at_load = ("gptqmodel",)
     extra = "gptq"
     formats = ("gptq",)
     serving = {

@@ -12,7 +12,7 @@ import functools
 from typing import Literal
 
 from llmopt.methods import Method
-from llmopt.methods.gptq import Gptq, gptq_kernels, load_gptq, quiet_gptqmodel, run_gptqmodel
+from llmopt.methods.gptq import Gptq, gptq_kernels, load_gptq, run_gptqmodel
 from llmopt.schema import Strict, _check_group_size
 from pydantic import StrictBool, field_validator
 
@@ -36,7 +36,6 @@ class GptqRtn(Method):
     Config = GptqRtnQuantize
     summary = "round-to-nearest packed in the GPTQ format (int8 weight-only by default); no calibration"
     libraries = Gptq.libraries
-    imports_at_load = Gptq.imports_at_load
     extra = Gptq.extra
     formats = ()  # it writes format `gptq`: loaded, served and carded as GPTQ is
 
@@ -56,10 +55,6 @@ class GptqRtn(Method):
     def quantize(cls, cfg: GptqRtnQuantize, src, out, ctx):
         qconfig = functools.partial(rtn_config, cfg.bits, cfg.group_size, cfg.sym)  # pickles: built in GPTQModel's process
         return run_gptqmodel(cfg, src, out, ctx, examples=None, seed=0, label=f"rtn int{cfg.bits}", qconfig=qconfig)
-
-    @classmethod
-    def import_libraries(cls) -> None:
-        quiet_gptqmodel()
 
     @classmethod
     def load(cls, artifact, device, dtype, trust_remote_code):

@@ -46,7 +46,6 @@ class Modelopt(Method):
     Config = ModeloptQuantize
     summary = "NVIDIA ModelOpt: FP8, INT8 SmoothQuant, INT4-AWQ, W4A8-AWQ, NVFP4 for TensorRT-LLM"
     libraries = ("modelopt",)
-    imports_at_load = ("modelopt.torch.quantization", "modelopt.torch.export")
     extra = "modelopt"
     formats = ("modelopt",)
     # extension_build_s: the JIT build of ModelOpt's CUDA kernels, apart from calibration (0 without CUDA)
@@ -109,6 +108,12 @@ class Modelopt(Method):
         from llmopt.isolated import run_isolated
 
         return run_isolated(_modelopt_quantize, cfg, src, out, ctx, label=f"modelopt {cfg.format}")
+
+    @classmethod
+    def import_libraries(cls) -> None:
+        from llmopt.models import import_detached
+
+        import_detached("modelopt.torch.quantization", "modelopt.torch.export")
 
     @classmethod
     def load(cls, artifact, device, dtype, trust_remote_code):
