@@ -36,6 +36,9 @@ a 7B sweep. The presets:
 - `engine-dense`: `engine` with the int4 candidate's prefills of 320 tokens or more run dense
   (`dense_prefill_tokens`: its weights dequantized a layer at a time, cuBLAS), where Marlin computes
   slower than bf16's cuBLAS; not yet measured on a GPU.
+`base-<preset>` (for example `base-engine engine`): the bf16 base alone under that preset's settings,
+first, while Marlin builds; the preset's paired run then finds the base's measurement in the cache
+(same stage key) and measures only the int4 candidate.
 Each preset writes OUTDIR/<preset>.json (metrics and tags of the benchmark run), its log, and
 OUTDIR/<preset>-server-stats.json (each server's /llmopt/stats after its last point: for the engine,
 the GPU's idle time between decode steps, steps by decode batch, rows wasted past an EOS, prefill padding).
@@ -83,7 +86,8 @@ PRESETS = {
     # and an estimated 6 ms to dequantize a 7B's int4 weights, they break even near 316 tokens (not measured)
     "engine-dense": "    server: {engine: llmopt, dense_prefill_tokens: 320}\n",
 }
-STAGES = ("  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
+QUANTIZE = "  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
+STAGES = (QUANTIZE +
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"
           "    output_tokens: 256\n    warmup: 1\n"
           "    load: {profile: concurrent, points: [1, 8, 32, 64], requests: null, duration_s: 12, warmup_max_rounds: 2}\n"
@@ -103,16 +107,21 @@ def main(workdir: Path, out: Path, presets: list[str]) -> None:
     prewarm = prewarm_marlin(workdir / "cache", out / "marlin-prewarm.log")  # while the model is written and quantized
     if "smoke" in presets:
         presets = [p for p in presets if p != "smoke"]
-        (workdir / "smoke.yaml").write_text(SMOKE + (PRESETS[presets[0]] if presets else ""))
+        (workdir / "smoke.yaml").write_text(SMOKE + (PRESETS[presets[0].removeprefix("base-")] if presets else ""))
         if run_recipe(workdir / "smoke.yaml", "serve-smoke", workdir, out / "smoke", {"preset": "smoke"})["exit"] != 0:
             prewarm.kill()
             sys.exit("the smoke run failed: see smoke.log")
     model = random_llama(workdir / "llama-7b", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
     for preset in presets:
+        # `base-<preset>`: the bf16 base alone under <preset>'s settings (no quantize stage): the same stage key as
+        # the base's half of <preset>'s paired run, which then finds it cached; run first, it measures while
+        # Marlin's extension still builds, which only the int4 candidate needs
+        base_only = preset.startswith("base-")
+        stages = STAGES.replace(QUANTIZE, "") if base_only else STAGES
         recipe = workdir / f"serve-{preset}.yaml"
         recipe.write_text(f"name: serve7b-{preset}\nmodel: {{path: {model}, dtype: bfloat16}}\ndevice: cuda\nstages:\n"
-                          + STAGES + PRESETS[preset])
+                          + stages + PRESETS[preset.removeprefix("base-")])
         run_recipe(recipe, f"serve7b-{preset}", workdir, out / preset, {"preset": preset})
     prewarm.wait()
 
