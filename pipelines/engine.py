@@ -155,9 +155,13 @@ class SlotLayer:
         self.owner, self.keys, self.values = owner, keys, values
 
     def update(self, key_states, value_states, *args, **kwargs):
+        # written into the layer's tensor itself, not through a view of it: compiled, an in-place write through
+        # a view (`self.keys[0].index_copy_`) was functionalized into a copy of the whole layer and a copy
+        # back, which inductor kept (4 x the cache's bytes a step: a 7B's 64 rows of 576 tokens, 19.3 GB,
+        # made every decode step about 27 ms on an H100); `test_the_decode_step_writes_the_cache_in_place`
         at = self.owner.write_at[:key_states.shape[0]]
-        self.keys[0].index_copy_(1, at, key_states[:, :, -1].transpose(0, 1))
-        self.values[0].index_copy_(1, at, value_states[:, :, -1].transpose(0, 1))
+        self.keys.index_copy_(2, at, key_states[:, :, -1].transpose(0, 1)[None])
+        self.values.index_copy_(2, at, value_states[:, :, -1].transpose(0, 1)[None])
         return self.keys, self.values
 
     def get_seq_length(self) -> int:

@@ -298,6 +298,42 @@ def test_the_decode_step_traces_whole_and_once(tiny):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2 and min(engine.steps_by_batch.values()) > 0
 
 
+def test_the_decode_step_writes_the_cache_in_place(tiny):
+    """The decode step as inductor receives it (traced and functionalized by AOT autograd, inference input
+    mutations kept, as inductor compiles it): each write to a layer's keys or values is an `index_copy` of
+    that layer's tensor itself, copied back into it, which inductor turns into an in-place write of the
+    step's rows. A write through a view of the layer (`keys[0].index_copy_`) traced into a `select_scatter`
+    of the whole layer, which inductor kept as a copy of the layer and a copy back: four times the
+    cache's bytes a step (on an H100 a 7B's decode step took about 27 ms whatever its weights)."""
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    model, _ = tiny
+    graphs = []
+
+    def keep_graph(gm, inputs):
+        def forward(graph, _):
+            graphs.append(graph.graph)
+            return make_boxed_func(graph.forward)
+
+        return aot_module_simplified(gm, inputs, fw_compiler=forward, keep_inference_input_mutations=True)
+
+    torch._dynamo.reset()
+    engine = Engine(model, "cpu", slots=2, max_prompt=20, max_new=9, compile_backend=keep_graph, smallest_batch=1).start()
+    engine.stop()
+    torch._dynamo.reset()
+    layer_shape = engine.cache.layers[0].keys.shape
+    assert len(graphs) == 2  # one decode batch of 1 row, one of 2
+    for graph in graphs:
+        writes = [n for n in graph.nodes if n.target is torch.ops.aten.copy_.default
+                  and n.args[0].op == "placeholder" and n.args[0].meta["val"].shape == layer_shape]
+        assert len(writes) == 2 * model.config.num_hidden_layers  # keys and values of every layer
+        for write in writes:
+            cache, written = write.args
+            assert written.target is torch.ops.aten.index_copy.default and written.args[0] is cache, \
+                f"{written.target} writes the cache"
+
+
 def test_a_decode_step_reads_only_the_blocks_of_each_rows_own_span():
     """The block list FlexAttention's kernel reads (on CPU FlexAttention applies only the mask, so the
     greedy tests above cannot see a wrong list): for each row, exactly the blocks from the one holding
