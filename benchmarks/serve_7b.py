@@ -62,6 +62,7 @@ about 520 s in all, estimated from that run's timeline, not yet measured.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -90,7 +91,7 @@ QUANTIZE = "  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 1
 STAGES = (QUANTIZE +
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"
           "    output_tokens: 256\n    warmup: 1\n"
-          "    load: {profile: concurrent, points: [1, 8, 32, 64], requests: null, duration_s: 12, warmup_max_rounds: 2}\n"
+          "    load: {profile: concurrent, points: [POINTS], requests: null, duration_s: POINT_S, warmup_max_rounds: 2}\n"
           "    sla: {p99_ttft_ms: 500, p99_itl_ms: 50}\n    gpu_hourly_usd: 2.5\n")
 
 
@@ -113,12 +114,16 @@ def main(workdir: Path, out: Path, presets: list[str]) -> None:
             sys.exit("the smoke run failed: see smoke.log")
     model = random_llama(workdir / "llama-7b", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
+    # SERVE_POINTS / SERVE_POINT_S: a shorter sweep than the recipe's (1, 8, 32, 64 streams, 12 s each) where
+    # a call's time is short; its figures are then a check, not the sweep
+    stages_all = STAGES.replace("POINTS", os.environ.get("SERVE_POINTS", "1, 8, 32, 64")).replace(
+        "POINT_S", os.environ.get("SERVE_POINT_S", "12"))
     for preset in presets:
         # `base-<preset>`: the bf16 base alone under <preset>'s settings (no quantize stage): the same stage key as
         # the base's half of <preset>'s paired run, which then finds it cached; run first, it measures while
         # Marlin's extension still builds, which only the int4 candidate needs
         base_only = preset.startswith("base-")
-        stages = STAGES.replace(QUANTIZE, "") if base_only else STAGES
+        stages = stages_all.replace(QUANTIZE, "") if base_only else stages_all
         recipe = workdir / f"serve-{preset}.yaml"
         recipe.write_text(f"name: serve7b-{preset}\nmodel: {{path: {model}, dtype: bfloat16}}\ndevice: cuda\nstages:\n"
                           + stages + PRESETS[preset.removeprefix("base-")])
