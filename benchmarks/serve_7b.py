@@ -35,7 +35,9 @@ a 7B sweep. The presets:
   start-ups, neither yet measured on a GPU.
 - `engine-dense`: `engine` with the int4 candidate's prefills of 320 tokens or more run dense
   (`dense_prefill_tokens`: its weights dequantized a layer at a time, cuBLAS), where Marlin computes
-  slower than bf16's cuBLAS; not yet measured on a GPU.
+  slower than bf16's cuBLAS; not yet measured on a GPU. Its base runs without the setting (it reaches
+  quantized layers only), so after `engine` (or `base-engine`) it finds the base's measurement cached
+  and serves only the candidate.
 `base-<preset>` (for example `base-engine engine`): the bf16 base alone under that preset's settings,
 first, while Marlin builds; the preset's paired run then finds the base's measurement in the cache
 (same stage key) and measures only the int4 candidate.

@@ -221,9 +221,12 @@ def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], 
     reference = base if paired and spec.reads_base else None
     if spec.uses_teacher:
         reference = resolve_base(cfg.teacher, ctx.cache_root, ctx.progress) if cfg.teacher else current
-    entries = [_cached(cache, spec, cfg, current_artifact, current_key, ctx, hardware, forced, reference)]
+    # on the base model a stage drops the settings that only reach quantized layers (Benchmark.on_base)
+    on_base = cfg.on_base() if hasattr(cfg, "on_base") else cfg
+    entries = [_cached(cache, spec, on_base if current_key == base_key else cfg, current_artifact, current_key, ctx,
+                       hardware, forced, reference)]
     if paired:
-        entries.append(_cached(cache, spec, cfg, base_artifact, base_key, ctx, hardware, forced))
+        entries.append(_cached(cache, spec, on_base, base_artifact, base_key, ctx, hardware, forced))
     return entries
 
 

@@ -201,6 +201,17 @@ def test_engine_llmopt_serves_candidate_and_base_under_the_same_load(tiny_workdi
     kernels = sorted(r["server_stats"]["kernel"] for r in reports if "server_stats" in r)
     assert kernels[0].startswith("int4pack (products of 48+ rows dense") and kernels[1].startswith("none"), kernels
     assert not _serve_processes() and not _serve_processes("llmopt.eval.runtimes.loadgen")
+    # dense_prefill_tokens reaches quantized layers only, and the base runs without it: the same sweep without it
+    # serves the candidate anew and finds the base's measurement in the cache (one new report, the same figures)
+    without = tmp_path / "engine-without.yaml"
+    without.write_text(ENGINE.replace("name: tiny-engine", "name: tiny-engine-without").replace(", dense_prefill_tokens: 48", ""))
+    assert run_cli(tiny_workdir, "run", str(without)) == 0
+    _, again = _benchmark_run(tiny_workdir, "tiny-engine-without")
+    assert again.data.metrics["serve/output_tok_s/c3_base"] == m["serve/output_tok_s/c3_base"]
+    served = [json.loads(r.read_text()) for r in tiny_workdir["cache"].glob("stages/*/report.json")]
+    tags = [r["server_stats"]["kernel"] for r in served if "server_stats" in r]
+    assert len(served) == len(reports) + 1 and len(tags) == 3, tags
+    assert sum(t.startswith("int4pack") and "dense" not in t for t in tags) == 1, tags
 
 
 BAD = {

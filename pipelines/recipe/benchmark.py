@@ -223,6 +223,15 @@ class Benchmark(Strict):
                 raise ValueError(f"sla: {name}: {bound} is not a positive bound")
         return self
 
+    def on_base(self) -> Benchmark:
+        """The stage as it runs on the base model: `server.dense_prefill_tokens` changes only quantized
+        layers, so the base runs, and is cached, without it (a sweep with it and one without share one
+        base measurement). A base that is itself quantized (a GPTQ checkpoint as the recipe's model) is
+        then served without it too."""
+        if self.server is None or self.server.dense_prefill_tokens is None:
+            return self
+        return self.model_copy(update={"server": self.server.model_copy(update={"dense_prefill_tokens": None})})
+
     @property
     def serving(self) -> ServerSpec:
         """The server settings (the defaults when the recipe names none)."""
