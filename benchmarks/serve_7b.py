@@ -32,7 +32,8 @@ a 7B sweep. The presets:
   3007 tok/s int4 and 3097 bf16 at the SLA (32 streams; README). The version that runs only
   the rows in use compiles one decode graph per decode batch (16, 32, 64) at start-up, and launches
   each step before it reads the last one's tokens (overlapped with the host's turn): longer
-  start-ups, neither yet measured on a GPU.
+  start-ups; measured once on an H100 (2026-12-06, commit f4e35f7) at about 30 ms a step whatever the
+  load, slowed by a cache write that copied whole layers (fixed in 72a0704; README), not yet re-measured.
 - `engine-dense`: `engine` with the int4 candidate's prefills of 320 tokens or more run dense
   (`dense_prefill_tokens`: its weights dequantized a layer at a time, cuBLAS), where Marlin computes
   slower than bf16's cuBLAS; not yet measured on a GPU. Its base runs without the setting (it reaches

@@ -221,8 +221,7 @@ def _execute(cache: Cache, spec: StageSpec, cfg, current: tuple[str, Artifact], 
     reference = base if paired and spec.reads_base else None
     if spec.uses_teacher:
         reference = resolve_base(cfg.teacher, ctx.cache_root, ctx.progress) if cfg.teacher else current
-    # on the base model a stage drops the settings that only reach quantized layers (Benchmark.on_base)
-    on_base = cfg.on_base() if hasattr(cfg, "on_base") else cfg
+    on_base = spec.on_base(cfg)  # without the settings that only reach quantized layers
     entries = [_cached(cache, spec, on_base if current_key == base_key else cfg, current_artifact, current_key, ctx,
                        hardware, forced, reference)]
     if paired:

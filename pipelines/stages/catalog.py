@@ -27,6 +27,9 @@ class StageSpec:
     uses_teacher: bool = False  # gets the teacher (cfg.teacher, else the current model) as `base`
     resumable: bool = False  # keeps a killed run's partial output (its checkpoints) for the next run
     optional: tuple[str, ...] = ()  # libraries whose versions enter the key but need not be installed
+    # the stage's config as it runs on the base model (and is keyed there): without the settings that only
+    # reach quantized layers, so runs that differ only in those share one base measurement
+    on_base: Callable[[Any], Any] = lambda cfg: cfg
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)
@@ -41,7 +44,7 @@ STAGES: dict[str, StageSpec] = {
                           lambda cfg: tuple(lib for backend in backends.enabled(cfg) for lib in backend.libraries),
                           produces_model=False, paired=True, reads_base=True),
     "benchmark": StageSpec("llmopt.stages.benchmark", lambda cfg: runtimes.get(cfg.runtime).libraries,
-                           produces_model=False, paired=True),
+                           produces_model=False, paired=True, on_base=lambda cfg: cfg.on_base()),
     # a bundle made where TensorRT-LLM was not reachable is cached like any output: a local
     # tensorrt_llm's version is in the key, a container's image is in the settings; --force-stage
     # rebuilds it once TensorRT-LLM is reachable otherwise
