@@ -32,8 +32,10 @@ a 7B sweep. The presets:
   3007 tok/s int4 and 3097 bf16 at the SLA (32 streams; README). The version that runs only
   the rows in use compiles one decode graph per decode batch (16, 32, 64) at start-up, and launches
   each step before it reads the last one's tokens (overlapped with the host's turn): longer
-  start-ups; measured once on an H100 (2026-12-06, commit f4e35f7) at about 30 ms a step whatever the
-  load, slowed by a cache write that copied whole layers (fixed in 72a0704; README), not yet re-measured.
+  start-ups; measured on an H100 (2026-12-06) first at about 30 ms a step whatever the load (commit
+  f4e35f7: a cache write that copied whole layers), then with that fixed (commit 1443d86, `base-engine`
+  then `engine` on one warm machine, 2 calls of 408 and 367 s; start-ups of 176-179 s): int4 1.80x
+  bf16 at 1 stream, 1.20x at 32, 0.93x at 64, where its TTFT missed the SLA (README).
 - `engine-dense`: `engine` with the int4 candidate's prefills of 320 tokens or more run dense
   (`dense_prefill_tokens`: its weights dequantized a layer at a time, cuBLAS), where Marlin computes
   slower than bf16's cuBLAS; not yet measured on a GPU. Its base runs without the setting (it reaches
