@@ -284,6 +284,10 @@ class Engine:
         # the GPU's idle time between two decode steps with no prefill between (CUDA events; on CPU the
         # host's clock), and how many such gaps: what the host's turn between steps costs the GPU
         self.idle_s, self.idle_steps = 0.0, 0
+        # the GPU's time in decode steps (each from its launch to its tokens' copy) and in prefills (each from its
+        # launch to its first tokens' copy): CUDA events, on CPU the host's clock. Where a loaded server's time
+        # goes: a burst's prefills decide its last TTFT, the steps its ITL
+        self.decode_s, self.prefill_s = 0.0, 0.0
         self._stop, self._arrived = threading.Event(), threading.Event()
         self._thread: threading.Thread | None = None
         self.failed: BaseException | None = None
@@ -464,6 +468,21 @@ class Engine:
         self._copied.synchronize()
         return host.tolist()
 
+    def _clock(self) -> torch.cuda.Event | float:
+        """Now on the engine's stream: a CUDA event recorded on it, on CPU the host's clock."""
+        if self._copied is None:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @staticmethod
+    def _seconds(begun: torch.cuda.Event | float, ended: torch.cuda.Event | float) -> float:
+        """Seconds between two `_clock` readings (the later one's event complete)."""
+        if isinstance(begun, torch.cuda.Event):
+            return begun.elapsed_time(ended) / 1000
+        return ended - begun
+
     def _waiting(self, most: int) -> list[Request]:
         """Up to `most` waiting requests, oldest first (cancelled ones ended on the way)."""
         taken: list[Request] = []
@@ -498,12 +517,16 @@ class Engine:
             ids.copy_(torch.tensor([[0] * (width - len(r.ids)) + r.ids for r in batch]))
             pad.copy_(torch.tensor([width - len(r.ids) for r in batch]))
             row_ids.copy_(torch.tensor(rows))
+            begun = self._clock()
             first = self.prefill_run[(k, width)]()
+            ended = self._clock()
             self.prefills += k
             self.prefill_calls += 1
             self.prefill_tokens += sum(len(r.ids) for r in batch)
             self.prefill_padded_tokens += k * width
-            for i, request, token in zip(rows, batch, self._read(first), strict=True):
+            tokens = self._read(first)  # waits for the prefill: its end is known now
+            self.prefill_s += self._seconds(begun, ended)
+            for i, request, token in zip(rows, batch, tokens, strict=True):
                 request.made = request.launched = 1
                 request.deliver(token)
                 if request.max_new == 1 or token in request.eos:
@@ -528,17 +551,15 @@ class Engine:
         spare = [next(i for i in range(self.slots) if i not in planned)] * (batch - len(plan)) if batch > len(plan) \
             else []
         self._plans[k][:batch] = torch.tensor([(i, positions[i], starts[i]) for i in plan] + [(i, 0, 0) for i in spare])
-        begun = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
-        if cuda:
-            begun.record()
+        begun = self._clock()
         self.step_plan[:batch].copy_(self._plans[k][:batch], non_blocking=True)
         out = self.decode_run[batch]()
         if cuda:
-            host, done = self._hosts[k][:len(plan)], torch.cuda.Event(enable_timing=True)
+            host = self._hosts[k][:len(plan)]
             host.copy_(out[:len(plan)], non_blocking=True)
-            done.record()
         else:
-            host, done = out[:len(plan)].clone(), time.perf_counter()
+            host = out[:len(plan)].clone()
+        done = self._clock()
         entries = []
         for i in plan:
             request = self.rows[i]
@@ -558,6 +579,7 @@ class Engine:
         if isinstance(step.done, torch.cuda.Event):
             step.done.synchronize()
         tokens = step.host.tolist()
+        self.decode_s += self._seconds(step.begun, step.done)
         if not step.after_prefill and self._previous_done is not None:  # the gap since the previous step's end
             if isinstance(step.begun, torch.cuda.Event):
                 self.idle_s += max(self._previous_done.elapsed_time(step.begun), 0.0) / 1000
@@ -620,6 +642,7 @@ class Engine:
                            # the GPU's idle time between two decode steps with no prefill between
                            "idle_ms_between_steps": 1000 * self.idle_s / max(self.idle_steps, 1),
                            "idle_s": self.idle_s, "idle_steps": self.idle_steps,
+                           "decode_s": self.decode_s, "prefill_s": self.prefill_s,
                            "prefill_tokens": self.prefill_tokens, "prefill_padded_tokens": self.prefill_padded_tokens,
                            "prefill_calls": self.prefill_calls}}
 

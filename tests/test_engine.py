@@ -61,6 +61,7 @@ def test_requests_waiting_together_are_prefilled_by_length(tiny):
     engine = Engine(model, "cpu", slots=3, max_prompt=40, max_new=4)
     for i, ids in enumerate(prompts):  # all waiting before the loop starts
         engine.submit(Request(ids=ids, max_new=4, deliver=lambda t, i=i: t is not None and out[i].append(t)))
+    started = time.monotonic()
     engine.start()
     try:
         deadline = time.monotonic() + 60
@@ -70,6 +71,9 @@ def test_requests_waiting_together_are_prefilled_by_length(tiny):
         engine.stop()
     assert (engine.prefill_calls, engine.prefill_tokens, engine.prefill_padded_tokens) == (2, 51, 128)
     assert out == [greedy_by_forward_passes(model, ids, 4) for ids in prompts]
+    # the time in prefills and in decode steps, counted apart: one loop runs both, one after the other
+    assert engine.prefill_s > 0 and engine.decode_s > 0 and engine.steps == 3
+    assert engine.prefill_s + engine.decode_s < time.monotonic() - started
 
 
 def test_a_request_ends_at_eos_unless_it_ignores_it(tiny):

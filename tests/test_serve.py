@@ -189,6 +189,13 @@ def test_engine_llmopt_serves_candidate_and_base_under_the_same_load(tiny_workdi
         # 33-token prompt's 64/33
         assert m[f"serve/decode_steps/c1{suffix}"] == 9 * 15 and 45 <= m[f"serve/decode_steps/c3{suffix}"] < 9 * 15
         assert 1.0 < m[f"serve/prefill_padding/c1{suffix}"] < 64 / 33 and m[f"serve/idle_ms_between_steps/c3{suffix}"] > 0
+        # the engine's time in decode steps and in prefills, within the point's: one loop runs them one after another
+        for point, requests in (("c1", 9), ("c3", 9)):
+            steps_s = m[f"serve/decode_step_ms/{point}{suffix}"] * m[f"serve/decode_steps/{point}{suffix}"] / 1000
+            prefill_s = m[f"serve/prefill_s/{point}{suffix}"]
+            assert steps_s > 0 and prefill_s > 0
+            assert steps_s + prefill_s < requests / m[f"serve/requests_s/{point}{suffix}"]
+        assert m[f"serve/prefill_ms_per_1k_tokens/c1{suffix}"] > 0
         # 3 rows of 64 prompt (32 + 4 x 4, plus BOS, padded to 32) + 16 output tokens, in whole blocks of 64
         # keys: 128; all 3 in use at c3
         assert (m[f"serve/kv_blocks{suffix}"], m[f"serve/kv_block_size{suffix}"]) == (3, 128)
@@ -603,7 +610,7 @@ class _LosingLoadGenerator:
     def get(self, path):
         assert path == "/llmopt/stats"
         return {"engine": {"steps": self.steps, "idle_s": 0.0, "idle_steps": 0, "prefill_tokens": 0,
-                           "prefill_padded_tokens": 0}}
+                           "prefill_padded_tokens": 0, "decode_s": 0.0, "prefill_s": 0.0}}
 
     def generate(self, cfg, server, generator, model_name, tokenizer, value, out, name, seed, requests=None):
         kept = self.total - self.lost[len(self.runs)]

@@ -63,8 +63,10 @@ POINT_METRICS = ("requests_s", "output_tok_s", "concurrency_mean", "requests", "
                  "retries",  # timed reruns after GuideLLM lost a completion (_timed_point)
                  # the next two: servers that report their CUDA graph captures (llmopt.serve)
                  "graph_captures", "graph_capture_s",
-                 # engine llmopt's own (window_engine): GPU idle between decode steps, steps, prefill padding
-                 "idle_ms_between_steps", "decode_steps", "prefill_padding")
+                 # engine llmopt's own (window_engine): GPU idle between decode steps, steps, prefill padding, the
+                 # GPU's time a decode step and in prefills
+                 "idle_ms_between_steps", "decode_steps", "prefill_padding", "decode_step_ms", "prefill_s",
+                 "prefill_ms_per_1k_tokens")
 HEADLINE = ("load_at_sla", "tok_s_at_sla", "requests_s_at_sla", "usd_per_1m_output_tokens_at_sla", "points_meeting_sla")
 SERVER_FIGURES = ("startup_s", "warmup_s", "weights_gb_in_memory", "kv_blocks", "kv_block_size", "kv_gb_reserved",
                   "kv_blocks_used_peak", "kv_gb_used_peak", "peak_allocated_gb", "peak_reserved_gb", "graphs_captured",
@@ -365,7 +367,7 @@ def window_captures(before: tuple[int, float], after: tuple[int, float]) -> dict
     return {"graph_captures": float(after[0] - before[0]), "graph_capture_s": float(after[1] - before[1])}
 
 
-ENGINE_COUNTERS = ("idle_s", "idle_steps", "steps", "prefill_tokens", "prefill_padded_tokens")
+ENGINE_COUNTERS = ("idle_s", "idle_steps", "steps", "prefill_tokens", "prefill_padded_tokens", "decode_s", "prefill_s")
 
 
 def point_snapshot(server) -> tuple[tuple[int, float] | None, dict[str, float] | None]:
@@ -386,10 +388,15 @@ def window_engine(before: dict[str, float], after: dict[str, float]) -> dict[str
     """A point's engine figures between two snapshots around its timed run: the GPU's idle milliseconds
     between two decode steps with no prefill between (the engine launches a step before it reads the
     last one's tokens, so the GPU idles only when the host's turn, its waits for the GIL included,
-    outlasts a step), the decode steps, and the prefill padding (tokens computed per prompt token)."""
+    outlasts a step), the decode steps, the prefill padding (tokens computed per prompt token), the GPU's
+    milliseconds a decode step, its seconds in prefills, and its milliseconds of prefill per 1000 prompt
+    tokens (padding included: what a burst of prompts costs in TTFT)."""
     d = {k: after[k] - before[k] for k in ENGINE_COUNTERS}
+    prompts = d["prefill_tokens"]
     return {"idle_ms_between_steps": 1000 * d["idle_s"] / max(d["idle_steps"], 1), "decode_steps": d["steps"],
-            "prefill_padding": d["prefill_padded_tokens"] / d["prefill_tokens"] if d["prefill_tokens"] else 1.0}
+            "prefill_padding": d["prefill_padded_tokens"] / prompts if prompts else 1.0,
+            "decode_step_ms": 1000 * d["decode_s"] / max(d["steps"], 1), "prefill_s": d["prefill_s"],
+            "prefill_ms_per_1k_tokens": 1e6 * d["prefill_s"] / prompts if prompts else 0.0}
 
 
 def _warm_up(cfg, server, generator, model_name: str, tokenizer: Path, value: float, out: Path, label: str,
