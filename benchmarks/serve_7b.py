@@ -41,6 +41,9 @@ a 7B sweep. The presets:
   slower than bf16's cuBLAS; not yet measured on a GPU. Its base runs without the setting (it reaches
   quantized layers only), so after `engine` (or `base-engine`) it finds the base's measurement cached
   and serves only the candidate.
+- `engine-auto`: `engine` with `dense_prefill_tokens: auto`: each prefill shape (batch x width) captured
+  both ways at start-up, timed on the GPU, the faster kept; the server's stats list both times per shape
+  (what benchmarks/dense_prefill_probe.py estimates per product); not yet measured on a GPU.
 `base-<preset>` (for example `base-engine engine`): the bf16 base alone under that preset's settings,
 first, while Marlin builds; the preset's paired run then finds the base's measurement in the cache
 (same stage key) and measures only the int4 candidate.
@@ -91,6 +94,8 @@ PRESETS = {
     # reference's prefills (Marlin 50.1 against bf16's 30.5 ms for 1024 tokens, so about 19 us a token more)
     # and an estimated 6 ms to dequantize a 7B's int4 weights, they break even near 316 tokens (not measured)
     "engine-dense": "    server: {engine: llmopt, dense_prefill_tokens: 320}\n",
+    # the same, each prefill shape's branch (Marlin or dense) chosen by timing both at start-up on this GPU
+    "engine-auto": "    server: {engine: llmopt, dense_prefill_tokens: auto}\n",
 }
 QUANTIZE = "  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
 STAGES = (QUANTIZE +

@@ -45,9 +45,11 @@ OpenAI-compatible `/v1/completions` (streamed or not, `ignore_eos`, `max_tokens`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
+import statistics
 import threading
 import time
 
@@ -231,7 +233,7 @@ class Engine:
     `submit` queues a request from any thread."""
 
     def __init__(self, model, device: str, slots: int, max_prompt: int, max_new: int, compile_backend: str | None = None,
-                 smallest_batch: int = DECODE_BATCH_MIN):
+                 smallest_batch: int = DECODE_BATCH_MIN, dense_prefill: str | None = None):
         if slots < 1 or max_prompt < 1 or max_new < 1:
             raise ValueError(f"slots, max_prompt and max_new must be positive, not {slots}, {max_prompt}, {max_new}")
         attention = model.config._attn_implementation
@@ -241,6 +243,15 @@ class Engine:
         # with one, as CUDA compiles it); on CUDA the decode step is always compiled into CUDA graphs
         self.model, self.device, self.compile_backend = model, device, compile_backend
         self.loaded_attention = attention  # given back to the model by stop()
+        # dense_prefill "auto": the quantized modules keep their codes for dense products (QuantLinear.keep_dense),
+        # and each prefill shape runs whichever of the kernel and the dense product was faster at start-up
+        if dense_prefill not in (None, "auto"):
+            raise ValueError(f"dense_prefill is 'auto' or None, not {dense_prefill!r}")
+        from llmopt.kernels.linear import QuantLinear
+
+        self.dense_modules = [m for m in model.modules() if isinstance(m, QuantLinear) and m.keeps_dense]
+        self.dense_auto = dense_prefill == "auto" and bool(self.dense_modules)
+        self.prefill_choice: dict[tuple[int, int], dict] = {}  # auto: per prefill shape, both times and the choice
         self.dtype = next(model.parameters()).dtype
         self.widths = prefill_widths(max_prompt)
         self.max_prompt, self.max_new = self.widths[-1], max_new
@@ -347,6 +358,12 @@ class Engine:
                                                                len(self.decode_sizes)))
         if not self.device.startswith("cuda"):
             self.prefill_run = {shape: (lambda shape=shape: self._prefill(*self.prefill_inputs[shape])) for shape in shapes}
+            if self.dense_auto:  # each shape's choice, timed like CUDA's graphs, then set at each eager call
+                for shape, run in list(self.prefill_run.items()):
+                    variants = {dense: (lambda run=run, dense=dense: self._in_dense(dense, run)) for dense in (False, True)}
+                    self.prefill_run[shape] = variants[self._choose(shape, variants)]
+                self._settle_dense()
+                self._clear()
             step = torch.compile(self._decode, backend=self.compile_backend, fullgraph=True, dynamic=False) \
                 if self.compile_backend else self._decode
             self.decode_run = {b: (lambda b=b: step(b)) for b in self.decode_sizes}
@@ -362,14 +379,75 @@ class Engine:
         # (a second engine in one process, on a thread of its own, met that on an H100)
         step = torch.compile(self._decode, fullgraph=True, dynamic=False)
         pool = torch.cuda.graph_pool_handle()
-        with limit:
+        with limit, self._dense(False) if self.dense_auto else contextlib.nullcontext():
             self.decode_run = {b: _captured(lambda b=b: step(b), pool, warmups=2) for b in self.decode_sizes}
-        self.prefill_run = {shape: _captured(lambda shape=shape: self._prefill(*self.prefill_inputs[shape]), pool)
-                            for shape in shapes}
+        if self.dense_auto:
+            self.prefill_run = {}
+            for shape in shapes:  # both captured, the slower one dropped
+                variants = {}
+                for dense in (False, True):
+                    with self._dense(dense):
+                        variants[dense] = _captured(lambda shape=shape: self._prefill(*self.prefill_inputs[shape]), pool)
+                self.prefill_run[shape] = variants[self._choose(shape, variants)]
+            self.graphs_captured = 2 * len(shapes)
+        else:
+            self.prefill_run = {shape: _captured(lambda shape=shape: self._prefill(*self.prefill_inputs[shape]), pool)
+                                for shape in shapes}
+            self.graphs_captured = len(shapes)
         torch.cuda.synchronize()
-        self.graphs_captured = len(self.decode_sizes) + len(shapes)
+        self.graphs_captured += len(self.decode_sizes)
         self.graph_capture_s = time.perf_counter() - started
+        self._settle_dense()
         self._clear()
+
+    def _in_dense(self, on: bool, run):
+        with self._dense(on):
+            return run()
+
+    @contextlib.contextmanager
+    def _dense(self, on: bool):
+        """dense_prefill auto: every quantized module's products dense (`on`) or on the kernel while inside;
+        read where a graph is traced or captured (on CUDA), or at each eager call (on CPU)."""
+        for module in self.dense_modules:
+            module.dense_tokens = 1 if on else 0
+        try:
+            yield
+        finally:
+            for module in self.dense_modules:
+                module.dense_tokens = 0
+
+    def _choose(self, shape: tuple[int, int], variants: dict[bool, object]) -> bool:
+        """dense_prefill auto: whether a prefill of `shape` runs dense, by timing both of its `variants`
+        (kernel: False, dense: True) on this device; both times are kept for /llmopt/stats."""
+        with torch.no_grad():
+            times = {dense: self._time_prefill(run, shape, dense) for dense, run in variants.items()}
+        dense = times[True] < times[False]
+        self.prefill_choice[shape] = {"kernel_ms": times[False], "dense_ms": times[True], "dense": dense}
+        return dense
+
+    def _time_prefill(self, run, shape: tuple[int, int], dense: bool) -> float:
+        """Median milliseconds of a prefill `run` (its graph's replay on CUDA, between CUDA events, after two
+        warm-up calls; on CPU the host's clock)."""
+        for _ in range(2):
+            run()
+        times = []
+        for _ in range(5):
+            begun = self._clock()
+            run()
+            ended = self._clock()
+            if isinstance(ended, torch.cuda.Event):
+                ended.synchronize()
+            times.append(1000 * self._seconds(begun, ended))
+        return statistics.median(times)
+
+    def _settle_dense(self) -> None:
+        """dense_prefill auto, once every shape is chosen: where no shape runs dense, the kept codes are
+        dropped (their memory back); else they stay, and on CPU each eager prefill sets its own choice."""
+        if not self.dense_auto or any(c["dense"] for c in self.prefill_choice.values()):
+            return
+        for module in self.dense_modules:
+            module.drop_dense()
+        self.dense_modules = []
 
     def _clear(self) -> None:
         """The warm-up wrote rows that no request owns."""
@@ -644,7 +722,12 @@ class Engine:
                            "idle_s": self.idle_s, "idle_steps": self.idle_steps,
                            "decode_s": self.decode_s, "prefill_s": self.prefill_s,
                            "prefill_tokens": self.prefill_tokens, "prefill_padded_tokens": self.prefill_padded_tokens,
-                           "prefill_calls": self.prefill_calls}}
+                           "prefill_calls": self.prefill_calls,
+                           # dense_prefill auto: per prefill shape (batch x width), the kernel's and the dense product's
+                           # milliseconds at start-up and which runs
+                           "dense_prefill": {f"{b}x{w}": c for (b, w), c in self.prefill_choice.items()} if
+                           self.dense_auto else None,
+                           "dense_codes_kept": bool(self.dense_modules)}}
 
 
 class Mailbox:
@@ -816,8 +899,9 @@ def serve(spec: dict, model, tokenizer, stats_extra) -> int:
     # that streaming many requests' text does not hold the next step back
     sys.setswitchinterval(0.001)
     started = time.perf_counter()
+    dense = options.get("dense_prefill_tokens")
     engine = Engine(model, spec["device"], int(options["slots"]), int(options["max_prompt_tokens"]),
-                    int(options["max_new_tokens"])).start()
+                    int(options["max_new_tokens"]), dense_prefill="auto" if dense == "auto" else None).start()
     print(f"llmopt.engine: {engine.slots} rows of {engine.max_len} tokens ({engine.cache.bytes / 1e9:.2f} GB), prompts "
           f"padded to {engine.widths}; {engine.graphs_captured} CUDA graphs in {time.perf_counter() - started:.1f} s",
           flush=True)

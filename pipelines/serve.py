@@ -145,17 +145,19 @@ def _patch_transformers(model, tokenizer) -> None:
     completion.CompletionHandler = LlmoptCompletionHandler
 
 
-def _serve_engine(spec: dict, model, tokenizer, applied, weights: int) -> int:
+def _serve_engine(spec: dict, model, tokenizer, applied) -> int:
     """llmopt.engine behind the same API and stats; dense q/k/v and gate/up stacked first, as the
     compiled runtime runs a model (the quantized kernels already are)."""
     import torch
     from llmopt import engine
     from llmopt.kernels.linear import fuse_dense
+    from llmopt.models import in_memory_bytes
 
     fused = fuse_dense(model)
 
     def extra() -> dict:
-        figures = {"kernel": applied.tag(), "weights_bytes": weights, "fused_dense_groups": fused}
+        # the weights as now held: dense_prefill_tokens auto drops the codes it kept where no prefill runs dense
+        figures = {"kernel": applied.tag(), "weights_bytes": in_memory_bytes(model), "fused_dense_groups": fused}
         if torch.cuda.is_available():
             figures.update(peak_allocated_bytes=torch.cuda.max_memory_allocated(),
                            peak_reserved_bytes=torch.cuda.max_memory_reserved())
@@ -179,7 +181,7 @@ def main(spec_path: str) -> int:
     tokenizer = load_tokenizer(artifact.path, spec.get("trust_remote_code", False))  # every artifact keeps its tokenizer
     print(f"llmopt.serve: model loaded in {time.perf_counter() - started:.1f} s; kernel {applied.tag()}", flush=True)
     if spec.get("engine") == "llmopt":
-        return _serve_engine(spec, model, tokenizer, applied, weights)
+        return _serve_engine(spec, model, tokenizer, applied)
     _patch_transformers(model, tokenizer)
     from transformers.cli.serve import Serve
 

@@ -212,7 +212,7 @@ def test_compiled_runtime_decodes_a_left_padded_batch_as_generate_does(tiny_mode
     assert torch.equal(runtime.tokens[:, :8], expected[:, :8]), (runtime.tokens, expected)
 
 
-@pytest.mark.parametrize("kernel", ["none", "marlin", "marlin-dense"])
+@pytest.mark.parametrize("kernel", ["none", "marlin", "marlin-dense", "marlin-auto"])
 def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids, kernel_cache, tmp_path):
     """engine llmopt on CUDA: its decode steps (batches of 1 and 2 rows) compiled into CUDA graphs (Marlin's
     custom op inside for int4) and one prefill graph per batch (1, 2) and prompt width (32, 64), all
@@ -223,7 +223,8 @@ def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids
     attention and batch shapes round differently: on an H100 the Marlin case's second token of one
     request took the runner-up of a near-tie). `marlin-dense`: prefills of 40 rows or more (a 64-wide
     prompt) on the int4 weights dequantized by the compiled `dense_weight` inside the captured graph,
-    the rest and every decode step on Marlin."""
+    the rest and every decode step on Marlin. `marlin-auto` (`dense_prefill_tokens: auto`): each of the 4
+    prefill shapes captured both ways and timed, the faster kept; both times reported per shape."""
     from llmopt.engine import Engine
     from transformers import AutoModelForCausalLM
 
@@ -239,14 +240,22 @@ def test_engine_rows_decode_what_greedy_decoding_decodes(kernel, tiny_model, ids
         (tmp_path / "q").mkdir()
         artifact = quantize.run(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32),
                                 Artifact(tiny_model, "hf-checkpoint"), tmp_path / "q", ctx)
-        dense = 40 if kernel == "marlin-dense" else 0
+        dense = {"marlin-dense": 40, "marlin-auto": "auto"}.get(kernel, 0)
         model, applied = kernels.load_accelerated(artifact, "cuda", "bfloat16", False, "marlin", kernel_cache, dense)
-        assert applied.kernel == "marlin" and ("products of 40+ rows dense" in applied.tag()) == bool(dense)
+        assert applied.kernel == "marlin" and ("products of 40+ rows dense" in applied.tag()) == (dense == 40)
     prompts = [list(ids[start:start + n]) for start, n in ((0, 16), (100, 11), (200, 40), (300, 5), (400, 27))]
     expected = [greedy_by_forward_passes(model, p, 8) for p in prompts]
-    engine = Engine(model, "cuda", slots=2, max_prompt=40, max_new=8, smallest_batch=1).start()
+    auto = kernel == "marlin-auto"
+    engine = Engine(model, "cuda", slots=2, max_prompt=40, max_new=8, smallest_batch=1,
+                    dense_prefill="auto" if auto else None).start()
     try:
-        assert engine.graphs_captured == len(engine.decode_sizes) + len(engine.batches) * len(engine.widths) == 6
+        prefills = len(engine.batches) * len(engine.widths)
+        assert engine.graphs_captured == len(engine.decode_sizes) + (2 if auto else 1) * prefills == (10 if auto else 6)
+        choices = engine.stats()["engine"]["dense_prefill"]
+        assert (choices is not None) == auto and (not auto or (
+            len(choices) == prefills and all(c["kernel_ms"] > 0 and c["dense_ms"] > 0 for c in choices.values()))), choices
+        if auto:
+            print(f"engine marlin-auto prefill choices: {choices}")
         got = engine.complete(prompts, [8] * len(prompts))
         again = engine.complete(prompts[:2], [8, 8])
         assert min(engine.steps_by_batch.values()) > 0, engine.steps_by_batch

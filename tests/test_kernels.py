@@ -742,3 +742,72 @@ def test_the_engine_prefills_dense_and_decodes_on_the_kernel(tiny_model, tmp_pat
     assert decode and all(r < 60 for r in rows["kernel"]), "decode steps and short prefills ran the kernel"
     for ids, tokens in zip(prompts, got, strict=True):  # the reference's passes (46 rows at most) run the kernel
         assert tokens == greedy_by_forward_passes(model, ids, 6)
+
+
+@pytest.mark.parametrize("dense_from", [64, None], ids=["dense faster from 64 rows", "the kernel always faster"])
+def test_auto_dense_prefill_times_each_prefill_shape_both_ways_and_keeps_the_faster(dense_from, tiny_model, tmp_path):
+    """engine llmopt with `dense_prefill_tokens: auto`: the codes are kept and every product runs the kernel
+    until the engine, at start-up, runs each prefill shape (batch x width) both ways and keeps the faster
+    (times stand in here for the GPU's: dense faster from `dense_from` rows, or never). Served prefills then
+    take the chosen branch, decode steps the kernel, and every token is greedy decoding's; with no shape
+    faster dense the kept codes are dropped. As in the test above, both branches compute one float32
+    product, so that what is tested is the wiring."""
+    import torch.nn.functional as F
+    from conftest import greedy_by_forward_passes
+    from llmopt.engine import Engine
+    from llmopt.kernels.linear import QuantLinear, dense_copy_bytes
+
+    artifact = _quantized(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=32), tiny_model,
+                          tmp_path / "q")
+    model, applied = kernels.accelerate(load_model(artifact, "cpu", "float32"), artifact, "cpu", "int4pack", tmp_path,
+                                        dense_prefill_tokens="auto")
+    modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert modules and all(m.keeps_dense and m.dense_tokens == 0 for m in modules), "kept, and the kernel until chosen"
+    assert "dense_prefill_tokens" not in str(applied.metrics()) and applied.metrics()["kernel/dense_copy_gb"] > 0
+    assert "prefills dense where timed faster at start-up (auto)" in applied.tag()
+    rows = {"dense": [], "kernel": []}
+    for module in modules:
+        exact = module.dense_weight(torch.float32)
+        module.dense_weight = lambda dtype, w=exact: rows["dense"].append(1) or w.to(dtype)
+        module._mm = lambda x, w=exact: rows["kernel"].append(x.shape[0]) or F.linear(x, w)
+    engine = Engine(model, "cpu", slots=3, max_prompt=40, max_new=6, smallest_batch=2, dense_prefill="auto")
+    timed = []
+
+    def fake_time(run, shape, dense):  # runs the variant once: it must take the branch it is timed as
+        rows["dense"].clear()
+        rows["kernel"].clear()
+        run()
+        if dense:
+            assert rows["dense"] and not rows["kernel"], shape
+        else:
+            assert not rows["dense"] and set(rows["kernel"]) == {shape[0] * shape[1]}, shape
+        timed.append((shape, dense))
+        faster = dense_from is not None and shape[0] * shape[1] >= dense_from
+        return 1.0 if dense == faster else 2.0
+
+    engine._time_prefill = fake_time
+    engine.start()
+    shapes = [(b, w) for b in (1, 2) for w in (32, 64)]
+    assert sorted(timed) == sorted((shape, dense) for shape in shapes for dense in (False, True))
+    rows["dense"].clear()
+    rows["kernel"].clear()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=g).tolist() for n in (40, 5, 33, 12)]
+    try:
+        got = engine.complete(prompts, [6, 6, 6, 6])
+        stats = engine.stats()["engine"]
+    finally:
+        engine.stop()
+    chosen = {k: c["dense"] for k, c in stats["dense_prefill"].items()}
+    expected = {f"{b}x{w}": dense_from is not None and b * w >= dense_from for b, w in shapes}
+    assert chosen == expected
+    prefill_rows = [r for r in rows["kernel"] if r > 3]  # decode steps: 2 or 3 rows
+    if dense_from is None:
+        assert not rows["dense"] and prefill_rows, "every prefill on the kernel"
+        assert stats["dense_codes_kept"] is False and dense_copy_bytes(model) == 0 and not any(m.keeps_dense for m in modules)
+    else:
+        assert rows["dense"] and set(prefill_rows) <= {32}, "only the 1 x 32 prefill on the kernel"
+        assert stats["dense_codes_kept"] is True and dense_copy_bytes(model) > 0
+    assert all(m.dense_tokens == 0 for m in modules), "decode steps on the kernel"
+    for ids, tokens in zip(prompts, got, strict=True):
+        assert tokens == greedy_by_forward_passes(model, ids, 6)

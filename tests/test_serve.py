@@ -254,6 +254,8 @@ BAD = {
         "server.dense_prefill_tokens: 1 must exceed the engine's 1 rows"),
     "dense prefill within the slots": (LOAD + "    server: {engine: llmopt, slots: 8, dense_prefill_tokens: 8}\n",
                                        "stages[0]", "dense_prefill_tokens: 8 must exceed slots (8)"),
+    "dense prefill neither a row count nor auto": (LOAD + "    server: {engine: llmopt, dense_prefill_tokens: fast}\n",
+                                                   "stages[0].server.dense_prefill_tokens", "'auto'"),
     "cb options without continuous batching": (LOAD + "    server: {continuous_batching: false, cb_use_cuda_graph: true}\n",
                                                "stages[0]", "cb_use_cuda_graph: continuous-batching options"),
 }
@@ -713,6 +715,9 @@ def test_engine_options_carry_the_rows_the_workload_and_dense_prefill():
     cfg = stage(slots=40, dense_prefill_tokens=512)
     assert cfg.serving.engine_options(cfg) == {"slots": 40, "max_prompt_tokens": 257, "max_new_tokens": 256,
                                                 "dense_prefill_tokens": 512}
+    cfg = stage(dense_prefill_tokens="auto")  # no row count to exceed: the engine times each prefill shape
+    assert cfg.serving.engine_options(cfg)["dense_prefill_tokens"] == "auto"
+    assert cfg.on_base().serving.dense_prefill_tokens is None, "the base runs without it"
 
 
 @pytest.mark.parametrize("handled", [False, True], ids=["without the handler", "with it"])

@@ -94,15 +94,16 @@ class Applied:
     prepare_s: float = 0.0  # repacking the weights into the kernel's layout
     dequantized: int = 0  # of `layers`, those `auto` ran dequantized (small products on CPU)
     notes: list[str] = field(default_factory=list)
-    dense_prefill_tokens: int = 0  # products of this many rows or more run dense (0: none)
+    dense_prefill_tokens: int | str = 0  # products of this many rows or more run dense (0: none; "auto": the engine times)
     dense_copy_bytes: int = 0  # the codes kept for them
 
     def metrics(self) -> dict[str, float]:
         found = {"kernel/build_s": self.build_s, "kernel/prepare_s": self.prepare_s, "kernel/layers": float(self.layers),
                  "kernel/layers_dequantized": float(self.dequantized)}
         if self.dense_prefill_tokens:
-            found |= {"kernel/dense_prefill_tokens": float(self.dense_prefill_tokens),
-                      "kernel/dense_copy_gb": self.dense_copy_bytes / 1e9}
+            found["kernel/dense_copy_gb"] = self.dense_copy_bytes / 1e9
+            if self.dense_prefill_tokens != "auto":
+                found["kernel/dense_prefill_tokens"] = float(self.dense_prefill_tokens)
         return found
 
     def tag(self) -> str:
@@ -114,7 +115,7 @@ class KernelBuildError(RuntimeError):
 
 
 def load_accelerated(artifact, device: str, dtype: str, trust_remote_code: bool, wanted: str,
-                     cache_root, dense_prefill_tokens: int = 0) -> tuple[object, Applied]:
+                     cache_root, dense_prefill_tokens: int | str = 0) -> tuple[object, Applied]:
     """`load_model` then `accelerate`, loading only what the fast path needs: where a kernel will be
     tried, the method's `load_for_kernel` (ModelOpt: the plain source model, without the fake
     quantization its kernels replace)."""
@@ -132,7 +133,8 @@ def load_accelerated(artifact, device: str, dtype: str, trust_remote_code: bool,
     return accelerate(model, artifact, device, wanted, cache_root, dense_prefill_tokens)
 
 
-def accelerate(model, artifact, device: str, wanted: str, cache_root, dense_prefill_tokens: int = 0) -> tuple[object, Applied]:
+def accelerate(model, artifact, device: str, wanted: str, cache_root,
+               dense_prefill_tokens: int | str = 0) -> tuple[object, Applied]:
     """Swap the quantized layers of `model` (loaded from `artifact`) for `wanted` (`auto`, a kernel
     name, or `none`). Never silent: with no fast kernel, `auto` logs a warning and says why in the
     result; a named kernel that cannot run here is an error."""
@@ -193,7 +195,11 @@ def accelerate(model, artifact, device: str, wanted: str, cache_root, dense_pref
 
     copied = dense_copy_bytes(model) if dense_prefill_tokens else 0
     if copied:
-        reasons.append(f"products of {dense_prefill_tokens}+ rows dense, from a {copied / 1e9:.2f} GB copy of the codes")
+        if dense_prefill_tokens == "auto":
+            reasons.append(f"prefills dense where timed faster at start-up (auto), from a {copied / 1e9:.2f} GB copy of "
+                           "the codes, dropped if none is")
+        else:
+            reasons.append(f"products of {dense_prefill_tokens}+ rows dense, from a {copied / 1e9:.2f} GB copy of the codes")
     applied = Applied(kernel, "; ".join(reasons), layers=layers, build_s=build_s, prepare_s=prepare_s,
                       dequantized=dequantized, dense_prefill_tokens=dense_prefill_tokens if copied else 0,
                       dense_copy_bytes=copied)

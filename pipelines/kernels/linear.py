@@ -115,6 +115,17 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("dense_groups", weight.groups().to(device, torch.int32) if weight.act_order else None,
                              persistent=False)
 
+    @property
+    def keeps_dense(self) -> bool:
+        """Whether `keep_dense` kept the codes (whatever `dense_tokens` now says)."""
+        return getattr(self, "dense_codes", None) is not None
+
+    def drop_dense(self) -> None:
+        """Give back the codes `keep_dense` kept: every product runs the kernel."""
+        for name in ("dense_codes", "dense_scales", "dense_zeros", "dense_groups"):
+            setattr(self, name, None)
+        self.dense_tokens = 0
+
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The kept codes dequantized, W [N, K] in `dtype` (input columns in their own order)."""
         fn = _dense_weight_compiled() if self.dense_codes.is_cuda else dense_weight
@@ -467,7 +478,7 @@ def kernels_in(model) -> dict[str, int]:
 def dense_copy_bytes(model) -> int:
     """Bytes of the codes, scales and zeros the model's kernel modules keep for dense products
     (`QuantLinear.keep_dense`; `modules()` yields a fused group's module once)."""
-    return sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear) and m.dense_tokens
+    return sum(t.numel() * t.element_size() for m in model.modules() if isinstance(m, QuantLinear) and m.keeps_dense
                for t in (m.dense_codes, m.dense_scales, m.dense_zeros, m.dense_groups) if t is not None)
 
 
@@ -585,7 +596,8 @@ class FusedSlice(torch.nn.Module):
 
 
 def swap(model, weights: dict[str, QuantizedWeight], kernel: str, device: str,
-         compare_with_original: bool = True, fuse: bool = True, dense_below: int = 0, dense_prefill_tokens: int = 0) -> int:
+         compare_with_original: bool = True, fuse: bool = True, dense_below: int = 0,
+         dense_prefill_tokens: int | str = 0) -> int:
     """Replace each named layer by `kernel`'s module for its weight, after checking that the module
     reproduces the weight (against `dequantize`) and, where asked, the layer it replaces (the format's
     own library on the same input): a repack that misreads the checkpoint fails loudly here.
@@ -595,7 +607,8 @@ def swap(model, weights: dict[str, QuantizedWeight], kernel: str, device: str,
     for 4096x4096, 11.7 for 11008x4096 on an H200), so three calls cost nearly three times one.
     A product (fused or not) with fewer than `dense_below` weights runs `DequantizedLinear` instead.
     With `dense_prefill_tokens`, each kernel module also keeps its codes for products of that many
-    rows or more (`QuantLinear.keep_dense`), checked against `dequantize` as the kernel is."""
+    rows or more (`QuantLinear.keep_dense`), checked against `dequantize` as the kernel is; with "auto"
+    the codes are kept and every product runs the kernel until the engine sets a prefill's choice."""
     dtype = model_dtype(model)
     # every integer kernel computes in bf16: they agree with float32 to the activations' rounding
     tolerance = 3e-2
@@ -615,7 +628,7 @@ def swap(model, weights: dict[str, QuantizedWeight], kernel: str, device: str,
         module = DequantizedLinear(weight, device, dtype) if small(weight) else kernel_module(kernel, weight, device, dtype)
         error = check_module(module, weight, dtype, device)
         if dense_prefill_tokens and not small(weight):
-            module.keep_dense(weight, dense_prefill_tokens, device, dtype)
+            module.keep_dense(weight, 0 if dense_prefill_tokens == "auto" else dense_prefill_tokens, device, dtype)
             error = max(error, relative_error(module.dense_weight(dtype).float(), weight.dequantize().to(device)))
         if compare_with_original:
             x = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(1)).to(device=device, dtype=dtype)

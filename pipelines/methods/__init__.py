@@ -152,7 +152,7 @@ class Method:
 
     @classmethod
     def fast_path(cls, model, artifact: Artifact, device: str, kernel: str, dense_below: int = 0,
-                  dense_prefill_tokens: int = 0) -> tuple[Any, int]:
+                  dense_prefill_tokens: int | str = 0) -> tuple[Any, int]:
         """Swap the model's quantized layers for modules running `kernel` (one of `kernels`), those
         with fewer than `dense_below` weights for their dequantized weight, and with
         `dense_prefill_tokens` each integer kernel's products of that many rows dense (`swap`); returns

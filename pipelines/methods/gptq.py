@@ -81,7 +81,7 @@ class Gptq(Method):
         return gptq_kernels(spec, device)
 
     @classmethod
-    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0, dense_prefill_tokens: int = 0):
+    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0, dense_prefill_tokens: int | str = 0):
         from llmopt.kernels.linear import swap
 
         return model, swap(model, read_gptq(artifact.path, device), kernel, device, dense_below=dense_below,

@@ -160,7 +160,7 @@ class Modelopt(Method):
         return super().no_kernel_reason(spec, device, sm)
 
     @classmethod
-    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0, dense_prefill_tokens: int = 0):
+    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0, dense_prefill_tokens: int | str = 0):
         """Run the exported checkpoint's real weights (not the fake quantization): every quantized
         layer from its packed int4 or FP8 tensors and scales, every other exported tensor (norms that
         absorbed AWQ's pre-quant scales) copied into a plain model of the source, which replaces the

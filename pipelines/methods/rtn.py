@@ -65,7 +65,7 @@ class Rtn(Method):
         return gptq_kernels(spec, device)  # the same integer grids
 
     @classmethod
-    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0, dense_prefill_tokens: int = 0):
+    def fast_path(cls, model, artifact, device: str, kernel: str, dense_below: int = 0, dense_prefill_tokens: int | str = 0):
         """The saved weights lie on the rounding grid: recover codes and scales from them exactly
         (checked), and run them as integers."""
         import torch

@@ -41,8 +41,10 @@ class ServerSpec(Strict):
     # quantized weights dequantized one layer at a time through the dense matrix product, where a
     # weight-only kernel computes slower (Marlin's prefill on an H100: 50.1 against bf16's 30.5 ms for
     # 8 x 128 tokens); costs a second copy of the codes (0.5 byte a 4-bit weight); decode steps keep
-    # the kernel, so it must exceed `slots`. Integer kernels only (FP8 runs its own product). Off by default
-    dense_prefill_tokens: PositiveInt | None = None
+    # the kernel, so it must exceed `slots`. Integer kernels only (FP8 runs its own product). Off by default.
+    # `auto`: the engine captures each prefill shape (batch x width) both ways at start-up, times both on
+    # this GPU, and keeps the faster; where no shape is faster dense, the copy is dropped
+    dense_prefill_tokens: PositiveInt | Literal["auto"] | None = None
     model_name: str | None = None  # what requests name; default: "llmopt", or {model} for a command
     host: str = "127.0.0.1"
     port: int | None = Field(None, ge=1, le=65535)  # default: a free port
@@ -82,7 +84,15 @@ class ServerSpec(Strict):
         ones become its ContinuousBatchingConfig, the others go to `transformers serve` as they are)."""
         return name in ("continuous_batching", "compile", "attn_implementation") or name.startswith("cb_")
 
-    def engine_options(self, cfg) -> dict[str, int]:
+    @field_validator("dense_prefill_tokens", mode="before")
+    @classmethod
+    def _rows_or_auto(cls, value):
+        # one message, not the union's two (an integer's and the literal's)
+        if value is not None and value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"a positive number of token rows or 'auto', not {value!r}")
+        return value
+
+    def engine_options(self, cfg) -> dict[str, int | str]:
         """engine llmopt's sizes for the stage `cfg`: its rows, and the longest prompt (one token more:
         a tokenizer may add BOS to the load generator's prompt) and output of the recipe's workload."""
         streams = self.slots or int(max(cfg.load.points))
@@ -100,7 +110,7 @@ class ServerSpec(Strict):
                              "another server")
         if self.dense_prefill_tokens is not None and self.engine != "llmopt":
             raise ValueError("dense_prefill_tokens: an engine: llmopt setting")
-        if self.dense_prefill_tokens is not None and self.slots is not None and self.dense_prefill_tokens <= self.slots:
+        if isinstance(self.dense_prefill_tokens, int) and self.slots is not None and self.dense_prefill_tokens <= self.slots:
             raise ValueError(f"dense_prefill_tokens: {self.dense_prefill_tokens} must exceed slots ({self.slots}): a decode "
                              "step of that many rows would run dense instead of on the kernel")
         if self.engine == "llmopt":
@@ -209,7 +219,7 @@ class Benchmark(Strict):
             raise ValueError(f"server.slots: engine llmopt reserves a row of its cache per request served at once; a "
                              f"{self.load.profile} rate does not bound them, so give slots")
         dense, rows = self.serving.dense_prefill_tokens, self.serving.slots or int(max(self.load.points))
-        if dense is not None and dense <= rows:
+        if isinstance(dense, int) and dense <= rows:
             raise ValueError(f"server.dense_prefill_tokens: {dense} must exceed the engine's {rows} rows (slots, or the "
                              "sweep's most concurrent streams): a decode step of that many rows would run dense")
         for name, bound in self.sla.items():
