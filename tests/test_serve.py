@@ -93,7 +93,7 @@ def test_tiny_model_served_under_load_candidate_beside_base(tiny_workdir):
     # warm-up before each point: its concurrency (warmup: 1) in requests of the same workload, apart from the timed files
     from llmopt.eval.runtimes.server import read_point
 
-    for point, streams in (("c1", 1), ("c4", 4)):
+    for point, streams in (("c1", 2), ("c4", 4)):  # at least 2 (WARMUP_MIN_REQUESTS)
         found = sorted(tiny_workdir["cache"].glob(f"stages/*/load/warmup/{point}.json"))
         assert len(found) == 2, found  # the candidate's and the base's
         for warm in found:
@@ -548,6 +548,10 @@ def test_warm_up_runs_each_load_points_concurrency_on_prompts_of_its_own():
 
     cfg = SimpleNamespace(warmup=2, seed=7, load=SimpleNamespace(points=[1, 8, 64], warmup_max_rounds=5))
     assert [warmup_requests(cfg, v) for v in (1, 8, 64, 0.5, 2.5, 1000)] == [2, 16, 128, 2, 6, 512]
+    # one round at one stream is still two requests (GuideLLM fails a one-request run whose completion it lost);
+    # no warm-up is none
+    assert [warmup_requests(SimpleNamespace(warmup=w), 1) for w in (1, 0)] == [2, 0]
+    assert warmup_requests(SimpleNamespace(warmup=1), 3) == 3
     seeds = point_seeds(cfg)
     assert len(seeds) == 3 and len({s for pair in seeds for s in pair}) == 6, "every run draws prompts of its own"
     assert seeds[0][1] == 7, "the recipe's seed draws the first point's prompts"
@@ -655,18 +659,19 @@ def test_a_point_whose_figures_lost_a_request_runs_again_on_fresh_prompts(lost, 
                                      {"requests": 3.0, "errors": 0.0, "incomplete": 1.0}) == 0
 
 
-@pytest.mark.parametrize("streams, errors, fails", [
-    (1, 0, False),  # one request sent, none in GuideLLM's figures and no error: its lost last completion
-    (1, 1, True),  # the one request failed
-    (4, 0, True),  # four sent and none reported: more than a lost last completion
+@pytest.mark.parametrize("streams, reported, errors, fails", [
+    (1, 1, 0, False),  # two sent at one stream (WARMUP_MIN_REQUESTS), one in GuideLLM's figures: its lost last completion
+    (1, 0, 2, True),  # both failed
+    (1, 0, 0, True),  # two sent and none reported: more than a lost last completion
+    (4, 0, 0, True),  # four sent and none reported
 ])
-def test_a_warm_up_fails_only_when_its_requests_did(streams, errors, fails, monkeypatch):
+def test_a_warm_up_fails_only_when_its_requests_did(streams, reported, errors, fails, monkeypatch):
     from types import SimpleNamespace
 
     from llmopt.eval.runtimes import server as runtime
 
     cfg = SimpleNamespace(warmup=1, seed=0, load=SimpleNamespace(points=[streams], warmup_max_rounds=1))
-    row = {"requests": 0.0, "errors": float(errors), "incomplete": 0.0, "error": "HTTP 500" if errors else None}
+    row = {"requests": float(reported), "errors": float(errors), "incomplete": 0.0, "error": "HTTP 500" if errors else None}
     monkeypatch.setattr(runtime, "_generate", lambda *args, **kwargs: dict(row))
     server = SimpleNamespace(get=lambda path: {}, log=Path("server.log"))
     if fails:

@@ -118,7 +118,7 @@ class ServerSpec(Strict):
                             if self.is_transformers_serve_option(k) or k == "tune_batching")
             if theirs:
                 raise ValueError(f"{', '.join(theirs)}: transformers serve options, and engine: llmopt is llmopt's own "
-                                 "server (its one setting: slots)")
+                                 "server (its settings: slots, dense_prefill_tokens)")
         elif "slots" in self.model_fields_set:
             raise ValueError("slots: an engine: llmopt setting (transformers serve sizes its paged cache with cb_num_blocks)")
         if self.command is not None:
