@@ -359,9 +359,9 @@ class Engine:
         if not self.device.startswith("cuda"):
             self.prefill_run = {shape: (lambda shape=shape: self._prefill(*self.prefill_inputs[shape])) for shape in shapes}
             if self.dense_auto:  # each shape's choice, timed like CUDA's graphs, then set at each eager call
-                for shape, run in list(self.prefill_run.items()):
-                    variants = {dense: (lambda run=run, dense=dense: self._in_dense(dense, run)) for dense in (False, True)}
-                    self.prefill_run[shape] = variants[self._choose(shape, variants)]
+                self.prefill_run = {shape: self._faster(shape, {dense: (lambda run=run, dense=dense: self._in_dense(dense, run))
+                                                                for dense in (False, True)})
+                                    for shape, run in self.prefill_run.items()}
                 self._settle_dense()
                 self._clear()
             step = torch.compile(self._decode, backend=self.compile_backend, fullgraph=True, dynamic=False) \
@@ -381,21 +381,16 @@ class Engine:
         pool = torch.cuda.graph_pool_handle()
         with limit, self._dense(False) if self.dense_auto else contextlib.nullcontext():
             self.decode_run = {b: _captured(lambda b=b: step(b), pool, warmups=2) for b in self.decode_sizes}
-        if self.dense_auto:
-            self.prefill_run = {}
-            for shape in shapes:  # both captured, the slower one dropped
-                variants = {}
-                for dense in (False, True):
-                    with self._dense(dense):
-                        variants[dense] = _captured(lambda shape=shape: self._prefill(*self.prefill_inputs[shape]), pool)
-                self.prefill_run[shape] = variants[self._choose(shape, variants)]
-            self.graphs_captured = 2 * len(shapes)
-        else:
-            self.prefill_run = {shape: _captured(lambda shape=shape: self._prefill(*self.prefill_inputs[shape]), pool)
-                                for shape in shapes}
-            self.graphs_captured = len(shapes)
+
+        def capture(shape: tuple[int, int]):
+            return _captured(lambda: self._prefill(*self.prefill_inputs[shape]), pool)
+
+        # dense_prefill auto: each shape captured both ways, the slower graph dropped
+        self.prefill_run = {shape: self._faster(shape, {dense: self._in_dense(dense, lambda shape=shape: capture(shape))
+                                                         for dense in (False, True)}) if self.dense_auto
+                            else capture(shape) for shape in shapes}
         torch.cuda.synchronize()
-        self.graphs_captured += len(self.decode_sizes)
+        self.graphs_captured = len(self.decode_sizes) + (2 if self.dense_auto else 1) * len(shapes)
         self.graph_capture_s = time.perf_counter() - started
         self._settle_dense()
         self._clear()
@@ -416,14 +411,14 @@ class Engine:
             for module in self.dense_modules:
                 module.dense_tokens = 0
 
-    def _choose(self, shape: tuple[int, int], variants: dict[bool, object]) -> bool:
-        """dense_prefill auto: whether a prefill of `shape` runs dense, by timing both of its `variants`
-        (kernel: False, dense: True) on this device; both times are kept for /llmopt/stats."""
+    def _faster(self, shape: tuple[int, int], variants: dict[bool, object]):
+        """dense_prefill auto: the faster of a prefill of `shape`'s two `variants` (kernel: False, dense:
+        True), timed on this device; both times and the choice are kept for /llmopt/stats."""
         with torch.no_grad():
             times = {dense: self._time_prefill(run, shape, dense) for dense, run in variants.items()}
         dense = times[True] < times[False]
         self.prefill_choice[shape] = {"kernel_ms": times[False], "dense_ms": times[True], "dense": dense}
-        return dense
+        return variants[dense]
 
     def _time_prefill(self, run, shape: tuple[int, int], dense: bool) -> float:
         """Median milliseconds of a prefill `run` (its graph's replay on CUDA, between CUDA events, after two
