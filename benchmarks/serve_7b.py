@@ -41,6 +41,10 @@ a 7B sweep. The presets:
   slower than bf16's cuBLAS; not yet measured on a GPU. Its base runs without the setting (it reaches
   quantized layers only), so after `engine` (or `base-engine`) it finds the base's measurement cached
   and serves only the candidate.
+- `engine-machete`: `engine` with the int4 candidate on Machete (`kernel: machete`, Hopper only:
+  vLLM's CUTLASS mixed-input GEMM, llmopt.kernels.machete), where Marlin's products at 32-64 rows run
+  no faster than bf16's; set LLMOPT_MACHETE_LIBRARY to a library built ahead (`python -m
+  llmopt.kernels.machete build`), or it builds on first use (needs nvcc and `llmopt[hopper]`).
 - `engine-auto`: `engine` with `dense_prefill_tokens: auto`: each prefill shape (batch x width) captured
   both ways at start-up, timed on the GPU, the faster kept; the server's stats list both times per shape
   (what benchmarks/dense_prefill_probe.py estimates per product); not yet measured on a GPU.
@@ -96,7 +100,11 @@ PRESETS = {
     "engine-dense": "    server: {engine: llmopt, dense_prefill_tokens: 320}\n",
     # the same, each prefill shape's branch (Marlin or dense) chosen by timing both at start-up on this GPU
     "engine-auto": "    server: {engine: llmopt, dense_prefill_tokens: auto}\n",
+    # the int4 candidate on Machete (kernel: machete below; Hopper only, llmopt.kernels.machete), the engine as
+    # `engine`; its base runs on auto's kernel (on_base), so after `base-engine` it finds the base cached
+    "engine-machete": "    server: {engine: llmopt}\n",
 }
+KERNEL = {"engine-machete": "machete"}  # the benchmark stage's kernel where a preset names one (else auto)
 QUANTIZE = "  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
 STAGES = (QUANTIZE +
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"
@@ -134,6 +142,8 @@ def main(workdir: Path, out: Path, presets: list[str]) -> None:
         # Marlin's extension still builds, which only the int4 candidate needs
         base_only = preset.startswith("base-")
         stages = stages_all.replace(QUANTIZE, "") if base_only else stages_all
+        if not base_only:  # a base alone has no quantized layer to name a kernel for
+            stages = stages.replace("kernel: auto", f"kernel: {KERNEL.get(preset, 'auto')}")
         recipe = workdir / f"serve-{preset}.yaml"
         recipe.write_text(f"name: serve7b-{preset}\nmodel: {{path: {model}, dtype: bfloat16}}\ndevice: cuda\nstages:\n"
                           + stages + PRESETS[preset.removeprefix("base-")])

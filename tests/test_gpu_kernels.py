@@ -295,3 +295,81 @@ def test_marlin_dense_prefill_matches_the_kernel_and_the_grid(kernel_cache):
         dense, marlin = module(x).float(), module._mm(x).float()
     reference = x.float() @ weight.dequantize().to("cuda").t()
     assert relative_error(dense, reference) < 1e-2 and relative_error(marlin, reference) < 3e-2
+
+
+def _machete_or_skip(kernel_cache):
+    """Machete on a Hopper GPU (the library LLMOPT_MACHETE_LIBRARY names, or llmopt's build); elsewhere a skip
+    that says why."""
+    from llmopt.kernels import runs_on
+    from llmopt.kernels.machete import build_machete
+    from llmopt.machine import gpus
+
+    why = runs_on("machete", "cuda", gpus()[0].sm)
+    if why:
+        pytest.skip(why)
+    build_machete(kernel_cache)
+
+
+def test_machete_matches_the_grid_eager_compiled_and_in_a_cuda_graph(kernel_cache):
+    """MacheteLinear on a symmetric 4-bit g128 grid: at a decode step's rows (1, 16, 64) and a prefill's
+    (512) its product agrees with the grid's float32 product to bf16 rounding (within the module's 3%,
+    as Marlin's); compiled (fullgraph, through the opaque `llmopt::machete_mm`) and replayed from a CUDA
+    graph it gives what it gives eagerly."""
+    from llmopt.kernels.linear import QuantizedWeight, kernel_module, relative_error
+
+    _machete_or_skip(kernel_cache)
+    g = torch.Generator().manual_seed(0)
+    n, k = 768, 1024
+    weight = QuantizedWeight(torch.randint(0, 16, (n, k), generator=g).to(torch.uint8),
+                             torch.rand(k // 128, n, generator=g) * 0.02 + 1e-3, 4, 128)
+    module = kernel_module("machete", weight, "cuda", torch.bfloat16)
+    reference_weight = weight.dequantize().to("cuda")
+    compiled = torch.compile(module, fullgraph=True)
+    for m in (1, 16, 64, 512):
+        x = torch.randn(m, k, generator=g).to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            eager = module(x).float()
+            assert relative_error(eager, x.float() @ reference_weight.t()) < 3e-2, m
+            assert torch.equal(compiled(x).float(), eager), m
+            static = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            module(static)
+            torch.cuda.synchronize()
+            with torch.cuda.graph(graph):
+                out = module(static)
+            static.copy_(x)
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(out.float(), eager), m
+
+
+def test_engine_on_machete_decodes_what_greedy_decoding_decodes(kernel_cache, tmp_path):
+    """engine llmopt with `kernel: machete`: a random Llama of Machete's shapes (inputs in multiples of
+    64, outputs of 128: hidden 256, MLP 512), 4-bit g128 by gptq_rtn, its decode steps and prefills
+    captured with Machete's op inside; 4 requests on 2 rows, each token within 0.1 of the top logit of
+    whole forward passes on the same model (random weights leave near-ties)."""
+    from llmopt import kernels
+    from llmopt.cache import Artifact
+    from llmopt.engine import Engine
+    from llmopt.eval.random_llama import random_llama
+    from llmopt.methods.gptq_rtn import GptqRtnQuantize
+    from llmopt.stages import StageContext, quantize
+
+    _machete_or_skip(kernel_cache)
+    path = random_llama(tmp_path / "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
+    ctx = StageContext("cuda", "bfloat16", False, progress=False, cache_root=kernel_cache)
+    (tmp_path / "q").mkdir()
+    artifact = quantize.run(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=128),
+                            Artifact(path, "hf-checkpoint"), tmp_path / "q", ctx)
+    model, applied = kernels.load_accelerated(artifact, "cuda", "bfloat16", False, "machete", kernel_cache)
+    assert applied.kernel == "machete" and applied.layers == 2 * 7, applied
+    prompts = [[1, *range(5 + 7 * i, 5 + 7 * i + n)] for i, n in enumerate((16, 11, 30, 5))]
+    engine = Engine(model, "cuda", slots=2, max_prompt=32, max_new=8, smallest_batch=1).start()
+    try:
+        got = engine.complete(prompts, [8] * len(prompts))
+    finally:
+        engine.stop()
+    gaps = [_greedy_gap(model, p, tokens) for p, tokens in zip(prompts, got, strict=True)]
+    print(f"engine machete: largest gap {max(gaps):.3f}")
+    assert all(len(t) == 8 for t in got) and max(gaps) <= 0.1, (gaps, got)

@@ -296,6 +296,7 @@ def test_dequantized_layer_is_the_grid_with_act_order_pre_scale_and_bias():
 KERNEL_RECIPE = ("name: k\nmodel: {{embedded: tiny-llama}}\ndevice: {device}\nstages:\n  - stage: quantize\n{quantize}"
                  "  - stage: benchmark\n    runtime: {runtime}\n    kernel: {kernel}\n")
 GPTQ = "    method: gptq_rtn\n    bits: 4\n    group_size: 32\n"
+GPTQ128 = "    method: gptq_rtn\n    bits: 4\n    group_size: 128\n"  # a grid Machete takes (groups of 64, 128 or a row)
 FP8 = f"    method: modelopt\n    format: fp8\n    calibration: {{dataset: {{path: {DATA / 'calibration.jsonl'}}}}}\n"
 
 
@@ -308,6 +309,15 @@ FP8 = f"    method: modelopt\n    format: fp8\n    calibration: {{dataset: {{pat
      "nearest valid choice: none"),
     ("cuda", GPTQ, "transformers-compiled", "marlin", ("Tesla T4", 75),
      "stages[1].kernel: marlin needs compute capability 8.0 or newer and this GPU is 7.5"),
+    ("cpu", GPTQ128, "transformers-eager", "machete", None, "stages[1].kernel: machete cannot run quantize gptq_rtn"),
+    ("cuda", GPTQ, "transformers-compiled", "machete", ("NVIDIA H100 80GB HBM3", 90),
+     "stages[1].kernel: machete cannot run quantize gptq_rtn ({'bits': 4, 'group_size': 32"),
+    ("cuda", GPTQ128, "transformers-compiled", "machete", ("NVIDIA A100-SXM4-80GB", 80),
+     "stages[1].kernel: machete needs compute capability 9.0 or newer and this GPU is 8.0 (NVIDIA A100-SXM4-80GB, sm80); "
+     "nearest valid choice: marlin"),
+    ("cuda", GPTQ128, "transformers-compiled", "machete", ("NVIDIA B200", 100),
+     "stages[1].kernel: machete runs on Hopper (compute capability 9.0) only and this GPU is 10.0 (NVIDIA B200, sm100); "
+     "nearest valid choice: marlin"),
 ])
 def test_kernel_the_machine_cannot_run_exit_2(device, quantize_text, runtime, kernel, gpu, words, workdir, tmp_path,
                                               monkeypatch, capsys):
@@ -524,24 +534,24 @@ def test_pre_scales_stay_on_the_activations_where_scaling_does_not_commute(tiny_
                for i in range(len(fast.model.layers)))
 
 
-def test_the_marlin_op_holds_its_layers_weakly():
+def test_the_opaque_kernel_ops_hold_their_layers_weakly():
     """The custom op finds a Marlin layer by index; the index must not keep the layer (and its model's
     packed weights) alive: a base measured after its int4 candidate in one process counted ~3.9 GB of
     the candidate's weights in its peak memory while it did."""
     import gc
 
-    from llmopt.kernels.linear import marlin_layer, register_marlin
+    from llmopt.kernels.linear import register_layer, registered_layer
 
     class Layer:
         pass
 
     layer = Layer()
-    index = register_marlin(layer)
-    assert marlin_layer(index) is layer
+    index = register_layer(layer)
+    assert registered_layer(index) is layer
     del layer
     gc.collect()
-    with pytest.raises(RuntimeError, match=f"Marlin layer {index} was freed: its model is gone"):
-        marlin_layer(index)
+    with pytest.raises(RuntimeError, match=f"kernel layer {index} was freed: its model is gone"):
+        registered_layer(index)
 
 
 def test_modelopt_quantizes_in_a_process_of_its_own(tiny_model, tmp_path):

@@ -723,6 +723,12 @@ def test_engine_options_carry_the_rows_the_workload_and_dense_prefill():
     cfg = stage(dense_prefill_tokens="auto")  # no row count to exceed: the engine times each prefill shape
     assert cfg.serving.engine_options(cfg)["dense_prefill_tokens"] == "auto"
     assert cfg.on_base().serving.dense_prefill_tokens is None, "the base runs without it"
+    named = Benchmark(stage="benchmark", runtime="server", kernel="machete", input_tokens=32, output_tokens=8,
+                      load={"points": [1], "requests": 2}, server={"engine": "llmopt", "dense_prefill_tokens": "auto"})
+    base = named.on_base()
+    assert (base.kernel, base.serving.dense_prefill_tokens) == ("auto", None), "the base takes neither"
+    assert (named.kernel, named.serving.dense_prefill_tokens) == ("machete", "auto"), "the candidate keeps both"
+    assert stage().on_base() == stage(), "nothing to drop: the same stage"
 
 
 @pytest.mark.parametrize("handled", [False, True], ids=["without the handler", "with it"])

@@ -8,6 +8,7 @@ that runs one of these maintained kernels on those codes:
 | kernel | what | where |
 |---|---|---|
 | `marlin` | GPTQModel's Marlin GEMM (4/8-bit symmetric, groups -1/32/64/128, act-order) | CUDA SM80+; JIT-built, cached |
+| `machete` | GPTQModel's Machete (vLLM's CUTLASS GEMM; 4-bit symmetric, groups -1/64/128) | CUDA SM90 only; built, cached |
 | `int4pack` | torch's int4 weight-only matmul (tinygemm on CUDA, `_weight_int4pack_mm_for_cpu` on CPU) | CPU; CUDA SM80+ |
 | `int8pack` | torch's `_weight_int8pack_mm` (per-channel int8) | CPU |
 | `fp8` | `torch._scaled_mm`: FP8 e4m3 weights and activations, per-tensor scales (real FP8 products) | CUDA SM89+ |
@@ -54,10 +55,12 @@ class Kernel:
     devices: tuple[str, ...]  # "cpu", "cuda"
     min_sm: int = 0  # smallest compute capability on CUDA
     builds: bool = False  # compiles an extension on first use (then cached)
+    max_sm: int = 0  # largest compute capability on CUDA (0: no limit)
 
 
 KERNELS = {
     "marlin": Kernel("marlin", "GPTQModel's Marlin GEMM", ("cuda",), 80, builds=True),
+    "machete": Kernel("machete", "GPTQModel's Machete GEMM (CUTLASS, Hopper)", ("cuda",), 90, builds=True, max_sm=90),
     "int4pack": Kernel("int4pack", "torch's int4 weight-only matmul (tinygemm / for_cpu)", ("cpu", "cuda"), 80),
     "int8pack": Kernel("int8pack", "torch's _weight_int8pack_mm", ("cpu",)),
     "fp8": Kernel("fp8", "torch._scaled_mm with FP8 e4m3 weights and activations", ("cuda",), 89),
@@ -75,6 +78,8 @@ def runs_on(name: str, device: str, sm: int | None) -> str | None:
     if kind == "cuda" and sm is not None and sm < kernel.min_sm:
         return (f"{name} needs compute capability {kernel.min_sm // 10}.{kernel.min_sm % 10} or newer and this GPU is "
                 f"{sm // 10}.{sm % 10}")
+    if kind == "cuda" and sm is not None and kernel.max_sm and sm > kernel.max_sm:
+        return f"{name} runs on Hopper (compute capability 9.0) only and this GPU is {sm // 10}.{sm % 10}"
     return None
 
 
@@ -212,6 +217,10 @@ def prepare(name: str, cache_root) -> float:
     """Build the kernel's extension if it has one (seconds spent; 0 when the cached build loads)."""
     if not KERNELS[name].builds:
         return 0.0
+    if name == "machete":
+        from llmopt.kernels.machete import build_machete
+
+        return build_machete(cache_root)
     from llmopt.kernels.linear import build_marlin
 
     return build_marlin(cache_root)

@@ -294,19 +294,19 @@ class Fp8Linear(QuantLinear):
 # the custom op below finds its layer by index (a module is not an op argument). Weak references: a
 # strong list kept every Marlin model's packed weights alive after the model was gone, and a 7B
 # base measured after its int4 candidate in one process counted their ~3.9 GB in its peak memory
-_MARLIN_LAYERS: list[weakref.ref] = []
+_OPAQUE_LAYERS: list[weakref.ref] = []
 
 
-def register_marlin(layer) -> int:
-    """A Marlin layer's index for `marlin_mm`, held weakly (the model owns the layer)."""
-    _MARLIN_LAYERS.append(weakref.ref(layer))
-    return len(_MARLIN_LAYERS) - 1
+def register_layer(layer) -> int:
+    """A kernel layer's index for the opaque ops (`marlin_mm`, `machete_mm`), held weakly (the model owns the layer)."""
+    _OPAQUE_LAYERS.append(weakref.ref(layer))
+    return len(_OPAQUE_LAYERS) - 1
 
 
-def marlin_layer(index: int):
-    layer = _MARLIN_LAYERS[index]()
+def registered_layer(index: int):
+    layer = _OPAQUE_LAYERS[index]()
     if layer is None:
-        raise RuntimeError(f"Marlin layer {index} was freed: its model is gone, and a graph or a module still calls it")
+        raise RuntimeError(f"kernel layer {index} was freed: its model is gone, and a graph or a module still calls it")
     return layer
 
 
@@ -314,7 +314,7 @@ def marlin_layer(index: int):
 def marlin_mm(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
     """One GPTQModel Marlin layer's product, opaque to torch.compile (its Python wrapper reads a
     ContextVar, which dynamo cannot trace), so a compiled step captures it in its CUDA graph whole."""
-    return marlin_layer(layer).product(x)
+    return registered_layer(layer).product(x)
 
 
 @marlin_mm.register_fake
@@ -360,7 +360,7 @@ class MarlinLinear(QuantLinear):
         # weights; the forward reaches it through `product` only
         self.marlin = layer
         self.gemm = marlin_gemm_op(layer)
-        self.index = register_marlin(self)
+        self.index = register_layer(self)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] bf16, contiguous: Marlin's GEMM called as GPTQModel's `apply_gptq_marlin_linear` calls
@@ -377,6 +377,67 @@ class MarlinLinear(QuantLinear):
         a = x.to(torch.bfloat16).contiguous()
         # the custom op only where torch.compile traces: in eager code its dispatch is host time for nothing
         y = marlin_mm(a, self.index, self.out_features) if torch.compiler.is_compiling() else self.product(a)
+        return y.to(x.dtype)
+
+
+@torch.library.custom_op("llmopt::machete_mm", mutates_args=())
+def machete_mm(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    """One Machete layer's product, opaque to torch.compile as `marlin_mm` is: the compiled step
+    captures the CUTLASS kernel's launch in its CUDA graph."""
+    return registered_layer(layer).product(x)
+
+
+@machete_mm.register_fake
+def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], out_features)
+
+
+class MacheteLinear(QuantLinear):
+    """Machete (llmopt.kernels.machete), vLLM's mixed-input GEMM for Hopper, on a symmetric 4-bit
+    grid (groups of 64 or 128, or one per row; no act-order), bf16 activations. GPTQModel's layer
+    prepacks the codes (written in GPTQ's packing) into Machete's layout; the product is its op,
+    called directly. Its heuristic picks a tile shape per product shape (rows, out, in)."""
+
+    kernel = "machete"
+
+    def __init__(self, weight: QuantizedWeight, device: str, dtype: torch.dtype):
+        n, k = weight.shape
+        group = -1 if weight.group_size >= k else weight.group_size
+        if weight.bits != 4 or not weight.symmetric:
+            raise ValueError("machete runs symmetric 4-bit weights (8-bit and zero points run on marlin)")
+        if group not in (-1, 64, 128):
+            raise ValueError(f"machete takes groups of 64 or 128 or one per row, not {weight.group_size}")
+        if weight.act_order:
+            raise ValueError("machete runs weights without act-order (marlin runs act-order)")
+        if k % 64 or n % 128:
+            raise ValueError(f"machete needs inputs in multiples of 64 and outputs of 128, not a {n}x{k} layer")
+        super().__init__(weight, None, torch.bfloat16, device)
+        from llmopt.methods.gptq import quiet_gptqmodel
+
+        quiet_gptqmodel()
+        from gptqmodel.nn_modules.qlinear.machete import MacheteLinear as GptqModelMachete
+
+        layer = GptqModelMachete(bits=4, group_size=group, desc_act=False, sym=True, in_features=k, out_features=n,
+                                 bias=False)
+        layer.qweight.data = pack_gptq(weight.codes, 4).to(device)
+        layer.scales.data = weight.scales.to(device=device, dtype=torch.bfloat16)
+        layer.g_idx.data = weight.groups().to(device=device, dtype=torch.int32)
+        layer.qzeros.data = pack_gptq(weight.zero_codes() - 1, 4).t().contiguous().to(device)
+        layer = layer.to(device)
+        layer.post_init()  # GPTQModel's prepack into Machete's layout (machete_prepack_B)
+        self.machete = layer
+        self.type_id, self.group = layer.weight_type.id, group if group != -1 else k
+        self.index = register_layer(self)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] bf16, contiguous: Machete's op as GPTQModel's forward calls it, without its Python."""
+        m = self.machete
+        return torch.ops.gptqmodel_machete.machete_mm(x, m.qweight, self.type_id, None, m.scales, None, self.group,
+                                                      None, None, None)
+
+    def _mm(self, x):
+        a = x.to(torch.bfloat16).contiguous()
+        y = machete_mm(a, self.index, self.out_features) if torch.compiler.is_compiling() else self.product(a)
         return y.to(x.dtype)
 
 
@@ -462,7 +523,8 @@ class DequantizedLinear(QuantLinear):
 
 
 def kernel_module(name: str, weight: QuantizedWeight, device: str, dtype: torch.dtype) -> QuantLinear:
-    return {"int4pack": Int4PackLinear, "int8pack": Int8PackLinear, "marlin": MarlinLinear}[name](weight, device, dtype)
+    return {"int4pack": Int4PackLinear, "int8pack": Int8PackLinear, "marlin": MarlinLinear,
+            "machete": MacheteLinear}[name](weight, device, dtype)
 
 
 def kernels_in(model) -> dict[str, int]:

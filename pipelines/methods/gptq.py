@@ -196,6 +196,8 @@ def gptq_kernels(spec: dict, device: str) -> tuple[str, ...]:
     found = []
     if device == "cuda" and sym and bits in (4, 8) and group in (-1, 32, 64, 128):
         found.append("marlin")
+    if device == "cuda" and sym and bits == 4 and group in (-1, 64, 128) and not spec.get("desc_act"):
+        found.append("machete")  # Hopper only (`usable` drops it elsewhere); named, not auto's first
     if bits == 4 and group in (-1, 32, 64, 128, 256):
         found.append("int4pack")
     if device == "cpu" and bits == 8 and group == -1 and sym and not spec.get("desc_act"):

@@ -234,13 +234,17 @@ class Benchmark(Strict):
         return self
 
     def on_base(self) -> Benchmark:
-        """The stage as it runs on the base model: `server.dense_prefill_tokens` changes only quantized
-        layers, so the base runs, and is cached, without it (a sweep with it and one without share one
-        base measurement). A base that is itself quantized (a GPTQ checkpoint as the recipe's model) is
-        then served without it too."""
-        if self.server is None or self.server.dense_prefill_tokens is None:
-            return self
-        return self.model_copy(update={"server": self.server.model_copy(update={"dense_prefill_tokens": None})})
+        """The stage as it runs on the base model: `kernel` and `server.dense_prefill_tokens` change only
+        quantized layers, so the base runs, and is cached, with `kernel: auto` and without dense prefill
+        (a sweep of one candidate kernel and one of another share one base measurement). A base that is
+        itself quantized (a GPTQ checkpoint as the recipe's model) is then served on `auto`'s kernel,
+        without dense prefill."""
+        update = {}
+        if self.kernel != "auto":
+            update["kernel"] = "auto"
+        if self.server is not None and self.server.dense_prefill_tokens is not None:
+            update["server"] = self.server.model_copy(update={"dense_prefill_tokens": None})
+        return self.model_copy(update=update) if update else self
 
     @property
     def serving(self) -> ServerSpec:
