@@ -253,7 +253,12 @@ def build_machete(cache_root) -> float:
             if not library.is_file():
                 raise RuntimeError(f"{LIBRARY_ENV}={named} is not a file")
         else:
-            library = build_library(Path(cache_root) / BUILD_DIR / "machete", log=log.info)
+            from llmopt.kernels.builds import FLOCK, _exclusive
+
+            folder = Path(cache_root) / BUILD_DIR / "machete"
+            folder.mkdir(parents=True, exist_ok=True)
+            with _exclusive(folder / FLOCK, "kernel machete"):  # one build at a time; the next finds it built
+                library = build_library(folder, log=log.info)
         os.environ[GPTQMODEL_LIBRARY_ENV] = str(library.resolve())
         from llmopt.methods.gptq import quiet_gptqmodel
 
