@@ -13,8 +13,10 @@ transformers runs it: the runtime's fusion of dense siblings turned off), `bf16f
 gate/up as one product each, as the compiled runtime now runs every model and the int4 kernels ran
 them from the start), or a copy of it rounded to 4 bits, group 128, symmetric (llmopt's `rtn`) and run by Marlin with q/k/v and
 gate/up fused, as `kernel: auto` runs the README's int4 case (Marlin is built in the background
-meanwhile, into the temporary directory). Each case compiles the runtime's decode step anew and times its batch
-(128 tokens in, 256 out, warm-up 1, median TPOT of 3, CUDA events), all in one process on one card:
+meanwhile, into the temporary directory); `int4machete` the same copy on Machete (`kernel: machete`,
+Hopper; LLMOPT_MACHETE_LIBRARY names a prebuilt library, or it builds). Each case compiles the
+runtime's decode step anew and times its batch (128 tokens in, 256 out, warm-up 1, median TPOT of 3,
+CUDA events), all in one process on one card:
 - `base`: the committed `transformers-compiled` runtime;
 - `coord`: inductor's coordinate-descent tuning of its generated kernels (gpt-fast sets it);
 - `nomask`: the decode step gets no attention mask (a batch without padding needs none: the static
@@ -124,7 +126,8 @@ def main(out: Path, names: list[str]) -> None:
         bs = int(size or 1)
         batch = prompts(bs, 128, models["bf16"].config.vocab_size, seed=0)
         if kind not in models:
-            models[kind] = fused_copy(models["bf16"]) if kind == "bf16fused" else int4_copy(models["bf16"], cache, build)
+            models[kind] = (fused_copy(models["bf16"]) if kind == "bf16fused" else
+                            int4_copy(models["bf16"], cache, build, kernel="machete" if kind == "int4machete" else "marlin"))
         started = time.perf_counter()
         # `bf16` stays as transformers runs it: the runtime's own fusion is off for it alone
         runtime = Variant(models[kind], "cuda", **VARIANTS[name], fuse=kind != "bf16")

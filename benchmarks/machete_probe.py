@@ -40,6 +40,32 @@ def grid(n: int, k: int, gen: torch.Generator):
     return QuantizedWeight(codes=codes, scales=scales, bits=4, group_size=128)
 
 
+def schedules(weight, n: int, k: int, note) -> None:
+    """PROBE_SCHEDULES=16,32,64: every Machete schedule (tile shape, cluster) its library lists, timed at
+    those rows on this product, beside the one its heuristic picks (`schedule=None`): whether a
+    per-shape choice would beat the heuristic (vLLM's is tuned on H100s for larger models)."""
+    from llmopt.kernels.linear import MacheteLinear
+
+    module = MacheteLinear(weight, "cuda", torch.bfloat16)
+    m_ = module.machete
+    listed = torch.ops.gptqmodel_machete.machete_supported_schedules(torch.bfloat16, module.type_id, torch.bfloat16,
+                                                                     None, None, None, None)
+    for m in (int(r) for r in os.environ["PROBE_SCHEDULES"].split(",")):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        times = {}
+        for schedule in [None, *listed]:
+            def call(x, schedule=schedule):
+                return torch.ops.gptqmodel_machete.machete_mm(x, m_.qweight, module.type_id, None, m_.scales, None,
+                                                              module.group, None, None, schedule)
+            try:
+                times[schedule or "heuristic"] = round(timed(call, x), 2)
+            except Exception as e:
+                times[schedule or "heuristic"] = f"{type(e).__name__}: {e}"[:120]
+        ok = {s: t for s, t in times.items() if isinstance(t, float) and s != "heuristic"}
+        best = min(ok, key=ok.get) if ok else None
+        note({"shape": f"{n}x{k}", "m": m, "schedules": times, "best": best, "best_us": ok.get(best)})
+
+
 def main(cache: Path, path: Path) -> None:
     rows: list[dict] = []
 
@@ -52,9 +78,10 @@ def main(cache: Path, path: Path) -> None:
 
     started = time.perf_counter()
     note({"machete_load_s": round(build_machete(cache), 1), "library": os.environ.get("GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY")})
+    marlin = os.environ.get("PROBE_MARLIN", "1") != "0"  # PROBE_MARLIN=0: no Marlin column (its build takes minutes)
     try:
-        note({"marlin_build_s": round(linear.build_marlin(cache), 1)})
-        marlin = True
+        if marlin:
+            note({"marlin_build_s": round(linear.build_marlin(cache), 1)})
     except Exception as e:  # recorded: the probe goes on without Marlin's column
         note({"marlin": f"not built: {type(e).__name__}: {e}"[:300]})
         marlin = False
@@ -86,6 +113,8 @@ def main(cache: Path, path: Path) -> None:
                     note({"shape": f"{n}x{k}", "m": m, "kernel": name, "us": round(us, 2), "rel_err": round(err, 5)})
         del kernels
         torch.cuda.empty_cache()
+        if os.environ.get("PROBE_SCHEDULES"):
+            schedules(weight, n, k, note)
     layer_us = {f"{name}@{m}": round(sum(us), 1) for (name, m), us in per_layer.items() if len(us) == len(LAYER)}
     note({"layer_us": layer_us, "seconds": round(time.perf_counter() - started, 1)})
     path.write_text(json.dumps({"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1))
