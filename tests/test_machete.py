@@ -143,4 +143,6 @@ def test_gptq_grids_list_machete_where_it_runs():
     assert "machete" not in gptq_kernels({"bits": 4, "group_size": 128, "sym": False}, "cuda")
     assert "machete" not in gptq_kernels({"bits": 4, "group_size": 128}, "cpu")
     assert kernels.usable(("marlin", "machete"), "cuda", 90) == ("marlin", "machete")
+    # auto never builds or tries it, not even where Marlin refuses a model's shapes: int4pack comes next
+    assert kernels.auto_order(("marlin", "machete", "int4pack")) == ("marlin", "int4pack")
     assert kernels.usable(("marlin", "machete"), "cuda", 100) == ("marlin",)

@@ -56,11 +56,14 @@ class Kernel:
     min_sm: int = 0  # smallest compute capability on CUDA
     builds: bool = False  # compiles an extension on first use (then cached)
     max_sm: int = 0  # largest compute capability on CUDA (0: no limit)
+    auto: bool = True  # `auto` may pick it (or pass to it when the one before cannot take a model's shapes)
 
 
 KERNELS = {
     "marlin": Kernel("marlin", "GPTQModel's Marlin GEMM", ("cuda",), 80, builds=True),
-    "machete": Kernel("machete", "GPTQModel's Machete GEMM (CUTLASS, Hopper)", ("cuda",), 90, builds=True, max_sm=90),
+    # named only: faster than Marlin from 32 rows, slower below (H100), and its first use compiles for minutes
+    "machete": Kernel("machete", "GPTQModel's Machete GEMM (CUTLASS, Hopper)", ("cuda",), 90, builds=True, max_sm=90,
+                      auto=False),
     "int4pack": Kernel("int4pack", "torch's int4 weight-only matmul (tinygemm / for_cpu)", ("cpu", "cuda"), 80),
     "int8pack": Kernel("int8pack", "torch's _weight_int8pack_mm", ("cpu",)),
     "fp8": Kernel("fp8", "torch._scaled_mm with FP8 e4m3 weights and activations", ("cuda",), 89),
@@ -86,6 +89,12 @@ def runs_on(name: str, device: str, sm: int | None) -> str | None:
 def usable(candidates: tuple[str, ...], device: str, sm: int | None) -> tuple[str, ...]:
     """The kernels among a method's `candidates` (best first) that run on this device."""
     return tuple(name for name in candidates if runs_on(name, device, sm) is None)
+
+
+def auto_order(candidates: tuple[str, ...]) -> tuple[str, ...]:
+    """What `auto` tries, in order: the candidates it may pick (a named-only kernel, Machete, is never
+    built or tried on its behalf)."""
+    return tuple(name for name in candidates if KERNELS[name].auto)
 
 
 @dataclass
@@ -155,6 +164,7 @@ def accelerate(model, artifact, device: str, wanted: str, cache_root,
         return model, Applied("none", "kernel: none")
     automatic = wanted == "auto"
     if automatic:
+        candidates = auto_order(candidates)
         if not candidates:
             reason = method.no_kernel_reason(spec, device, sm)
             log.warning("no fast kernel for %s on %s (%s): running the format's own library, which may be slower than "
