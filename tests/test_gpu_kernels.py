@@ -314,7 +314,7 @@ def test_machete_matches_the_grid_eager_compiled_and_in_a_cuda_graph(kernel_cach
     """MacheteLinear on a symmetric 4-bit g128 grid: at a decode step's rows (1, 16, 64) and a prefill's
     (512) its product agrees with the grid's float32 product to bf16 rounding (within the module's 3%,
     as Marlin's); compiled (fullgraph, through the opaque `llmopt::machete_mm`) and replayed from a CUDA
-    graph it gives what it gives eagerly."""
+    graph it gives what it gives eagerly, to bf16 rounding."""
     from llmopt.kernels.linear import QuantizedWeight, kernel_module, relative_error
 
     _machete_or_skip(kernel_cache)
@@ -330,7 +330,8 @@ def test_machete_matches_the_grid_eager_compiled_and_in_a_cuda_graph(kernel_cach
         with torch.no_grad():
             eager = module(x).float()
             assert relative_error(eager, x.float() @ reference_weight.t()) < 3e-2, m
-            assert torch.equal(compiled(x).float(), eager), m
+            # stream-K tiles may reduce their partial sums in another order from call to call: bf16 rounding apart
+            assert relative_error(compiled(x).float(), eager) < 1e-2, m
             static = x.clone()
             graph = torch.cuda.CUDAGraph()
             module(static)
@@ -340,7 +341,7 @@ def test_machete_matches_the_grid_eager_compiled_and_in_a_cuda_graph(kernel_cach
             static.copy_(x)
             graph.replay()
             torch.cuda.synchronize()
-            assert torch.equal(out.float(), eager), m
+            assert relative_error(out.float(), eager) < 1e-2, m
 
 
 def test_engine_on_machete_decodes_what_greedy_decoding_decodes(kernel_cache, tmp_path):
