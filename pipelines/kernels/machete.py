@@ -177,7 +177,7 @@ def header_dirs(extra: list[Path]) -> list[Path]:
 def build_library(out: Path, torch_dir: Path | None = None, include: list[Path] = (), jobs: int | None = None,
                   log=print) -> Path:
     """Generate and compile Machete into `out`/LIBRARY_NAME; returns its path. Rebuilt only when the
-    key (sources, flags, torch, CUTLASS) changed."""
+    key (sources, flags, torch, CUTLASS, GPTQModel) changed."""
     if torch_dir is None:
         import torch
 
@@ -198,7 +198,11 @@ def build_library(out: Path, torch_dir: Path | None = None, include: list[Path] 
     flags = [cxx_standard(torch_dir), *ARCH, *NVCC_FLAGS, "-DTORCH_EXTENSION_NAME=llmopt_machete"]
     nvcc = str(cuda_home() / "bin" / "nvcc")
     key = hashlib.sha256()
-    for part in [nvcc, *flags, str(torch_dir), (torch_dir / "version.py").read_text(), cutlass_version(cutlass_root)]:
+    from importlib.metadata import version
+
+    # GPTQModel's version stands for the headers the sources include (machete_mm_kernel.cuh, ...)
+    for part in [nvcc, *flags, str(torch_dir), (torch_dir / "version.py").read_text(), cutlass_version(cutlass_root),
+                 version("gptqmodel")]:
         key.update(part.encode())
     for source in sources:
         key.update(source.read_bytes())
