@@ -104,7 +104,7 @@ def main(cache: Path, path: Path) -> None:
                 expected = x.float() @ dense.float().t()
                 for name, fn in kernels.items():
                     try:
-                        err = ((fn(x).float() - expected).abs().max() / expected.abs().max()).item()
+                        err = linear.relative_error(fn(x).float(), expected)
                         us = timed(fn, x)
                     except Exception as e:
                         note({"shape": f"{n}x{k}", "m": m, "kernel": name, "error": f"{type(e).__name__}: {e}"[:400]})

@@ -277,17 +277,24 @@ def _greedy_gap(model, prompt: list[int], tokens: list[int]) -> float:
     return (logits.max(-1).values - chosen).max().item()
 
 
+def _int4_grid(n: int, k: int, g: torch.Generator):
+    """A random symmetric 4-bit grid [n, k] in groups of 128 (scales 0.001-0.021)."""
+    from llmopt.kernels.linear import QuantizedWeight
+
+    return QuantizedWeight(torch.randint(0, 16, (n, k), generator=g).to(torch.uint8),
+                           torch.rand(k // 128, n, generator=g) * 0.02 + 1e-3, 4, 128)
+
+
 def test_marlin_dense_prefill_matches_the_kernel_and_the_grid(kernel_cache):
     """`keep_dense` beside Marlin: 512 rows (over the 256 threshold) run the compiled `dense_weight`
     and cuBLAS, and agree with the grid's float32 product to bf16 rounding, as Marlin's own product
     of the same rows does (within the module's 3%)."""
-    from llmopt.kernels.linear import QuantizedWeight, build_marlin, kernel_module, relative_error
+    from llmopt.kernels.linear import build_marlin, kernel_module, relative_error
 
     build_marlin(kernel_cache)
     g = torch.Generator().manual_seed(0)
     n, k = 512, 1024
-    weight = QuantizedWeight(torch.randint(0, 16, (n, k), generator=g).to(torch.uint8),
-                             torch.rand(k // 128, n, generator=g) * 0.02 + 1e-3, 4, 128)
+    weight = _int4_grid(n, k, g)
     module = kernel_module("marlin", weight, "cuda", torch.bfloat16)
     module.keep_dense(weight, 256, "cuda", torch.bfloat16)
     x = torch.randn(512, k, generator=g).to("cuda", torch.bfloat16)
@@ -313,15 +320,14 @@ def _machete_or_skip(kernel_cache):
 def test_machete_matches_the_grid_eager_compiled_and_in_a_cuda_graph(kernel_cache):
     """MacheteLinear on a symmetric 4-bit g128 grid: at a decode step's rows (1, 16, 64) and a prefill's
     (512) its product agrees with the grid's float32 product to bf16 rounding (within the module's 3%,
-    as Marlin's); compiled (fullgraph, through the opaque `llmopt::machete_mm`) and replayed from a CUDA
+    as Marlin's); compiled (fullgraph, through the opaque `llmopt::kernel_mm`) and replayed from a CUDA
     graph it gives what it gives eagerly, to bf16 rounding."""
-    from llmopt.kernels.linear import QuantizedWeight, kernel_module, relative_error
+    from llmopt.kernels.linear import kernel_module, relative_error
 
     _machete_or_skip(kernel_cache)
     g = torch.Generator().manual_seed(0)
     n, k = 768, 1024
-    weight = QuantizedWeight(torch.randint(0, 16, (n, k), generator=g).to(torch.uint8),
-                             torch.rand(k // 128, n, generator=g) * 0.02 + 1e-3, 4, 128)
+    weight = _int4_grid(n, k, g)
     module = kernel_module("machete", weight, "cuda", torch.bfloat16)
     reference_weight = weight.dequantize().to("cuda")
     compiled = torch.compile(module, fullgraph=True)

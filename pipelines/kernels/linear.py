@@ -289,7 +289,7 @@ class Fp8Linear(QuantLinear):
         return (y[:m] * self.row_scale.float()).to(x.dtype)
 
 
-# --- Marlin (GPTQModel), CUDA --------------------------------------------------------------------
+# --- extension kernels (GPTQModel): Marlin, Machete; CUDA -----------------------------------------
 
 # the custom op below finds its layer by index (a module is not an op argument). Weak references: a
 # strong list kept every Marlin model's packed weights alive after the model was gone, and a 7B
@@ -298,7 +298,7 @@ _OPAQUE_LAYERS: list[weakref.ref] = []
 
 
 def register_layer(layer) -> int:
-    """A kernel layer's index for the opaque ops (`marlin_mm`, `machete_mm`), held weakly (the model owns the layer)."""
+    """A kernel layer's index for `kernel_mm`, held weakly (the model owns the layer)."""
     _OPAQUE_LAYERS.append(weakref.ref(layer))
     return len(_OPAQUE_LAYERS) - 1
 
@@ -310,19 +310,34 @@ def registered_layer(index: int):
     return layer
 
 
-@torch.library.custom_op("llmopt::marlin_mm", mutates_args=())
-def marlin_mm(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
-    """One GPTQModel Marlin layer's product, opaque to torch.compile (its Python wrapper reads a
-    ContextVar, which dynamo cannot trace), so a compiled step captures it in its CUDA graph whole."""
+@torch.library.custom_op("llmopt::kernel_mm", mutates_args=())
+def kernel_mm(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
+    """One extension kernel layer's product (Marlin's, Machete's), opaque to torch.compile (GPTQModel's
+    Python wrappers read a ContextVar, which dynamo cannot trace), so a compiled step captures the
+    kernel's launch in its CUDA graph whole."""
     return registered_layer(layer).product(x)
 
 
-@marlin_mm.register_fake
+@kernel_mm.register_fake
 def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
     return x.new_empty(x.shape[0], out_features)
 
 
-class MarlinLinear(QuantLinear):
+class OpaqueLinear(QuantLinear):
+    """A layer whose product (`product`: x [M, K] bf16, contiguous) is an extension's op: called
+    directly in eager code, through `kernel_mm` where torch.compile traces."""
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _mm(self, x):
+        a = x.to(torch.bfloat16).contiguous()
+        # the custom op only where torch.compile traces: in eager code its dispatch is host time for nothing
+        y = kernel_mm(a, self.index, self.out_features) if torch.compiler.is_compiling() else self.product(a)
+        return y.to(x.dtype)
+
+
+class MarlinLinear(OpaqueLinear):
     """GPTQModel's Marlin GEMM on a symmetric 4/8-bit grid (groups -1/32/64/128, act-order kept as
     its own sort). The grid is written in GPTQ's packing and repacked by GPTQModel itself."""
 
@@ -373,26 +388,8 @@ class MarlinLinear(QuantLinear):
         return self.gemm(x, None, m.qweight, None, m.scales, None, m.qzeros, m.g_idx, m.g_idx_sort_indices, m.workspace,
                          m.weight_type.id, x.shape[0], m.out_features, m.in_features, m.is_k_full, False, m.fp32, False)
 
-    def _mm(self, x):
-        a = x.to(torch.bfloat16).contiguous()
-        # the custom op only where torch.compile traces: in eager code its dispatch is host time for nothing
-        y = marlin_mm(a, self.index, self.out_features) if torch.compiler.is_compiling() else self.product(a)
-        return y.to(x.dtype)
 
-
-@torch.library.custom_op("llmopt::machete_mm", mutates_args=())
-def machete_mm(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
-    """One Machete layer's product, opaque to torch.compile as `marlin_mm` is: the compiled step
-    captures the CUTLASS kernel's launch in its CUDA graph."""
-    return registered_layer(layer).product(x)
-
-
-@machete_mm.register_fake
-def _(x: torch.Tensor, layer: int, out_features: int) -> torch.Tensor:
-    return x.new_empty(x.shape[0], out_features)
-
-
-class MacheteLinear(QuantLinear):
+class MacheteLinear(OpaqueLinear):
     """Machete (llmopt.kernels.machete), vLLM's mixed-input GEMM for Hopper, on a symmetric 4-bit
     grid (groups of 64 or 128, or one per row; no act-order), bf16 activations. GPTQModel's layer
     prepacks the codes (written in GPTQ's packing) into Machete's layout; the product is its op,
@@ -434,11 +431,6 @@ class MacheteLinear(QuantLinear):
         m = self.machete
         return torch.ops.gptqmodel_machete.machete_mm(x, m.qweight, self.type_id, None, m.scales, None, self.group,
                                                       None, None, None)
-
-    def _mm(self, x):
-        a = x.to(torch.bfloat16).contiguous()
-        y = machete_mm(a, self.index, self.out_features) if torch.compiler.is_compiling() else self.product(a)
-        return y.to(x.dtype)
 
 
 def marlin_gemm_op(layer):

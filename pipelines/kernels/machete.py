@@ -15,8 +15,8 @@ without zero points: about 80 CUTLASS kernels). llmopt builds it itself:
   tile shape its heuristic picks from);
 - nvcc compiles them for sm_90a against the installed torch (or another torch's headers and
   libraries, `build_library(torch_dir=...)`, to build on one machine for another), a file per job;
-- the library is cached under `<cache root>/torch-extensions/machete/<key>/` (the key covers the
-  sources, torch and CUTLASS versions and the flags) and loaded through GPTQModel's own loader
+- the library is cached under `<cache root>/torch-extensions/machete/`, rebuilt when its key (the
+  sources, the flags, torch, CUTLASS and GPTQModel) changes, and loaded through GPTQModel's own loader
   (`GPTQMODEL_MACHETE_PRECOMPILED_LIBRARY`), so GPTQModel's layer and its weight prepacking run on it.
 `LLMOPT_MACHETE_LIBRARY` names a library built elsewhere (skipping the build).
 
@@ -54,16 +54,16 @@ CUDA_HEADERS = ("cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h")  # to
 
 
 def cutlass_package() -> Path:
-    """CUTLASS's sources as the `nvidia-cutlass` wheel installs them (`cutlass_library/source`)."""
+    """The `cutlass_library` package of the `nvidia-cutlass` wheel; CUTLASS's sources are in its `source/`."""
     try:
         import cutlass_library
     except ImportError as e:
         raise RuntimeError("kernel machete needs CUTLASS's headers: pip install 'llmopt[hopper]' "
                            "(the nvidia-cutlass wheel)") from e
-    source = Path(cutlass_library.__file__).parent / "source"
-    if not (source / "include" / "cutlass" / "cutlass.h").is_file():
-        raise RuntimeError(f"the installed nvidia-cutlass has no headers under {source}")
-    return source
+    package = Path(cutlass_library.__file__).parent
+    if not (package / "source" / "include" / "cutlass" / "cutlass.h").is_file():
+        raise RuntimeError(f"the installed nvidia-cutlass has no headers under {package / 'source'}")
+    return package
 
 
 def cutlass_version(root: Path) -> str:
@@ -79,13 +79,12 @@ def cutlass_version(root: Path) -> str:
 def cutlass_checkout(folder: Path) -> Path:
     """A CUTLASS checkout's layout (include/, tools/, examples/, python/cutlass_library) under `folder`,
     linked to the wheel's files: what GPTQModel's generator and Machete's includes expect."""
-    source = cutlass_package()
-    import cutlass_library
-
+    package = cutlass_package()
+    source = package / "source"
     root = folder / f"cutlass-{cutlass_version(source)}"
     (root / "python").mkdir(parents=True, exist_ok=True)
     links = {root / name: source / name for name in ("include", "tools", "examples")}
-    links[root / "python" / "cutlass_library"] = Path(cutlass_library.__file__).parent
+    links[root / "python" / "cutlass_library"] = package
     for link, target in links.items():
         if link.is_symlink() and link.resolve() == target.resolve():
             continue
