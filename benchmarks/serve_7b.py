@@ -45,6 +45,8 @@ a 7B sweep. The presets:
   vLLM's CUTLASS mixed-input GEMM, llmopt.kernels.machete), where Marlin's products at 32-64 rows run
   no faster than bf16's; set LLMOPT_MACHETE_LIBRARY to a library built ahead (`python -m
   llmopt.kernels.machete build`), or it builds on first use (needs nvcc and `llmopt[hopper]`).
+- `engine-hybrid`: `engine-machete` on `kernel: machete+marlin`: decode steps of fewer than 32 rows on
+  Marlin (faster there on an H100), 32 and more and prefills on Machete; both layouts in memory.
 - `engine-auto`: `engine` with `dense_prefill_tokens: auto`: each prefill shape (batch x width) captured
   both ways at start-up, timed on the GPU, the faster kept; the server's stats list both times per shape
   (what benchmarks/dense_prefill_probe.py estimates per product); not yet measured on a GPU.
@@ -103,8 +105,11 @@ PRESETS = {
     # the int4 candidate on Machete (kernel: machete below; Hopper only, llmopt.kernels.machete), the engine as
     # `engine`; its base runs on auto's kernel (on_base), so after `base-engine` it finds the base cached
     "engine-machete": "    server: {engine: llmopt}\n",
+    # the same on `kernel: machete+marlin`: decode batches under 32 rows on Marlin, 32 and more and prefills on Machete
+    "engine-hybrid": "    server: {engine: llmopt}\n",
 }
-KERNEL = {"engine-machete": "machete"}  # the benchmark stage's kernel where a preset names one (else auto)
+# the benchmark stage's kernel where a preset names one (else auto)
+KERNEL = {"engine-machete": "machete", "engine-hybrid": "machete+marlin"}
 QUANTIZE = "  - stage: quantize\n    method: rtn\n    bits: 4\n    group_size: 128\n"
 STAGES = (QUANTIZE +
           "  - stage: benchmark\n    runtime: server\n    kernel: auto\n    input_tokens: {mean: 128, stdev: 32}\n"

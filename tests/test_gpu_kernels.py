@@ -304,31 +304,32 @@ def test_marlin_dense_prefill_matches_the_kernel_and_the_grid(kernel_cache):
     assert relative_error(dense, reference) < 1e-2 and relative_error(marlin, reference) < 3e-2
 
 
-def _machete_or_skip(kernel_cache):
-    """Machete on a Hopper GPU (the library LLMOPT_MACHETE_LIBRARY names, or llmopt's build); elsewhere a skip
-    that says why."""
-    from llmopt.kernels import runs_on
-    from llmopt.kernels.machete import build_machete
+def _machete_or_skip(kernel_cache, kernel="machete"):
+    """Machete on a Hopper GPU (the library LLMOPT_MACHETE_LIBRARY names, or llmopt's build), and Marlin's
+    build for `machete+marlin`; elsewhere a skip that says why."""
+    from llmopt.kernels import prepare, runs_on
     from llmopt.machine import gpus
 
-    why = runs_on("machete", "cuda", gpus()[0].sm)
+    why = runs_on(kernel, "cuda", gpus()[0].sm)
     if why:
         pytest.skip(why)
-    build_machete(kernel_cache)
+    prepare(kernel, kernel_cache)
 
 
-def test_machete_matches_the_grid_eager_compiled_and_in_a_cuda_graph(kernel_cache):
-    """MacheteLinear on a symmetric 4-bit g128 grid: at a decode step's rows (1, 16, 64) and a prefill's
-    (512) its product agrees with the grid's float32 product to bf16 rounding (within the module's 3%,
-    as Marlin's); compiled (fullgraph, through the opaque `llmopt::kernel_mm`) and replayed from a CUDA
-    graph it gives what it gives eagerly, to bf16 rounding."""
+@pytest.mark.parametrize("kernel", ["machete", "machete+marlin"])
+def test_machete_matches_the_grid_eager_compiled_and_in_a_cuda_graph(kernel, kernel_cache):
+    """MacheteLinear (and MacheteMarlinLinear: Marlin at 1 and 16 rows, Machete at 64 and 512) on a
+    symmetric 4-bit g128 grid: at a decode step's rows (1, 16, 64) and a prefill's (512) its product
+    agrees with the grid's float32 product to bf16 rounding (within the module's 3%, as Marlin's);
+    compiled (fullgraph, through the opaque `llmopt::kernel_mm`) and replayed from a CUDA graph it
+    gives what it gives eagerly, to bf16 rounding."""
     from llmopt.kernels.linear import kernel_module, relative_error
 
-    _machete_or_skip(kernel_cache)
+    _machete_or_skip(kernel_cache, kernel)
     g = torch.Generator().manual_seed(0)
     n, k = 768, 1024
     weight = _int4_grid(n, k, g)
-    module = kernel_module("machete", weight, "cuda", torch.bfloat16)
+    module = kernel_module(kernel, weight, "cuda", torch.bfloat16)
     reference_weight = weight.dequantize().to("cuda")
     compiled = torch.compile(module, fullgraph=True)
     for m in (1, 16, 64, 512):
@@ -350,11 +351,13 @@ def test_machete_matches_the_grid_eager_compiled_and_in_a_cuda_graph(kernel_cach
             assert relative_error(out.float(), eager) < 1e-2, m
 
 
-def test_engine_on_machete_decodes_what_greedy_decoding_decodes(kernel_cache, tmp_path):
-    """engine llmopt with `kernel: machete`: a random Llama of Machete's shapes (inputs in multiples of
+@pytest.mark.parametrize("kernel", ["machete", "machete+marlin"])
+def test_engine_on_machete_decodes_what_greedy_decoding_decodes(kernel, kernel_cache, tmp_path):
+    """engine llmopt with `kernel: machete` (or `machete+marlin`: its decode steps of 1-2 rows on Marlin,
+    prefills of 32 rows and more on Machete): a random Llama of Machete's shapes (inputs in multiples of
     64, outputs of 128: hidden 256, MLP 512), 4-bit g128 by gptq_rtn, its decode steps and prefills
-    captured with Machete's op inside; 4 requests on 2 rows, each token within 0.1 of the top logit of
-    whole forward passes on the same model (random weights leave near-ties)."""
+    captured with the kernels' ops inside; 4 requests on 2 rows, each token within 0.1 of the top logit
+    of whole forward passes on the same model (random weights leave near-ties)."""
     from llmopt import kernels
     from llmopt.cache import Artifact
     from llmopt.engine import Engine
@@ -362,15 +365,15 @@ def test_engine_on_machete_decodes_what_greedy_decoding_decodes(kernel_cache, tm
     from llmopt.methods.gptq_rtn import GptqRtnQuantize
     from llmopt.stages import StageContext, quantize
 
-    _machete_or_skip(kernel_cache)
+    _machete_or_skip(kernel_cache, kernel)
     path = random_llama(tmp_path / "llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256)
     ctx = StageContext("cuda", "bfloat16", False, progress=False, cache_root=kernel_cache)
     (tmp_path / "q").mkdir()
     artifact = quantize.run(GptqRtnQuantize(stage="quantize", method="gptq_rtn", bits=4, group_size=128),
                             Artifact(path, "hf-checkpoint"), tmp_path / "q", ctx)
-    model, applied = kernels.load_accelerated(artifact, "cuda", "bfloat16", False, "machete", kernel_cache)
-    assert applied.kernel == "machete" and applied.layers == 2 * 7, applied
+    model, applied = kernels.load_accelerated(artifact, "cuda", "bfloat16", False, kernel, kernel_cache)
+    assert applied.kernel == kernel and applied.layers == 2 * 7, applied
     prompts = [[1, *range(5 + 7 * i, 5 + 7 * i + n)] for i, n in enumerate((16, 11, 30, 5))]
     engine = Engine(model, "cuda", slots=2, max_prompt=32, max_new=8, smallest_batch=1).start()
     try:
@@ -378,5 +381,5 @@ def test_engine_on_machete_decodes_what_greedy_decoding_decodes(kernel_cache, tm
     finally:
         engine.stop()
     gaps = [_greedy_gap(model, p, tokens) for p, tokens in zip(prompts, got, strict=True)]
-    print(f"engine machete: largest gap {max(gaps):.3f}")
+    print(f"engine {kernel}: largest gap {max(gaps):.3f}")
     assert all(len(t) == 8 for t in got) and max(gaps) <= 0.1, (gaps, got)

@@ -318,6 +318,9 @@ FP8 = f"    method: modelopt\n    format: fp8\n    calibration: {{dataset: {{pat
     ("cuda", GPTQ128, "transformers-compiled", "machete", ("NVIDIA B200", 100),
      "stages[1].kernel: machete runs on Hopper (compute capability 9.0) only and this GPU is 10.0 (NVIDIA B200, sm100); "
      "nearest valid choice: marlin"),
+    ("cuda", GPTQ128, "transformers-compiled", "machete+marlin", ("NVIDIA L40S", 89),
+     "stages[1].kernel: machete+marlin needs compute capability 9.0 or newer and this GPU is 8.9 (NVIDIA L40S, sm89); "
+     "nearest valid choice: marlin"),
 ])
 def test_kernel_the_machine_cannot_run_exit_2(device, quantize_text, runtime, kernel, gpu, words, workdir, tmp_path,
                                               monkeypatch, capsys):

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from llmopt import kernels
-from llmopt.kernels import machete
-from llmopt.kernels.linear import MacheteLinear, QuantizedWeight
+from llmopt.kernels import linear, machete
+from llmopt.kernels.linear import MacheteLinear, MacheteMarlinLinear, QuantizedWeight
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -136,13 +136,92 @@ def test_machete_refuses_what_it_cannot_run_before_touching_gptqmodel(bits, grou
 def test_gptq_grids_list_machete_where_it_runs():
     from llmopt.methods.gptq import gptq_kernels
 
-    assert gptq_kernels({"bits": 4, "group_size": 128}, "cuda") == ("marlin", "machete", "int4pack")
+    assert gptq_kernels({"bits": 4, "group_size": 128}, "cuda") == ("marlin", "machete", "machete+marlin", "int4pack")
     assert "machete" not in gptq_kernels({"bits": 8, "group_size": 128}, "cuda")
     assert "machete" not in gptq_kernels({"bits": 4, "group_size": 32}, "cuda")
     assert "machete" not in gptq_kernels({"bits": 4, "group_size": 128, "desc_act": True}, "cuda")
     assert "machete" not in gptq_kernels({"bits": 4, "group_size": 128, "sym": False}, "cuda")
     assert "machete" not in gptq_kernels({"bits": 4, "group_size": 128}, "cpu")
-    assert kernels.usable(("marlin", "machete"), "cuda", 90) == ("marlin", "machete")
-    # auto never builds or tries it, not even where Marlin refuses a model's shapes: int4pack comes next
-    assert kernels.auto_order(("marlin", "machete", "int4pack")) == ("marlin", "int4pack")
-    assert kernels.usable(("marlin", "machete"), "cuda", 100) == ("marlin",)
+    assert kernels.usable(("marlin", "machete", "machete+marlin"), "cuda", 90) == ("marlin", "machete", "machete+marlin")
+    # auto never builds or tries them, not even where Marlin refuses a model's shapes: int4pack comes next
+    assert kernels.auto_order(("marlin", "machete", "machete+marlin", "int4pack")) == ("marlin", "int4pack")
+    assert kernels.usable(("marlin", "machete", "machete+marlin"), "cuda", 100) == ("marlin",)
+    assert kernels.usable(("marlin", "machete", "machete+marlin"), "cuda", 89) == ("marlin",)
+
+
+def test_modelopt_int4_awq_lists_machete_for_its_groups_on_cuda():
+    from llmopt.methods.modelopt import Modelopt
+
+    assert Modelopt.kernel_candidates({"format": "int4_awq", "group_size": 128}, "cuda") == (
+        "marlin", "machete", "machete+marlin", "int4pack")
+    assert Modelopt.kernel_candidates({"format": "int4_awq", "group_size": 32}, "cuda") == ("marlin", "int4pack")
+    assert Modelopt.kernel_candidates({"format": "int4_awq", "group_size": 128}, "cpu") == ("int4pack",)
+
+
+def test_machete_marlin_builds_both_kernels(monkeypatch):
+    built = []
+    monkeypatch.setattr(machete, "build_machete", lambda root: built.append("machete") or 2.0)
+    monkeypatch.setattr(linear, "build_marlin", lambda root: built.append("marlin") or 3.0)
+    assert kernels.prepare("machete+marlin", "cache") == 5.0 and built == ["machete", "marlin"]
+    built.clear()
+    assert kernels.prepare("machete", "cache") == 2.0 and built == ["machete"]
+
+
+class _StandIn(torch.nn.Module):
+    """A kernel layer on CPU (GPTQModel's need CUDA): the grid's dense product, each call recorded."""
+
+    def __init__(self, name: str, dense: torch.Tensor, calls: list):
+        super().__init__()
+        self.name, self.calls = name, calls
+        self.register_buffer("packed", dense.clone())  # its own layout, as each real layer holds one
+
+    def forward(self, x):
+        self.calls.append((self.name, x.shape[0]))
+        return torch.nn.functional.linear(x, self.packed.to(x.dtype))
+
+
+def test_machete_marlin_runs_each_product_on_the_kernel_measured_faster_for_its_rows(monkeypatch):
+    """Below MACHETE_FROM_ROWS rows Marlin's layer, from it Machete's: in eager code and in a compiled
+    graph (where the product is the opaque `llmopt::kernel_mm`), with the grid's product either way.
+    Stand-in layers (no GPU here): this tests llmopt's dispatch and bookkeeping, not the kernels."""
+    gen = torch.Generator().manual_seed(0)
+    n, k = 256, 128
+    weight = QuantizedWeight(codes=torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8),
+                             scales=torch.rand(1, n, generator=gen) * 0.01 + 0.001, bits=4, group_size=128,
+                             bias=torch.randn(n, generator=gen))
+    dense = weight.dequantize().to(torch.bfloat16)
+    calls: list = []
+    monkeypatch.setattr(linear, "marlin_layer", lambda w, device: (_StandIn("marlin", dense, calls), None))
+    machete_layer = _StandIn("machete", dense, calls)
+    machete_layer.weight_type = type("T", (), {"id": 7})
+    monkeypatch.setattr(linear, "machete_layer", lambda w, device: machete_layer)
+    monkeypatch.setattr(MacheteLinear, "product", lambda self, x: self.machete(x))
+    module = linear.kernel_module("machete+marlin", weight, "cpu", torch.bfloat16)
+    assert isinstance(module, MacheteMarlinLinear) and module.kernel == "machete+marlin"
+    assert module.type_id == 7 and module.group == 128
+    # both layouts are the module's buffers: the benchmark's weight bytes count them
+    assert sum(b.numel() for b in module.buffers()) >= 2 * n * k
+    assert linear.MACHETE_FROM_ROWS == 32
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    for rows, expected in [(1, "marlin"), (16, "marlin"), (31, "marlin"), (32, "machete"), (64, "machete"),
+                           (512, "machete")]:
+        x = torch.randn(rows, k, generator=gen).to(torch.bfloat16)
+        reference = torch.nn.functional.linear(x.float(), dense.float(), weight.bias.float())
+        for run in (module, compiled):
+            calls.clear()
+            got = run(x)
+            assert calls == [(expected, rows)], (rows, calls)
+            assert linear.relative_error(got.float(), reference) < 0.02
+    assert linear.kernels_in(torch.nn.Sequential(module)) == {"machete+marlin": 1}
+
+
+@pytest.mark.parametrize("bits, group, words", [
+    (8, 128, "machete runs symmetric 4-bit weights"),  # Marlin would take it: the stricter refusal speaks first
+    (4, 32, "machete takes groups of 64 or 128"),
+])
+def test_machete_marlin_refuses_what_machete_cannot_run(bits, group, words):
+    n, k = 256, 256
+    weight = QuantizedWeight(codes=torch.zeros(n, k, dtype=torch.uint8), scales=torch.ones(k // group, n), bits=bits,
+                             group_size=group)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        MacheteMarlinLinear(weight, "cpu", torch.bfloat16)

@@ -9,6 +9,7 @@ that runs one of these maintained kernels on those codes:
 |---|---|---|
 | `marlin` | GPTQModel's Marlin GEMM (4/8-bit symmetric, groups -1/32/64/128, act-order) | CUDA SM80+; JIT-built, cached |
 | `machete` | GPTQModel's Machete (vLLM's CUTLASS GEMM; 4-bit symmetric, groups -1/64/128) | CUDA SM90 only; built, cached |
+| `machete+marlin` | Machete for products of 32 rows or more, Marlin below (both layouts held) | CUDA SM90 only; both built |
 | `int4pack` | torch's int4 weight-only matmul (tinygemm on CUDA, `_weight_int4pack_mm_for_cpu` on CPU) | CPU; CUDA SM80+ |
 | `int8pack` | torch's `_weight_int8pack_mm` (per-channel int8) | CPU |
 | `fp8` | `torch._scaled_mm`: FP8 e4m3 weights and activations, per-tensor scales (real FP8 products) | CUDA SM89+ |
@@ -64,6 +65,9 @@ KERNELS = {
     # named only: faster than Marlin from 32 rows, slower below (H100), and its first use compiles for minutes
     "machete": Kernel("machete", "GPTQModel's Machete GEMM (CUTLASS, Hopper)", ("cuda",), 90, builds=True, max_sm=90,
                       auto=False),
+    # named only, as machete: both layouts held, each product on the kernel measured faster at its row count
+    "machete+marlin": Kernel("machete+marlin", "Machete from 32 rows, Marlin below (both layouts; Hopper)", ("cuda",), 90,
+                             builds=True, max_sm=90, auto=False),
     "int4pack": Kernel("int4pack", "torch's int4 weight-only matmul (tinygemm / for_cpu)", ("cpu", "cuda"), 80),
     "int8pack": Kernel("int8pack", "torch's _weight_int8pack_mm", ("cpu",)),
     "fp8": Kernel("fp8", "torch._scaled_mm with FP8 e4m3 weights and activations", ("cuda",), 89),
@@ -227,13 +231,16 @@ def prepare(name: str, cache_root) -> float:
     """Build the kernel's extension if it has one (seconds spent; 0 when the cached build loads)."""
     if not KERNELS[name].builds:
         return 0.0
-    if name == "machete":
+    spent = 0.0
+    if name in ("machete", "machete+marlin"):
         from llmopt.kernels.machete import build_machete
 
-        return build_machete(cache_root)
-    from llmopt.kernels.linear import build_marlin
+        spent += build_machete(cache_root)
+    if name in ("marlin", "machete+marlin"):
+        from llmopt.kernels.linear import build_marlin
 
-    return build_marlin(cache_root)
+        spent += build_marlin(cache_root)
+    return spent
 
 
 def _sm(device: str) -> int | None:

@@ -344,49 +344,65 @@ class MarlinLinear(OpaqueLinear):
     kernel = "marlin"
 
     def __init__(self, weight: QuantizedWeight, device: str, dtype: torch.dtype):
-        if weight.bits not in (4, 8) or not weight.symmetric:
-            raise ValueError("marlin runs symmetric 4- or 8-bit weights")
-        n, k = weight.shape
-        group = -1 if weight.group_size >= k else weight.group_size
-        if group not in (-1, 32, 64, 128):
-            raise ValueError(f"marlin takes groups of 32, 64, 128 or one per row, not {weight.group_size}")
-        # GPTQModel's own limits (MarlinLinear._validate): whole int32 words along N and K, and for
-        # act-order a thread-tile-aligned shape (the others are padded to a tile on each call)
-        per = 32 // weight.bits
-        if n % per or k % per:
-            raise ValueError(f"marlin packs {per} codes per int32: a {n}x{k} layer does not divide")
-        if weight.act_order and not (n % 64 == 0 and k % 128 == 0 or n % 128 == 0 and k % 64 == 0):
-            raise ValueError(f"marlin runs act-order weights on tile-aligned shapes only, not {n}x{k}")
+        marlin_refusal(weight)
         super().__init__(weight, None, torch.bfloat16, device)
-        from llmopt.methods.gptq import quiet_gptqmodel
-
-        quiet_gptqmodel()  # imported detached: from this frame's stack it would pin the model being swapped
-        from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear as GptqModelMarlin
-
-        layer = GptqModelMarlin(bits=weight.bits, group_size=group, desc_act=weight.act_order, sym=True, in_features=k,
-                                out_features=n, bias=False, register_buffers=True, dtype=torch.bfloat16)
-        qweight, qzeros = pack_gptq(weight.codes, weight.bits), pack_gptq(weight.zero_codes() - 1, weight.bits).t()
-        layer.qweight.data, layer.qzeros.data = qweight.to(device), qzeros.contiguous().to(device)
-        layer.scales.data = weight.scales.to(device=device, dtype=torch.bfloat16)
-        layer.g_idx.data = weight.groups().to(device=device, dtype=torch.int32)
-        layer = layer.to(device)
-        layer.post_init()
         # a submodule, so that the model's buffers (the benchmark's weight bytes) and `.to()` see its packed
         # weights; the forward reaches it through `product` only
-        self.marlin = layer
-        self.gemm = marlin_gemm_op(layer)
+        self.marlin, self.gemm = marlin_layer(weight, device)
         self.index = register_layer(self)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] bf16, contiguous: Marlin's GEMM called as GPTQModel's `apply_gptq_marlin_linear` calls
-        it, without its per-call Python (an extension lookup under a lock, a scratch context, reshapes):
-        an H200 profile of a 7B's eager prefill found ~80 us of host time a call around a 49 us kernel,
-        which made int4's TTFT about twice bf16's. Layers GPTQModel pads to a tile go through its forward."""
-        if self.gemm is None:
-            return self.marlin(x)
-        m = self.marlin
-        return self.gemm(x, None, m.qweight, None, m.scales, None, m.qzeros, m.g_idx, m.g_idx_sort_indices, m.workspace,
-                         m.weight_type.id, x.shape[0], m.out_features, m.in_features, m.is_k_full, False, m.fp32, False)
+        return marlin_product(self.marlin, self.gemm, x)
+
+
+def marlin_refusal(weight: QuantizedWeight) -> None:
+    """ValueError where Marlin cannot run the grid (before GPTQModel is touched)."""
+    if weight.bits not in (4, 8) or not weight.symmetric:
+        raise ValueError("marlin runs symmetric 4- or 8-bit weights")
+    n, k = weight.shape
+    group = -1 if weight.group_size >= k else weight.group_size
+    if group not in (-1, 32, 64, 128):
+        raise ValueError(f"marlin takes groups of 32, 64, 128 or one per row, not {weight.group_size}")
+    # GPTQModel's own limits (MarlinLinear._validate): whole int32 words along N and K, and for
+    # act-order a thread-tile-aligned shape (the others are padded to a tile on each call)
+    per = 32 // weight.bits
+    if n % per or k % per:
+        raise ValueError(f"marlin packs {per} codes per int32: a {n}x{k} layer does not divide")
+    if weight.act_order and not (n % 64 == 0 and k % 128 == 0 or n % 128 == 0 and k % 64 == 0):
+        raise ValueError(f"marlin runs act-order weights on tile-aligned shapes only, not {n}x{k}")
+
+
+def marlin_layer(weight: QuantizedWeight, device: str):
+    """GPTQModel's Marlin layer on the grid (written in GPTQ's packing, repacked by GPTQModel's
+    post_init), and the op its forward ends in (None where its forward must run: `marlin_gemm_op`)."""
+    from llmopt.methods.gptq import quiet_gptqmodel
+
+    quiet_gptqmodel()  # imported detached: from this frame's stack it would pin the model being swapped
+    from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear as GptqModelMarlin
+
+    n, k = weight.shape
+    layer = GptqModelMarlin(bits=weight.bits, group_size=-1 if weight.group_size >= k else weight.group_size,
+                            desc_act=weight.act_order, sym=True, in_features=k, out_features=n, bias=False,
+                            register_buffers=True, dtype=torch.bfloat16)
+    qweight, qzeros = pack_gptq(weight.codes, weight.bits), pack_gptq(weight.zero_codes() - 1, weight.bits).t()
+    layer.qweight.data, layer.qzeros.data = qweight.to(device), qzeros.contiguous().to(device)
+    layer.scales.data = weight.scales.to(device=device, dtype=torch.bfloat16)
+    layer.g_idx.data = weight.groups().to(device=device, dtype=torch.int32)
+    layer = layer.to(device)
+    layer.post_init()
+    return layer, marlin_gemm_op(layer)
+
+
+def marlin_product(m, gemm, x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] bf16, contiguous, through GPTQModel's Marlin layer `m`: its GEMM called as GPTQModel's
+    `apply_gptq_marlin_linear` calls it, without its per-call Python (an extension lookup under a lock,
+    a scratch context, reshapes): an H200 profile of a 7B's eager prefill found ~80 us of host time a
+    call around a 49 us kernel, which made int4's TTFT about twice bf16's. Layers GPTQModel pads to a
+    tile (`gemm` None) go through its forward."""
+    if gemm is None:
+        return m(x)
+    return gemm(x, None, m.qweight, None, m.scales, None, m.qzeros, m.g_idx, m.g_idx_sort_indices, m.workspace,
+                m.weight_type.id, x.shape[0], m.out_features, m.in_features, m.is_k_full, False, m.fp32, False)
 
 
 class MacheteLinear(OpaqueLinear):
@@ -398,32 +414,11 @@ class MacheteLinear(OpaqueLinear):
     kernel = "machete"
 
     def __init__(self, weight: QuantizedWeight, device: str, dtype: torch.dtype):
-        n, k = weight.shape
-        group = -1 if weight.group_size >= k else weight.group_size
-        if weight.bits != 4 or not weight.symmetric:
-            raise ValueError("machete runs symmetric 4-bit weights (8-bit and zero points run on marlin)")
-        if group not in (-1, 64, 128):
-            raise ValueError(f"machete takes groups of 64 or 128 or one per row, not {weight.group_size}")
-        if weight.act_order:
-            raise ValueError("machete runs weights without act-order (marlin runs act-order)")
-        if k % 64 or n % 128:
-            raise ValueError(f"machete needs inputs in multiples of 64 and outputs of 128, not a {n}x{k} layer")
+        machete_refusal(weight)
         super().__init__(weight, None, torch.bfloat16, device)
-        from llmopt.methods.gptq import quiet_gptqmodel
-
-        quiet_gptqmodel()
-        from gptqmodel.nn_modules.qlinear.machete import MacheteLinear as GptqModelMachete
-
-        layer = GptqModelMachete(bits=4, group_size=group, desc_act=False, sym=True, in_features=k, out_features=n,
-                                 bias=False)
-        layer.qweight.data = pack_gptq(weight.codes, 4).to(device)
-        layer.scales.data = weight.scales.to(device=device, dtype=torch.bfloat16)
-        layer.g_idx.data = weight.groups().to(device=device, dtype=torch.int32)
-        layer.qzeros.data = pack_gptq(weight.zero_codes() - 1, 4).t().contiguous().to(device)
-        layer = layer.to(device)
-        layer.post_init()  # GPTQModel's prepack into Machete's layout (machete_prepack_B)
-        self.machete = layer
-        self.type_id, self.group = layer.weight_type.id, group if group != -1 else k
+        self.machete = machete_layer(weight, device)
+        k = weight.shape[1]
+        self.type_id, self.group = self.machete.weight_type.id, k if weight.group_size >= k else weight.group_size
         self.index = register_layer(self)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -431,6 +426,65 @@ class MacheteLinear(OpaqueLinear):
         m = self.machete
         return torch.ops.gptqmodel_machete.machete_mm(x, m.qweight, self.type_id, None, m.scales, None, self.group,
                                                       None, None, None)
+
+
+def machete_refusal(weight: QuantizedWeight) -> None:
+    """ValueError where Machete cannot run the grid (before GPTQModel is touched)."""
+    n, k = weight.shape
+    group = -1 if weight.group_size >= k else weight.group_size
+    if weight.bits != 4 or not weight.symmetric:
+        raise ValueError("machete runs symmetric 4-bit weights (8-bit and zero points run on marlin)")
+    if group not in (-1, 64, 128):
+        raise ValueError(f"machete takes groups of 64 or 128 or one per row, not {weight.group_size}")
+    if weight.act_order:
+        raise ValueError("machete runs weights without act-order (marlin runs act-order)")
+    if k % 64 or n % 128:
+        raise ValueError(f"machete needs inputs in multiples of 64 and outputs of 128, not a {n}x{k} layer")
+
+
+def machete_layer(weight: QuantizedWeight, device: str):
+    """GPTQModel's Machete layer on the grid, prepacked into Machete's layout by its post_init."""
+    from llmopt.methods.gptq import quiet_gptqmodel
+
+    quiet_gptqmodel()
+    from gptqmodel.nn_modules.qlinear.machete import MacheteLinear as GptqModelMachete
+
+    n, k = weight.shape
+    layer = GptqModelMachete(bits=4, group_size=-1 if weight.group_size >= k else weight.group_size, desc_act=False,
+                             sym=True, in_features=k, out_features=n, bias=False)
+    layer.qweight.data = pack_gptq(weight.codes, 4).to(device)
+    layer.scales.data = weight.scales.to(device=device, dtype=torch.bfloat16)
+    layer.g_idx.data = weight.groups().to(device=device, dtype=torch.int32)
+    layer.qzeros.data = pack_gptq(weight.zero_codes() - 1, 4).t().contiguous().to(device)
+    layer = layer.to(device)
+    layer.post_init()  # GPTQModel's prepack into Machete's layout (machete_prepack_B)
+    return layer
+
+
+# products of this many rows or more run Machete in `machete+marlin`, fewer Marlin: on an H100
+# (benchmarks/machete_probe.py, a 7B layer's four products) Marlin took 65.4 us at 16 rows against
+# Machete's 87.5, Machete 83.8 at 32 against Marlin's 91.0 (and 0.93x bf16 at prefills, Marlin 0.5x)
+MACHETE_FROM_ROWS = 32
+
+
+class MacheteMarlinLinear(MacheteLinear):
+    """Both layouts of one grid: products of at least `MACHETE_FROM_ROWS` rows (decode batches of 32
+    and more, prefills) run Machete, smaller ones (decode at low load) Marlin, each where it was
+    measured faster. Costs Marlin's packed weights on top of Machete's (0.5 byte a 4-bit weight).
+    The choice reads the input's row count: fixed within a CUDA graph, which captures one kernel."""
+
+    kernel = "machete+marlin"
+
+    def __init__(self, weight: QuantizedWeight, device: str, dtype: torch.dtype):
+        machete_refusal(weight)  # the stricter of the two, first
+        marlin_refusal(weight)
+        super().__init__(weight, device, dtype)
+        self.marlin, self.gemm = marlin_layer(weight, device)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] < MACHETE_FROM_ROWS:
+            return marlin_product(self.marlin, self.gemm, x)
+        return super().product(x)
 
 
 def marlin_gemm_op(layer):
@@ -516,7 +570,7 @@ class DequantizedLinear(QuantLinear):
 
 def kernel_module(name: str, weight: QuantizedWeight, device: str, dtype: torch.dtype) -> QuantLinear:
     return {"int4pack": Int4PackLinear, "int8pack": Int8PackLinear, "marlin": MarlinLinear,
-            "machete": MacheteLinear}[name](weight, device, dtype)
+            "machete": MacheteLinear, "machete+marlin": MacheteMarlinLinear}[name](weight, device, dtype)
 
 
 def kernels_in(model) -> dict[str, int]:

@@ -197,7 +197,7 @@ def gptq_kernels(spec: dict, device: str) -> tuple[str, ...]:
     if device == "cuda" and sym and bits in (4, 8) and group in (-1, 32, 64, 128):
         found.append("marlin")
     if device == "cuda" and sym and bits == 4 and group in (-1, 64, 128) and not spec.get("desc_act"):
-        found.append("machete")  # Hopper only (`usable` drops it elsewhere); named, not auto's first
+        found += ["machete", "machete+marlin"]  # Hopper only (`usable` drops them elsewhere); named, never auto's
     if bits == 4 and group in (-1, 32, 64, 128, 256):
         found.append("int4pack")
     if device == "cpu" and bits == 8 and group == -1 and sym and not spec.get("desc_act"):

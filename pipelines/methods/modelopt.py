@@ -143,12 +143,15 @@ class Modelopt(Method):
     @classmethod
     def kernel_candidates(cls, spec: dict, device: str) -> tuple[str, ...]:
         """The exported integer or FP8 weights run as such: INT4-AWQ on Marlin (or torch's int4pack),
-        FP8 on `_scaled_mm`. An FP8 KV cache, W4A8, INT8 SmoothQuant and NVFP4 have no kernel in
-        llmopt's runtime (TensorRT-LLM serves them)."""
+        FP8 on `_scaled_mm`; on Hopper, named, INT4-AWQ of groups 64 or 128 also on Machete. An FP8 KV
+        cache, W4A8, INT8 SmoothQuant and NVFP4 have no kernel in llmopt's runtime (TensorRT-LLM serves them)."""
         if spec.get("kv_cache"):
             return ()
         if spec.get("format") == "int4_awq":
-            return ("marlin", "int4pack") if device == "cuda" else ("int4pack",)
+            if device != "cuda":
+                return ("int4pack",)
+            hopper = ("machete", "machete+marlin") if spec.get("group_size") in (64, 128) else ()
+            return ("marlin", *hopper, "int4pack")
         if spec.get("format") == "fp8":
             return ("fp8",)
         return ()
