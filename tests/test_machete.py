@@ -213,6 +213,10 @@ def test_machete_marlin_runs_each_product_on_the_kernel_measured_faster_for_its_
             assert calls == [(expected, rows)], (rows, calls)
             assert linear.relative_error(got.float(), reference) < 0.02
     assert linear.kernels_in(torch.nn.Sequential(module)) == {"machete+marlin": 1}
+    # the repack check at build time reads both layouts: a Machete layout misread fails it, though Marlin's is right
+    assert linear.check_module(module, weight, torch.bfloat16, "cpu") < 0.02
+    machete_layer.packed.mul_(-1)
+    assert linear.check_module(module, weight, torch.bfloat16, "cpu") > 0.5
 
 
 @pytest.mark.parametrize("bits, group, words", [

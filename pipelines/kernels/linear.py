@@ -93,6 +93,7 @@ class QuantLinear(torch.nn.Module):
         self.register_buffer("bias", None if weight.bias is None else weight.bias.to(device, dtype), persistent=False)
 
     dense_tokens = 0  # keep_dense: products of at least this many rows run dense (0: never)
+    check_rows: tuple[int, ...] = (3,)  # the row counts `check_module` checks: one per layout the module runs
 
     def keep_dense(self, weight: QuantizedWeight, min_tokens: int, device: str, dtype: torch.dtype) -> None:
         """Keep a compact copy of the weight's codes (two 4-bit codes a byte; one 8-bit code), with its
@@ -474,6 +475,7 @@ class MacheteMarlinLinear(MacheteLinear):
     The choice reads the input's row count: fixed within a CUDA graph, which captures one kernel."""
 
     kernel = "machete+marlin"
+    check_rows = (3, MACHETE_FROM_ROWS)  # Marlin's layout, then Machete's
 
     def __init__(self, weight: QuantizedWeight, device: str, dtype: torch.dtype):
         machete_refusal(weight)  # the stricter of the two, first
@@ -591,16 +593,20 @@ def dense_copy_bytes(model) -> int:
 
 
 def check_module(module: QuantLinear, weight: QuantizedWeight, dtype: torch.dtype, device: str) -> float:
-    """Largest |kernel - reference| / max |reference| on a random input: the repack's sanity check."""
+    """Largest |kernel - reference| / max |reference| on random inputs of each of the module's
+    `check_rows` row counts (one per layout it runs from): the repack's sanity check."""
     k = weight.shape[1]
-    x = torch.randn(3, k, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
-    reference = F.linear(x.float() * (weight.pre_scale.float().to(device) if weight.pre_scale is not None else 1),
-                         weight.dequantize().to(device))
-    if weight.bias is not None:
-        reference = reference + weight.bias.float().to(device)
-    with torch.no_grad():
-        got = module(x).float()
-    return relative_error(got, reference)
+    dense = weight.dequantize().to(device)
+    errors = []
+    for rows in module.check_rows:
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+        reference = F.linear(x.float() * (weight.pre_scale.float().to(device) if weight.pre_scale is not None else 1),
+                             dense)
+        if weight.bias is not None:
+            reference = reference + weight.bias.float().to(device)
+        with torch.no_grad():
+            errors.append(relative_error(module(x).float(), reference))
+    return max(errors)
 
 
 def relative_error(got: torch.Tensor, reference: torch.Tensor) -> float:
