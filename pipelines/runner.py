@@ -272,7 +272,9 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
         artifact = run(cfg, src, out, ctx, base=reference[1]) if reference else run(cfg, src, out, ctx)
         seconds = time.perf_counter() - started
         record.update(seconds=seconds)
-        if ctx.device == "cuda":  # a stage run in worker processes reports their peak itself
+        # a stage run in worker processes (a server, distillation's ranks) reports their peak itself; one
+        # that held no GPU memory here reports none, not a peak of 0 GB
+        if ctx.device == "cuda" and torch.cuda.max_memory_allocated():
             artifact.metrics.setdefault("memory/peak_gpu_gb", torch.cuda.max_memory_allocated() / 1e9)
         release_memory(ctx.device)
         return artifact

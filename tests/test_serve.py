@@ -822,3 +822,26 @@ def test_a_p99_bound_over_few_requests_is_said(counts, sla, said, caplog):
     with caplog.at_level("WARNING", logger="llmopt"):
         assert few_for_p99(rows, sla) == said
     assert ("the points completed 5/32/64 requests" in caplog.text) == (counts == [5, 32, 64])
+
+
+@pytest.mark.parametrize("reported, expected", [({"serve/peak_allocated_gb": 32.27}, 32.27), ({}, None)])
+def test_a_server_run_reports_the_servers_peak_gpu_memory_as_its_peak(reported, expected, tmp_path):
+    """The model's GPU memory is the server process's: `memory/peak_gpu_gb` (what `llmopt compare` shows
+    as peak GPU GB) is the server's peak where it reports one (llmopt.serve), and absent where it does
+    not (another server), never the benchmark process's own 0 GB."""
+    from types import SimpleNamespace
+
+    from llmopt.cache import Artifact
+    from llmopt.stages import StageContext
+    from llmopt.stages.benchmark import _serve
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"x" * 1000)
+    kind = SimpleNamespace(sweep=lambda *_: ({"serve/output_tok_s/c1": 10.0, **reported},
+                                             {"kernel": "none", "server_command": ["python", "-m", "llmopt.serve"]}))
+    cfg = SimpleNamespace(runtime="server", load=SimpleNamespace(points=[1]))
+    artifact = _serve(kind, cfg, Artifact(tmp_path / "model", "hf-checkpoint"), tmp_path / "out",
+                      StageContext("cpu", "float32", False, progress=False))
+    assert artifact.metrics.get("memory/peak_gpu_gb") == expected
+    assert artifact.metrics["memory/weights_gb"] == 1e-6

@@ -124,6 +124,8 @@ def _serve(kind, cfg: Benchmark, src: Artifact, out: Path, ctx: StageContext) ->
     """runtime: server: the model behind a server under a load sweep (llmopt.eval.runtimes.server)."""
     metrics, report = kind.sweep(cfg, src, out, ctx)
     metrics["memory/weights_gb"] = weights_bytes(src.path) / 1e9
+    if "serve/peak_allocated_gb" in metrics:  # the model's GPU memory is the server's (this process holds none)
+        metrics["memory/peak_gpu_gb"] = metrics["serve/peak_allocated_gb"]
     report["metrics"] = metrics
     report["environment"] = environment(ctx.device)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
