@@ -47,9 +47,14 @@ a 7B sweep. The presets:
   llmopt.kernels.machete build`), or it builds on first use (needs nvcc and `llmopt[hopper]`).
 - `engine-hybrid`: `engine-machete` on `kernel: machete+marlin`: decode steps of fewer than 32 rows on
   Marlin (faster there on an H100), 32 and more and prefills on Machete; both layouts in memory.
+  Measured on an H100 (2026-12-07, after `base-engine` on the same warm machine; with `engine-machete`
+  and `engine-auto` after it; benchmarks/results/serve_7b_h100_v4/): int4 1.87x / 1.76x / 1.36x / 1.23x
+  bf16 at 1 / 8 / 32 / 64 streams, 1.23x at the example SLA (`engine-machete` 0.90x: its 64-stream
+  TTFT missed; `engine-auto` 1.04x). The candidate's call took 263 s with the inductor cache warm.
 - `engine-auto`: `engine` with `dense_prefill_tokens: auto`: each prefill shape (batch x width) captured
   both ways at start-up, timed on the GPU, the faster kept; the server's stats list both times per shape
-  (what benchmarks/dense_prefill_probe.py estimates per product); not yet measured on a GPU.
+  (what benchmarks/dense_prefill_probe.py estimates per product); on an H100 it chose dense for 20 of
+  the 36 shapes and served 1.04x bf16 at the example SLA (2026-12-07).
 `base-<preset>` (for example `base-engine engine`): the bf16 base alone under that preset's settings,
 first, while Marlin builds; the preset's paired run then finds the base's measurement in the cache
 (same stage key) and measures only the int4 candidate.
