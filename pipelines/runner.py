@@ -274,8 +274,9 @@ def _cached(cache: Cache, spec: StageSpec, cfg, src: Artifact, parent_key: str, 
         record.update(seconds=seconds)
         # a stage run in worker processes (a server, distillation's ranks) reports their peak itself; one
         # that held no GPU memory here reports none, not a peak of 0 GB
-        if ctx.device == "cuda" and torch.cuda.max_memory_allocated():
-            artifact.metrics.setdefault("memory/peak_gpu_gb", torch.cuda.max_memory_allocated() / 1e9)
+        peak = torch.cuda.max_memory_allocated() if ctx.device == "cuda" else 0
+        if peak:
+            artifact.metrics.setdefault("memory/peak_gpu_gb", peak / 1e9)
         release_memory(ctx.device)
         return artifact
 

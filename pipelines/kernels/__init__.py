@@ -55,19 +55,19 @@ class Kernel:
     summary: str
     devices: tuple[str, ...]  # "cpu", "cuda"
     min_sm: int = 0  # smallest compute capability on CUDA
-    builds: bool = False  # compiles an extension on first use (then cached)
+    builds: tuple[str, ...] = ()  # the extensions it compiles on first use (then cached): `prepare`
     max_sm: int = 0  # largest compute capability on CUDA (0: no limit)
     auto: bool = True  # `auto` may pick it (or pass to it when the one before cannot take a model's shapes)
 
 
 KERNELS = {
-    "marlin": Kernel("marlin", "GPTQModel's Marlin GEMM", ("cuda",), 80, builds=True),
+    "marlin": Kernel("marlin", "GPTQModel's Marlin GEMM", ("cuda",), 80, builds=("marlin",)),
     # named only: faster than Marlin from 32 rows, slower below (H100), and its first use compiles for minutes
-    "machete": Kernel("machete", "GPTQModel's Machete GEMM (CUTLASS, Hopper)", ("cuda",), 90, builds=True, max_sm=90,
-                      auto=False),
+    "machete": Kernel("machete", "GPTQModel's Machete GEMM (CUTLASS, Hopper)", ("cuda",), 90, builds=("machete",),
+                      max_sm=90, auto=False),
     # named only, as machete: both layouts held, each product on the kernel measured faster at its row count
     "machete+marlin": Kernel("machete+marlin", "Machete from 32 rows, Marlin below (both layouts; Hopper)", ("cuda",), 90,
-                             builds=True, max_sm=90, auto=False),
+                             builds=("machete", "marlin"), max_sm=90, auto=False),
     "int4pack": Kernel("int4pack", "torch's int4 weight-only matmul (tinygemm / for_cpu)", ("cpu", "cuda"), 80),
     "int8pack": Kernel("int8pack", "torch's _weight_int8pack_mm", ("cpu",)),
     "fp8": Kernel("fp8", "torch._scaled_mm with FP8 e4m3 weights and activations", ("cuda",), 89),
@@ -228,18 +228,14 @@ def accelerate(model, artifact, device: str, wanted: str, cache_root,
 
 
 def prepare(name: str, cache_root) -> float:
-    """Build the kernel's extension if it has one (seconds spent; 0 when the cached build loads)."""
-    if not KERNELS[name].builds:
-        return 0.0
+    """Build the kernel's extensions if it has any (seconds spent; 0 when the cached builds load)."""
     spent = 0.0
-    if name in ("machete", "machete+marlin"):
-        from llmopt.kernels.machete import build_machete
-
-        spent += build_machete(cache_root)
-    if name in ("marlin", "machete+marlin"):
-        from llmopt.kernels.linear import build_marlin
-
-        spent += build_marlin(cache_root)
+    for extension in KERNELS[name].builds:
+        if extension == "machete":
+            from llmopt.kernels.machete import build_machete as build
+        else:
+            from llmopt.kernels.linear import build_marlin as build
+        spent += build(cache_root)
     return spent
 
 

@@ -40,6 +40,11 @@ class QuantizedWeight:
     def shape(self) -> tuple[int, int]:
         return tuple(self.codes.shape)
 
+    @property
+    def gptq_group(self) -> int:
+        """The group size as GPTQ (and GPTQModel's layers) write it: -1 for one group per row."""
+        return -1 if self.group_size >= self.codes.shape[1] else self.group_size
+
     def groups(self) -> torch.Tensor:
         k = self.codes.shape[1]
         return self.g_idx.long() if self.g_idx is not None else torch.arange(k, device=self.codes.device) // self.group_size
@@ -361,8 +366,7 @@ def marlin_refusal(weight: QuantizedWeight) -> None:
     if weight.bits not in (4, 8) or not weight.symmetric:
         raise ValueError("marlin runs symmetric 4- or 8-bit weights")
     n, k = weight.shape
-    group = -1 if weight.group_size >= k else weight.group_size
-    if group not in (-1, 32, 64, 128):
+    if weight.gptq_group not in (-1, 32, 64, 128):
         raise ValueError(f"marlin takes groups of 32, 64, 128 or one per row, not {weight.group_size}")
     # GPTQModel's own limits (MarlinLinear._validate): whole int32 words along N and K, and for
     # act-order a thread-tile-aligned shape (the others are padded to a tile on each call)
@@ -382,9 +386,8 @@ def marlin_layer(weight: QuantizedWeight, device: str):
     from gptqmodel.nn_modules.qlinear.marlin import MarlinLinear as GptqModelMarlin
 
     n, k = weight.shape
-    layer = GptqModelMarlin(bits=weight.bits, group_size=-1 if weight.group_size >= k else weight.group_size,
-                            desc_act=weight.act_order, sym=True, in_features=k, out_features=n, bias=False,
-                            register_buffers=True, dtype=torch.bfloat16)
+    layer = GptqModelMarlin(bits=weight.bits, group_size=weight.gptq_group, desc_act=weight.act_order, sym=True,
+                            in_features=k, out_features=n, bias=False, register_buffers=True, dtype=torch.bfloat16)
     qweight, qzeros = pack_gptq(weight.codes, weight.bits), pack_gptq(weight.zero_codes() - 1, weight.bits).t()
     layer.qweight.data, layer.qzeros.data = qweight.to(device), qzeros.contiguous().to(device)
     layer.scales.data = weight.scales.to(device=device, dtype=torch.bfloat16)
@@ -418,8 +421,8 @@ class MacheteLinear(OpaqueLinear):
         machete_refusal(weight)
         super().__init__(weight, None, torch.bfloat16, device)
         self.machete = machete_layer(weight, device)
-        k = weight.shape[1]
-        self.type_id, self.group = self.machete.weight_type.id, k if weight.group_size >= k else weight.group_size
+        self.type_id = self.machete.weight_type.id
+        self.group = weight.gptq_group if weight.gptq_group != -1 else weight.shape[1]  # Machete's: columns a group
         self.index = register_layer(self)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -432,10 +435,9 @@ class MacheteLinear(OpaqueLinear):
 def machete_refusal(weight: QuantizedWeight) -> None:
     """ValueError where Machete cannot run the grid (before GPTQModel is touched)."""
     n, k = weight.shape
-    group = -1 if weight.group_size >= k else weight.group_size
     if weight.bits != 4 or not weight.symmetric:
         raise ValueError("machete runs symmetric 4-bit weights (8-bit and zero points run on marlin)")
-    if group not in (-1, 64, 128):
+    if weight.gptq_group not in (-1, 64, 128):
         raise ValueError(f"machete takes groups of 64 or 128 or one per row, not {weight.group_size}")
     if weight.act_order:
         raise ValueError("machete runs weights without act-order (marlin runs act-order)")
@@ -451,8 +453,8 @@ def machete_layer(weight: QuantizedWeight, device: str):
     from gptqmodel.nn_modules.qlinear.machete import MacheteLinear as GptqModelMachete
 
     n, k = weight.shape
-    layer = GptqModelMachete(bits=4, group_size=-1 if weight.group_size >= k else weight.group_size, desc_act=False,
-                             sym=True, in_features=k, out_features=n, bias=False)
+    layer = GptqModelMachete(bits=4, group_size=weight.gptq_group, desc_act=False, sym=True, in_features=k,
+                             out_features=n, bias=False)
     layer.qweight.data = pack_gptq(weight.codes, 4).to(device)
     layer.scales.data = weight.scales.to(device=device, dtype=torch.bfloat16)
     layer.g_idx.data = weight.groups().to(device=device, dtype=torch.int32)
@@ -478,9 +480,8 @@ class MacheteMarlinLinear(MacheteLinear):
     check_rows = (3, MACHETE_FROM_ROWS)  # Marlin's layout, then Machete's
 
     def __init__(self, weight: QuantizedWeight, device: str, dtype: torch.dtype):
-        machete_refusal(weight)  # the stricter of the two, first
+        super().__init__(weight, device, dtype)  # refuses first what Machete cannot run (a subset of Marlin's grids)
         marlin_refusal(weight)
-        super().__init__(weight, device, dtype)
         self.marlin, self.gemm = marlin_layer(weight, device)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
@@ -597,13 +598,12 @@ def check_module(module: QuantLinear, weight: QuantizedWeight, dtype: torch.dtyp
     `check_rows` row counts (one per layout it runs from): the repack's sanity check."""
     k = weight.shape[1]
     dense = weight.dequantize().to(device)
+    scale = weight.pre_scale.float().to(device) if weight.pre_scale is not None else 1
+    bias = weight.bias.float().to(device) if weight.bias is not None else 0
     errors = []
     for rows in module.check_rows:
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
-        reference = F.linear(x.float() * (weight.pre_scale.float().to(device) if weight.pre_scale is not None else 1),
-                             dense)
-        if weight.bias is not None:
-            reference = reference + weight.bias.float().to(device)
+        reference = F.linear(x.float() * scale, dense) + bias
         with torch.no_grad():
             errors.append(relative_error(module(x).float(), reference))
     return max(errors)
